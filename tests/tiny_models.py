@@ -1,0 +1,83 @@
+"""Tiny models of every supported MoE family, built from configs (no downloads).
+
+Shared shape: hidden 64, 2 decoder layers, 4 heads / 2 kv heads of 16, 8 routed experts, top-2, expert
+intermediate 32, vocab 128. Families with a dense first layer (DeepSeek, GLM4-MoE, Ernie) get 3 layers so two
+are MoE. `build(name)` returns a randomly initialised model; `save(name, dir)` writes it with
+`save_pretrained` so tests exercise the real `from_pretrained` path (checkpoint key conversion included).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+# model_type -> config overrides on top of COMMON. Expert count 8, top-2, expert intermediate 32 everywhere.
+FAMILIES: dict[str, dict] = {
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
+    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48),
+    "qwen3_next": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                       linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                       linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"]),
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32),
+    "minimax": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, block_size=16,
+                    layer_types=["linear_attention", "full_attention"]),
+    "deepseek_v2": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                        num_hidden_layers=3, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16,
+                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8,
+                        topk_method="group_limited_greedy", n_group=2, topk_group=1, routed_scaling_factor=1.5),
+    "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                        num_hidden_layers=3, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16,
+                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8, n_group=2, topk_group=1,
+                        routed_scaling_factor=2.5),
+    "glm4_moe": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                     num_hidden_layers=3, first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=1.5),
+    "olmoe": dict(num_experts=8, num_experts_per_tok=2, intermediate_size=32),
+    "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, sliding_window=16,
+                    layer_types=["sliding_attention", "full_attention"]),
+    "granitemoe": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32),
+    "ernie4_5_moe": dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1,
+                         num_hidden_layers=3, moe_layer_start_index=1),
+    "hunyuan_v1_moe": dict(num_experts=8, moe_topk=2, moe_intermediate_size=32, num_shared_expert=1,
+                           use_mixed_mlp_moe=True),
+}
+
+
+def config(model_type: str, **overrides):
+    from transformers import AutoConfig
+
+    kwargs = {**COMMON, **FAMILIES[model_type], **overrides}
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def build(model_type: str, seed: int = 0, **overrides):
+    """A randomly initialised causal-LM of the family; non-zero router correction biases where the family has them."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config(model_type, **overrides))
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.rand_like(buffer) * 0.1)
+    return model
+
+
+def save(model_type: str, directory: str, seed: int = 0, **overrides) -> str:
+    path = os.path.join(directory, model_type)
+    build(model_type, seed=seed, **overrides).save_pretrained(path)
+    return path
