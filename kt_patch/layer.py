@@ -1,0 +1,161 @@
+"""The kt_patch MoE layer: a sparse-MoE block whose routed experts run in the CPU kernel.
+
+It adopts the stock block's children (router, experts, shared experts) under their original names and in their
+original order, so parameter names, ``named_modules()`` order, checkpoint keys and PEFT targeting are unchanged. The
+router is called as a module; routed experts are computed by the kernel from the weights it owns (and from PEFT
+expert-LoRA factors, when PEFT wrapped the experts); shared experts and LoRA Experts stay ordinary torch modules on
+the accelerator.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import MoeFamily
+
+EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
+_export = threading.local()
+
+
+@contextlib.contextmanager
+def skip_expert_export():
+    """Within this block, state dicts keep the placeholders instead of reading expert weights back from kernels."""
+    previous = getattr(_export, "skip", False)
+    _export.skip = True
+    try:
+        yield
+    finally:
+        _export.skip = previous
+
+
+def weight_placeholder(weight: torch.Tensor) -> nn.Parameter:
+    """A frozen parameter with the weight's shape, dtype and device but one element of storage.
+
+    PEFT reads the shape (and dtype, device) of expert parameters to size and place its LoRA factors, and parameter
+    counts stay right; the values live in the kernel and are read back only for a state dict.
+    """
+    return nn.Parameter(torch.zeros((), dtype=weight.dtype, device="cpu").expand(weight.shape), requires_grad=False)
+
+
+def is_placeholder(tensor: torch.Tensor) -> bool:
+    return tensor.dim() > 0 and all(stride == 0 for stride in tensor.stride())
+
+
+class LoraExperts(nn.Module):
+    """Small dense SwiGLU MLPs applied to every token and summed; trainable, saved with the adapter.
+
+    ``down_proj`` starts at zero so that adding them leaves the model's outputs unchanged until they are trained.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, dtype=None, device=None):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype,
+                                                     device=device))
+        self.down_proj = nn.Parameter(torch.zeros(num_experts, hidden_size, intermediate_size, dtype=dtype,
+                                                  device=device))
+        nn.init.normal_(self.gate_up_proj, std=1.0 / math.sqrt(hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        gate, up = torch.einsum("th,eih->eti", hidden_states, self.gate_up_proj.to(hidden_states.dtype)).chunk(2, -1)
+        return torch.einsum("eti,ehi->th", F.silu(gate) * up, self.down_proj.to(hidden_states.dtype))
+
+
+class KtMoeLayer(nn.Module):
+    """Replaces one sparse-MoE block; ``forward`` returns what the stock block returns."""
+
+    def __init__(self, block: nn.Module, family: MoeFamily, kernel, lora_experts: LoraExperts | None = None):
+        super().__init__()
+        for name, child in block._modules.items():
+            self.add_module(name, child)
+        # Plain attributes (top_k, jitter_noise, config, ...) that other code may read from the block.
+        for name, value in vars(block).items():
+            if not name.startswith("_") and name != "training":
+                self.__dict__.setdefault(name, value)
+        self.training = block.training
+        self.family = family
+        self.kernel = kernel
+        if lora_experts is not None:
+            self.lora_experts = lora_experts
+
+    def forward(self, hidden_states: torch.Tensor):
+        from .autograd import expert_forward
+
+        shape = hidden_states.shape
+        if self.family.jitter_noise and self.training and self.jitter_noise > 0:
+            # Same draw as the stock block (it scales its input in place); here out of place.
+            hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
+                1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        tokens = hidden_states.reshape(-1, shape[-1])
+        _, routing_weights, expert_ids = getattr(self, self.family.router)(tokens)
+
+        lora_factors = self._sync_expert_lora()
+        output = expert_forward(self.kernel, tokens, expert_ids, routing_weights, lora_factors)
+
+        if self.family.shared_expert is not None:
+            shared = getattr(self, self.family.shared_expert)(tokens)
+            if self.family.shared_expert_gate is not None:
+                shared = torch.sigmoid(getattr(self, self.family.shared_expert_gate)(tokens)) * shared
+            output = output + shared
+        if "lora_experts" in self._modules:
+            output = output + self.lora_experts(tokens)
+        output = output.reshape(shape)
+        return (output, routing_weights) if self.family.returns_router_scores else output
+
+    def _sync_expert_lora(self) -> tuple:
+        """Point the kernel at the active PEFT expert-LoRA factors; returns them for autograd.
+
+        Called on every forward: the kernel only references the factors, and PEFT may have switched, disabled or
+        re-created adapters since the last step.
+        """
+        experts = self._modules[self.family.experts]
+        if not hasattr(experts, "base_layer"):
+            self.kernel.set_lora(None, None)
+            return ()
+        from .integrations.peft import active_expert_lora
+
+        gate_up, down = active_expert_lora(experts)
+        self.kernel.set_lora(gate_up, down)
+        return tuple(t for factors in (gate_up, down) if factors is not None for t in factors[:2])
+
+    def base_experts(self) -> nn.Module:
+        """The stock experts module, under any PEFT wrappers."""
+        experts = self._modules[self.family.experts]
+        while hasattr(experts, "base_layer"):
+            experts = experts.base_layer
+        return experts
+
+    def _apply(self, fn, recurse=True):
+        # Routed experts (their placeholders and PEFT's expert-LoRA factors, which the kernel reads) stay in host
+        # memory whatever .to()/.cuda()/.half() or accelerate do with the rest of the model.
+        if recurse:
+            for name, child in self._modules.items():
+                if name != self.family.experts and child is not None:
+                    child._apply(fn)
+        return super()._apply(fn, recurse=False)
+
+    def extra_repr(self) -> str:
+        k = self.kernel
+        return (f"family={self.family.name}, experts={k.num_experts}, hidden={k.hidden_size}, "
+                f"intermediate={k.intermediate_size}, dtype={k.dtype}, isa={k.isa} (routed experts in the CPU kernel)")
+
+
+def export_expert_weights(experts: nn.Module, kernel):
+    """Register a state-dict hook that writes the kernel's copy of the routed expert weights over the placeholders.
+
+    The base model's ``state_dict()`` / ``save_pretrained()`` thus still hold real weights. Returns the hook handle.
+    """
+
+    def hook(module, state_dict, prefix, local_metadata):
+        names = [prefix + name for name in EXPERT_WEIGHTS]
+        if getattr(_export, "skip", False):
+            return state_dict
+        if all(name in state_dict and is_placeholder(state_dict[name]) for name in names):
+            state_dict[names[0]], state_dict[names[1]] = kernel.weights()
+        return state_dict
+
+    return experts._register_state_dict_hook(hook)

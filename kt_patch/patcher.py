@@ -1,0 +1,104 @@
+"""Replace every known sparse-MoE block of a built model by a KtMoeLayer, or leave the model untouched."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from torch import nn
+
+from . import registry
+from .layer import EXPERT_WEIGHTS, KtMoeLayer, LoraExperts, export_expert_weights, weight_placeholder
+from .options import Options
+
+logger = logging.getLogger("kt_patch")
+
+
+@dataclasses.dataclass
+class PatchSummary:
+    families: list[str]
+    layers: int
+    experts: int
+    host_bytes: int
+    isa: str
+    threads: int
+
+    def __str__(self) -> str:
+        return (f"{', '.join(self.families)}: {self.layers} MoE layers, {self.experts} routed experts "
+                f"({self.host_bytes / 2**30:.3f} GiB) moved to the CPU kernel, ISA {self.isa}, {self.threads} threads")
+
+
+def patch_model(model: nn.Module, options: Options) -> PatchSummary | None:
+    """Patch ``model`` in place; returns the summary, or None when the model was left as it is (with a log line)."""
+    model_name = type(model).__name__
+    if isinstance(getattr(model, "kt_patch_summary", None), PatchSummary):
+        return model.kt_patch_summary
+    blocks = [(name, module, family) for name, module in model.named_modules()
+              if (family := registry.family_of(module)) is not None]
+    if not blocks:
+        logger.info("kt_patch: %s has no known sparse-MoE block; left untouched (known families: %s)",
+                    model_name, ", ".join(registry.names()))
+        return None
+    if "all" not in options.architectures:
+        skipped = sorted({family.name for _, _, family in blocks} - set(options.architectures))
+        if skipped:
+            logger.info("kt_patch: %s left untouched: family %s not in the 'architectures' option %s",
+                        model_name, ", ".join(skipped), list(options.architectures))
+            return None
+
+    from . import kernel as kernel_module
+
+    # Kernels that predate the GPT-OSS variant declare nothing: they compute SwiGLU only.
+    activations = getattr(kernel_module, "ACTIVATIONS", (registry.SWIGLU,))
+    for name, block, family in blocks:
+        reason = registry.unsupported_reason(block, family, activations)
+        if reason is not None:
+            logger.warning("kt_patch: %s left untouched: %s (at %s)", model_name, reason, name)
+            return None
+
+    summary = _replace_blocks(model, blocks, options, kernel_module.ExpertKernel)
+    model.kt_patch_summary = summary
+    logger.info("kt_patch: patched %s - %s", model_name, summary)
+    return summary
+
+
+def _replace_blocks(model, blocks, options: Options, kernel_class) -> PatchSummary:
+    """Move each block's experts into a kernel and swap in its KtMoeLayer; on any failure undo all swaps."""
+    from transformers.utils.logging import tqdm
+
+    swapped = []
+    summary = PatchSummary(sorted({family.name for _, _, family in blocks}), 0, 0, 0, "", options.threads)
+    try:
+        for name, block, family in tqdm(blocks, desc="kt_patch: moving experts to the CPU kernel", leave=False):
+            experts = getattr(block, family.experts)
+            weights = [getattr(experts, w) for w in EXPERT_WEIGHTS]
+            kernel = kernel_class(*(w.detach().to("cpu") for w in weights), name=name,
+                                  isa=None if options.isa == "auto" else options.isa, threads=options.threads)
+            layer = KtMoeLayer(block, family, kernel, _lora_experts(block, family, kernel, options))
+            for attr, weight in zip(EXPERT_WEIGHTS, weights):
+                setattr(experts, attr, weight_placeholder(weight))
+            hook = export_expert_weights(experts, kernel)
+            parent_name, _, child_name = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, child_name, layer)
+            swapped.append((parent, child_name, block, experts, kernel, hook))
+            summary.layers += 1
+            summary.experts += kernel.num_experts
+            summary.host_bytes += sum(w.numel() * w.element_size() for w in weights)
+            summary.isa = kernel.isa
+            del weights
+    except BaseException:
+        for parent, child_name, block, experts, kernel, hook in reversed(swapped):
+            hook.remove()
+            for attr, weight in zip(EXPERT_WEIGHTS, kernel.weights()):
+                setattr(experts, attr, nn.Parameter(weight, requires_grad=False))
+            setattr(parent, child_name, block)
+        raise
+    return summary
+
+
+def _lora_experts(block, family, kernel, options: Options) -> LoraExperts | None:
+    if not options.lora_experts:
+        return None
+    router_weight = next(getattr(block, family.router).parameters())
+    return LoraExperts(options.lora_experts, kernel.hidden_size, options.lora_expert_intermediate_size,
+                       device=router_weight.device)

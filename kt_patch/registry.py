@@ -1,0 +1,98 @@
+"""Which sparse-MoE blocks kt_patch knows how to replace: one declarative entry per family.
+
+Every transformers 5.x family listed here has the same skeleton: a block whose router module returns
+``(router_logits, routing_weights[T,k], expert_ids[T,k])`` for flattened tokens, an experts module holding the fused
+``gate_up_proj`` / ``down_proj`` parameters, and optionally shared experts added to the routed output. An entry says
+where those pieces live and what the block does around them; adding a family is adding one ``MoeFamily(...)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+SWIGLU = "swiglu"  # act(gate) * up with act = silu, gate rows first in gate_up_proj
+GPT_OSS_SWIGLU = "gpt_oss_swiglu"  # interleaved gate/up, clamped, (up + 1) * gate * sigmoid(alpha * gate), biases
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeFamily:
+    name: str  # the model_type of the reference model; also the name used by the `architectures` option
+    block_class: str  # class name of the sparse-MoE block that is replaced
+    router: str = "gate"  # attribute of the router module (called as a module: aux-loss hooks and PEFT see it)
+    experts: str = "experts"  # attribute of the experts module holding gate_up_proj / down_proj
+    shared_expert: str | None = None  # attribute of a dense MLP added to every token's output
+    shared_expert_gate: str | None = None  # Linear(H, 1) whose sigmoid scales the shared expert output
+    jitter_noise: bool = False  # the block multiplies its input by U(1-j, 1+j) in training (block.jitter_noise)
+    returns_router_scores: bool = False  # the block returns (hidden_states, routing_weights)
+    activation: str = SWIGLU
+    model_types: tuple[str, ...] = ()  # other model_types sharing the block class's module, for documentation
+
+
+FAMILIES: list[MoeFamily] = [
+    MoeFamily("qwen3_moe", "Qwen3MoeSparseMoeBlock"),
+    MoeFamily("qwen2_moe", "Qwen2MoeSparseMoeBlock", shared_expert="shared_expert",
+              shared_expert_gate="shared_expert_gate"),
+    MoeFamily("qwen3_next", "Qwen3NextSparseMoeBlock", shared_expert="shared_expert",
+              shared_expert_gate="shared_expert_gate"),
+    MoeFamily("mixtral", "MixtralSparseMoeBlock", jitter_noise=True),
+    MoeFamily("minimax", "MiniMaxSparseMoeBlock", jitter_noise=True),
+    MoeFamily("deepseek_v2", "DeepseekV2Moe", shared_expert="shared_experts"),
+    MoeFamily("deepseek_v3", "DeepseekV3MoE", shared_expert="shared_experts"),
+    MoeFamily("glm4_moe", "Glm4MoeMoE", shared_expert="shared_experts"),
+    MoeFamily("olmoe", "OlmoeSparseMoeBlock"),
+    MoeFamily("gpt_oss", "GptOssMLP", router="router", returns_router_scores=True, activation=GPT_OSS_SWIGLU),
+    MoeFamily("granitemoe", "GraniteMoeMoE", router="router"),
+    MoeFamily("ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock", shared_expert="shared_experts"),
+    MoeFamily("hunyuan_v1_moe", "HunYuanMoEV1Moe", shared_expert="shared_mlp"),
+]
+
+_BY_BLOCK_CLASS = {family.block_class: family for family in FAMILIES}
+
+
+def register(family: MoeFamily) -> None:
+    """Add (or replace) a family; takes effect for models loaded afterwards."""
+    FAMILIES[:] = [f for f in FAMILIES if f.block_class != family.block_class] + [family]
+    _BY_BLOCK_CLASS[family.block_class] = family
+
+
+def family_of(module: nn.Module) -> MoeFamily | None:
+    return _BY_BLOCK_CLASS.get(type(module).__name__)
+
+
+def names() -> list[str]:
+    return [family.name for family in FAMILIES]
+
+
+def unsupported_reason(block: nn.Module, family: MoeFamily, activations: tuple[str, ...]) -> str | None:
+    """Why the kernel cannot take this block's experts, or None when it can.
+
+    ``activations`` are the activation variants the kernel implements. Checked for every block before anything is
+    moved, so that a model is patched completely or not at all.
+    """
+    if family.activation not in activations:
+        return f"the kernel does not implement the {family.activation} expert activation of {family.name}"
+    for attr in (family.router, family.experts, family.shared_expert, family.shared_expert_gate):
+        if attr is not None and not isinstance(getattr(block, attr, None), nn.Module):
+            return f"{type(block).__name__}.{attr} is missing"
+    if any(True for _ in block.named_parameters(recurse=False)) or any(True for _ in block.named_buffers(recurse=False)):
+        return f"{type(block).__name__} holds its own parameters, which kt_patch does not know how to use"
+    experts = getattr(block, family.experts)
+    gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if not isinstance(gate_up, nn.Parameter) or not isinstance(down, nn.Parameter):
+        return f"{type(experts).__name__} has no fused gate_up_proj / down_proj parameters"
+    if family.activation == SWIGLU:
+        if getattr(experts, "is_transposed", False) or getattr(experts, "has_bias", False):
+            return f"{type(experts).__name__} stores transposed or biased experts"
+        act = getattr(getattr(experts, "config", None), "hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            return f"{type(experts).__name__} uses activation {act!r}; the kernel computes SwiGLU (silu)"
+        if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[0] != down.shape[0] \
+                or gate_up.shape[1] != 2 * down.shape[2] or gate_up.shape[2] != down.shape[1]:
+            return (f"{type(experts).__name__} has gate_up_proj {tuple(gate_up.shape)} and down_proj "
+                    f"{tuple(down.shape)}, not [E, 2I, H] and [E, H, I]")
+    if gate_up.dtype != down.dtype or str(gate_up.dtype) not in ("torch.bfloat16", "torch.float32"):
+        return f"expert weights are {gate_up.dtype}; the kernel takes bfloat16 or float32"
+    if gate_up.device.type == "meta":
+        return "expert weights are on the meta device (not loaded yet)"
+    return None
