@@ -1,0 +1,68 @@
+// Portable backend: plain C++ vector operations, compiled for the baseline ISA. It also documents the contract
+// every backend's `Ops` fulfils for kernel_impl.h:
+//   MR, NV             register block: MR rows x NV 16-column vectors of fp32 accumulators
+//   V                  16 fp32 accumulators; zero(), load(const float*), store(float*, V)
+//   load_b(const T*)   one packed panel row: 16 columns x P values of the reduction dimension
+//   load_a(const T*)   P consecutive values of one A row, broadcast
+//   madd(V, b, a)      V[c] += sum_p a[p] * b[c][p]
+//   transpose_panel(W, Np, Kp, k0, dst)   a faster Core::pack_transposed_panel, or false to use the generic one
+#include "../plan.h"
+
+namespace {
+using namespace kt;
+
+struct Ops {
+  static constexpr int MR = 4, NV = 1;
+  struct V {
+    float v[kPanel];
+  };
+  struct PairRow {  // a bf16 panel row widened: even and odd reduction index
+    float even[kPanel], odd[kPanel];
+  };
+  struct Pair {
+    float even, odd;
+  };
+
+  static V zero() { return V{}; }
+  static V load(const float* p) {
+    V r;
+    std::memcpy(r.v, p, sizeof r.v);
+    return r;
+  }
+  static void store(float* p, const V& r) { std::memcpy(p, r.v, sizeof r.v); }
+
+  static PairRow load_b(const bf16* p) {
+    PairRow b;
+    for (int i = 0; i < kPanel; ++i) {
+      b.even[i] = bf16_to_f32(p[2 * i]);
+      b.odd[i] = bf16_to_f32(p[2 * i + 1]);
+    }
+    return b;
+  }
+  static V load_b(const float* p) { return load(p); }
+  static Pair load_a(const bf16* p) { return {bf16_to_f32(p[0]), bf16_to_f32(p[1])}; }
+  static float load_a(const float* p) { return *p; }
+
+  static V madd(V c, const PairRow& b, const Pair& a) {
+    for (int i = 0; i < kPanel; ++i) c.v[i] += a.even * b.even[i] + a.odd * b.odd[i];
+    return c;
+  }
+  static V madd(V c, const V& b, float a) {
+    for (int i = 0; i < kPanel; ++i) c.v[i] += a * b.v[i];
+    return c;
+  }
+  template <class T>
+  static bool transpose_panel(const T*, int, int, int, T*) {
+    return false;
+  }
+};
+
+#include "../kernel_impl.h"
+}  // namespace
+
+namespace kt {
+const Backend* backend_scalar() {
+  static const Backend backend{"scalar", backend_pack, backend_forward_item, backend_backward_item};
+  return &backend;
+}
+}  // namespace kt

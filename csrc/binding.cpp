@@ -1,0 +1,109 @@
+// pybind11 binding: raw pointers (tensor.data_ptr()) and sizes in, no torch headers; every call that waits or
+// computes releases the GIL. kt_patch/kernel.py is the documented Python entry point over this.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "moe_layer.h"
+
+namespace py = pybind11;
+using namespace kt;
+
+namespace {
+
+DType parse_dtype(const std::string& s) {
+  if (s == "bf16") return DType::bf16;
+  if (s == "f32") return DType::f32;
+  throw std::invalid_argument("dtype must be 'bf16' or 'f32', got '" + s + "'");
+}
+
+template <class T>
+const T* ptr(uintptr_t p) {
+  return reinterpret_cast<const T*>(p);
+}
+
+LoraRef lora_ref(uintptr_t A, uintptr_t B, const std::string& dtype, int rank, float scaling) {
+  LoraRef l;
+  l.A = ptr<void>(A);
+  l.B = ptr<void>(B);
+  l.dtype = parse_dtype(dtype);
+  l.rank = rank;
+  l.scaling = scaling;
+  return l;
+}
+
+// A submitted job; wait() blocks without the GIL and returns the forward's context (or None).
+struct Pending {
+  MoELayer::Submitted submitted;
+  py::object wait() {
+    {
+      py::gil_scoped_release release;
+      submitted.job->wait();
+    }
+    return submitted.context ? py::cast(submitted.context) : py::none();
+  }
+  bool done() { return submitted.job->done(); }
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "kt_patch CPU expert kernel";
+  m.def("supported_isas", &supported_isas, "ISA backends this CPU runs, best first");
+  m.def("live_contexts", &ForwardContext::live, "forward contexts (activation caches) alive in the process");
+
+  py::class_<ForwardContext, std::shared_ptr<ForwardContext>>(m, "ForwardContext")
+      .def_readonly("tokens", &ForwardContext::T)
+      .def_readonly("top_k", &ForwardContext::k);
+
+  py::class_<Pending>(m, "Pending").def("wait", &Pending::wait).def("done", &Pending::done);
+
+  py::class_<MoELayer, std::shared_ptr<MoELayer>>(m, "MoELayer")
+      .def(py::init([](const std::string& name, int E, int H, int I, uintptr_t gate_up, uintptr_t down,
+                       const std::string& dtype, const std::string& isa, int threads) {
+             py::gil_scoped_release release;
+             return std::make_shared<MoELayer>(name, E, H, I, ptr<void>(gate_up), ptr<void>(down),
+                                               parse_dtype(dtype), isa, threads);
+           }),
+           py::arg("name"), py::arg("experts"), py::arg("hidden"), py::arg("intermediate"), py::arg("gate_up"),
+           py::arg("down"), py::arg("dtype"), py::arg("isa"), py::arg("threads"))
+      .def_property_readonly("isa", &MoELayer::isa)
+      .def_property_readonly("threads", &MoELayer::threads)
+      .def_property_readonly("weight_bytes", &MoELayer::weight_bytes)
+      .def(
+          "submit_forward",
+          [](MoELayer& L, int T, int k, uintptr_t x, const std::string& io, uintptr_t ids, uintptr_t w, uintptr_t y,
+             bool save, py::tuple gu, py::tuple dn) {
+            LoraArgs lora{lora_ref(gu[0].cast<uintptr_t>(), gu[1].cast<uintptr_t>(), gu[2].cast<std::string>(),
+                                   gu[3].cast<int>(), gu[4].cast<float>()),
+                          lora_ref(dn[0].cast<uintptr_t>(), dn[1].cast<uintptr_t>(), dn[2].cast<std::string>(),
+                                   dn[3].cast<int>(), dn[4].cast<float>())};
+            const DType io_dtype = parse_dtype(io);
+            Pending p;
+            {
+              py::gil_scoped_release release;
+              p.submitted = L.submit_forward(T, k, ptr<void>(x), io_dtype, ptr<int64_t>(ids), ptr<float>(w),
+                                             reinterpret_cast<void*>(y), save, lora);
+            }
+            return p;
+          },
+          "Start a forward; LoRA tuples are (A_ptr, B_ptr, dtype, rank, scaling) in PEFT layout")
+      .def(
+          "submit_backward",
+          [](MoELayer& L, std::shared_ptr<ForwardContext> ctx, uintptr_t dy, uintptr_t dx, uintptr_t dw,
+             uintptr_t gu_A, uintptr_t gu_B, uintptr_t dn_A, uintptr_t dn_B) {
+            LoraGradArgs grads{{reinterpret_cast<float*>(gu_A), reinterpret_cast<float*>(gu_B)},
+                               {reinterpret_cast<float*>(dn_A), reinterpret_cast<float*>(dn_B)}};
+            Pending p;
+            {
+              py::gil_scoped_release release;
+              p.submitted = L.submit_backward(std::move(ctx), ptr<void>(dy), reinterpret_cast<void*>(dx),
+                                              reinterpret_cast<float*>(dw), grads);
+            }
+            return p;
+          },
+          "Start a backward; LoRA gradients are added into the fp32 buffers")
+      .def("export_weights", [](const MoELayer& L, uintptr_t gate_up, uintptr_t down) {
+        py::gil_scoped_release release;
+        L.export_weights(reinterpret_cast<void*>(gate_up), reinterpret_cast<void*>(down));
+      });
+}

@@ -1,0 +1,528 @@
+// The numeric core: GEMM on packed panels, packing, and the work items of a forward and a backward pass.
+// Written once; each backend file includes it inside an anonymous namespace after defining `struct Ops`, its
+// vector operations (see backends/scalar.cpp for the contract), and so compiles it for its own ISA. The
+// compute type T is bf16 (P = 2 values per 32-bit pair, fp32 accumulation) or float (P = 1).
+//
+// Forward of expert e on its rows X (gathered tokens), with LoRA on the fused gate_up and on down:
+//   G = X Wg^T + s1 (X Agu^T) Bg^T      U = X Wu^T + s1 (X Agu^T) Bu^T      Z = silu(G) * U
+//   D = Z Wd^T + s2 (Z Ad^T) Bd^T       y[t] = sum_j w[t,j] D[row(t,j)]
+// Backward, with dY the rows of dy:  dZ' = dY Wd + s2 (dY Bd) Ad,  dw = <dZ', Z>,  dZ = w dZ',
+//   dG = dZ U silu'(G),  dU = dZ silu(G),  dX = dG Wg + dU Wu + s1 (dG Bg + dU Bu) Agu,  plus the LoRA factor grads.
+
+// --------------------------------------------------------------------------------------------- element types
+template <class T> struct Elem;
+template <> struct Elem<bf16> {
+  static constexpr int P = 2;
+  static inline bf16 from(float v) { return f32_to_bf16(v); }
+  static inline float to(bf16 v) { return bf16_to_f32(v); }
+};
+template <> struct Elem<float> {
+  static constexpr int P = 1;
+  static inline float from(float v) { return v; }
+  static inline float to(float v) { return v; }
+};
+
+inline int imin(int a, int b) { return a < b ? a : b; }
+
+inline float load_io(const void* p, DType dt, size_t i) {
+  return dt == DType::bf16 ? bf16_to_f32(static_cast<const bf16*>(p)[i]) : static_cast<const float*>(p)[i];
+}
+
+// exp with a Cephes-style polynomial (relative error ~1e-7): plain code the compiler vectorises for the ISA.
+inline float fast_exp(float x) {
+  x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+  float n = static_cast<float>(static_cast<int>(x * 1.44269504088896341f + (x >= 0.f ? 0.5f : -0.5f)));
+  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  float y = p * r * r + r + 1.f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return y * scale;
+}
+
+template <class T>
+struct Core {
+  static constexpr int P = Elem<T>::P;
+  static constexpr int kRowChunk = 240;  // rows per GEMM call: bounds scratch, a multiple of every Ops::MR
+
+  // ------------------------------------------------------------------------------------------- GEMM
+  // C[M][16*nblocks] (+)= A[M][K] * B, B packed with K (a multiple of 16) rows per panel; bstride = elements from
+  // one 16-column panel to the next.
+  template <int M, int NV>
+  static void micro(const T* A, size_t lda, const T* B, size_t bstride, int kpairs, float* C, size_t ldc, bool acc) {
+    typename Ops::V c[M][NV];
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) c[m][v] = acc ? Ops::load(C + m * ldc + v * kPanel) : Ops::zero();
+    for (int kp = 0; kp < kpairs; ++kp) {
+      decltype(Ops::load_b(B)) b[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) b[v] = Ops::load_b(B + v * bstride + static_cast<size_t>(kp) * kPanel * P);
+#pragma GCC unroll 16
+      for (int m = 0; m < M; ++m) {
+        auto a = Ops::load_a(A + m * lda + kp * P);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) c[m][v] = Ops::madd(c[m][v], b[v], a);
+      }
+    }
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) Ops::store(C + m * ldc + v * kPanel, c[m][v]);
+  }
+
+  template <int NV, int M = Ops::MR>
+  static void micro_rows(int rows, const T* A, size_t lda, const T* B, size_t bstride, int kpairs, float* C,
+                         size_t ldc, bool acc) {
+    if constexpr (M > 0) {
+      if (rows == M) return micro<M, NV>(A, lda, B, bstride, kpairs, C, ldc, acc);
+      micro_rows<NV, M - 1>(rows, A, lda, B, bstride, kpairs, C, ldc, acc);
+    }
+  }
+
+  template <int NV = Ops::NV>
+  static void micro_cols(int nv, int rows, const T* A, size_t lda, const T* B, size_t bstride, int kpairs, float* C,
+                         size_t ldc, bool acc) {
+    if constexpr (NV > 0) {
+      if (nv == NV) return micro_rows<NV>(rows, A, lda, B, bstride, kpairs, C, ldc, acc);
+      micro_cols<NV - 1>(nv, rows, A, lda, B, bstride, kpairs, C, ldc, acc);
+    }
+  }
+
+  static void gemm(const T* A, size_t lda, int M, int K, const T* B, size_t bstride, int nblocks, float* C,
+                   size_t ldc, bool acc) {
+    const int kpairs = K / P;
+    for (int nb = 0; nb < nblocks; nb += Ops::NV) {
+      const int nv = imin(Ops::NV, nblocks - nb);
+      for (int m = 0; m < M; m += Ops::MR)
+        micro_cols(nv, imin(Ops::MR, M - m), A + m * lda, lda, B + nb * bstride, bstride, kpairs,
+                   C + m * ldc + nb * kPanel, ldc, acc);
+    }
+  }
+
+  // ------------------------------------------------------------------------------------------- packing
+  static size_t packed_size(int N, int K) { return round_up(N, kPanel) * round_up(K, kPanel); }
+
+  template <class S>
+  static void pack_from(const S* src, ptrdiff_t sn, ptrdiff_t sk, int N, int K, T* dst) {
+    const int Np = static_cast<int>(round_up(N, kPanel)), Kp = static_cast<int>(round_up(K, kPanel));
+    for (int nb = 0; nb < Np / kPanel; ++nb)
+      for (int kp = 0; kp < Kp / P; ++kp) {
+        T* out = dst + (static_cast<size_t>(nb) * (Kp / P) + kp) * kPanel * P;
+        for (int nn = 0; nn < kPanel; ++nn)
+          for (int pp = 0; pp < P; ++pp) {
+            const int n = nb * kPanel + nn, k = kp * P + pp;
+            float v = 0.f;
+            if (n < N && k < K) v = Elem<S>::to(src[n * sn + k * sk]);
+            out[nn * P + pp] = Elem<T>::from(v);
+          }
+      }
+  }
+
+  static void pack(const void* src, DType st, ptrdiff_t sn, ptrdiff_t sk, int N, int K, T* dst) {
+    if (st == DType::bf16)
+      pack_from(static_cast<const bf16*>(src), sn, sk, N, K, dst);
+    else
+      pack_from(static_cast<const float*>(src), sn, sk, N, K, dst);
+  }
+
+  // The panel of W^T for W's columns k0 .. k0+15, from W packed as [Np][Kp]: 16 output columns, reduction over n.
+  static void pack_transposed_panel(const T* W, int Np, int Kp, int k0, T* dst) {
+    if (!Ops::transpose_panel(W, Np, Kp, k0, dst)) {
+      for (int np = 0; np < Np / P; ++np)
+        for (int kk = 0; kk < kPanel; ++kk)
+          for (int pp = 0; pp < P; ++pp) {
+            const int n = np * P + pp, k = k0 + kk;
+            dst[(static_cast<size_t>(np) * kPanel + kk) * P + pp] =
+                W[(static_cast<size_t>(n / kPanel) * (Kp / P) + k / P) * kPanel * P + (n % kPanel) * P + k % P];
+          }
+    }
+  }
+
+  // ------------------------------------------------------------------------------------------- helpers
+  struct Rows {
+    int e, begin, count;
+  };
+  static Rows expert_rows(const Plan& p, int e) {
+    return {e, static_cast<int>(p.offsets[e]), static_cast<int>(p.offsets[e + 1] - p.offsets[e])};
+  }
+  static const T* w_ptr(const void* base, size_t stride, int e) { return static_cast<const T*>(base) + e * stride; }
+  static T* lora_pk(const Plan& p, int e) { return static_cast<T*>(p.lora_pk) + e * p.lora_pk_stride; }
+  static T* scratch_T(const Plan& p, int worker) {
+    return reinterpret_cast<T*>(p.scratch + static_cast<size_t>(worker) * p.scratch_bytes);
+  }
+  static float* scratch_f32(const Plan& p, int worker, size_t skip_T) {  // fp32 area after skip_T elements of T
+    return reinterpret_cast<float*>(p.scratch + static_cast<size_t>(worker) * p.scratch_bytes +
+                                    round_up(skip_T * sizeof(T), 64));
+  }
+
+  // dst[r][0:rp] = T(scale * src[r][0:rank]), zero padded: the scaled LoRA intermediate as a GEMM operand.
+  static void scale_rows(const float* src, int rows, int rank, int rp, float scale, T* dst) {
+    for (int r = 0; r < rows; ++r)
+      for (int j = 0; j < rp; ++j) dst[r * rp + j] = Elem<T>::from(j < rank ? scale * src[r * rp + j] : 0.f);
+  }
+
+  // Gather rows of an io tensor [T][H] for slots row_src into dst [rows][Hp] (zero padded).
+  static void gather_rows(const Plan& p, const void* src, const Rows& rows, T* dst) {
+    for (int r = 0; r < rows.count; ++r) {
+      const size_t t = static_cast<size_t>(p.row_src[rows.begin + r] / p.k);
+      T* out = dst + static_cast<size_t>(rows.begin + r) * p.Hp;
+      if (p.io == DType::bf16 && P == 2) {
+        std::memcpy(out, static_cast<const bf16*>(src) + t * p.H, sizeof(T) * p.H);
+      } else {
+        for (int h = 0; h < p.H; ++h) out[h] = Elem<T>::from(load_io(src, p.io, t * p.H + h));
+      }
+      for (int h = p.H; h < p.Hp; ++h) out[h] = Elem<T>::from(0.f);
+    }
+  }
+
+  // out[t] = sum_j rows_out[t*k + j] for one block of 16 tokens.
+  static void reduce_slots(const Plan& p, size_t block, void* out, int worker) {
+    const int t0 = static_cast<int>(block) * 16, t1 = imin(p.T, t0 + 16);
+    float* acc = scratch_f32(p, worker, 0);
+    for (int t = t0; t < t1; ++t) {
+      const float* src = p.rows_out + static_cast<size_t>(t) * p.k * p.Hp;
+      for (int h = 0; h < p.H; ++h) acc[h] = src[h];
+      for (int j = 1; j < p.k; ++j)
+        for (int h = 0; h < p.H; ++h) acc[h] += src[static_cast<size_t>(j) * p.Hp + h];
+      if (p.io == DType::bf16) {
+        bf16* o = static_cast<bf16*>(out) + static_cast<size_t>(t) * p.H;
+        for (int h = 0; h < p.H; ++h) o[h] = f32_to_bf16(acc[h]);
+      } else {
+        std::memcpy(static_cast<float*>(out) + static_cast<size_t>(t) * p.H, acc, sizeof(float) * p.H);
+      }
+    }
+  }
+
+  // acc[0:n] += c * row[0:n] (row in compute type).
+  static void axpy(float* acc, float c, const T* row, int n) {
+    for (int i = 0; i < n; ++i) acc[i] += c * Elem<T>::to(row[i]);
+  }
+
+  // For each j < rank: grad[j] += scale * sum_r coef[r][j] * rows[r], written through (grad + j*gj)[i*gi].
+  static void outer_grad(const float* coef, int ldcoef, const float* row_scale, const T* rows, size_t ldrows,
+                         int count, int rank, int n, float scale, float* grad, size_t gj, size_t gi, float* acc) {
+    for (int j = 0; j < rank; ++j) {
+      for (int i = 0; i < n; ++i) acc[i] = 0.f;
+      for (int r = 0; r < count; ++r) {
+        float c = coef[r * ldcoef + j] * scale;
+        if (row_scale) c *= row_scale[r];
+        axpy(acc, c, rows + r * ldrows, n);
+      }
+      float* g = grad + j * gj;
+      if (gi == 1) {
+        for (int i = 0; i < n; ++i) g[i] += acc[i];
+      } else {
+        for (int i = 0; i < n; ++i) g[i * gi] += acc[i];
+      }
+    }
+  }
+
+  // Number of column blocks and the (expert, block) of a column-block item.
+  static int col_blocks(const Plan& p, int cols) { return (cols + p.col_block - 1) / p.col_block; }
+
+  // ------------------------------------------------------------------------------------------- forward
+  // Phases: 0 gather X (+ X Agu^T) per expert, 1 gate/up + activation per (expert, I block),
+  //         2 Z Ad^T per expert, 3 down per (expert, H block), 4 sum over slots per token block.
+  static void forward_item(const Plan& p, int phase, size_t item, int worker) {
+    switch (phase) {
+      case 0: return fwd_gather(p, expert_rows(p, p.items[item]), worker);
+      case 1: {
+        const int nb = col_blocks(p, p.Ip);
+        return fwd_gate_up(p, expert_rows(p, p.items[item / nb]), static_cast<int>(item % nb), worker);
+      }
+      case 2: return fwd_down_lora(p, expert_rows(p, p.items[item]), worker);
+      case 3: {
+        const int nb = col_blocks(p, p.Hp);
+        return fwd_down(p, expert_rows(p, p.items[item / nb]), static_cast<int>(item % nb), worker);
+      }
+      case 4: return reduce_slots(p, item, p.y, worker);
+    }
+  }
+
+  static void fwd_gather(const Plan& p, const Rows& rows, int worker) {
+    T* X = static_cast<T*>(p.X);
+    gather_rows(p, p.x, rows, X);
+    const int r1 = p.gu.rank;
+    if (r1 == 0) return;
+    const int e = rows.e;
+    const size_t in_stride = static_cast<size_t>(p.E) * r1;  // row stride of B [out, E*r]
+    T* pkA = scratch_T(p, worker);
+    pack(static_cast<const char*>(p.gu.A) + elem_offset(p.gu.dtype, static_cast<size_t>(e) * r1 * p.H), p.gu.dtype,
+         p.H, 1, r1, p.H, pkA);
+    float* ag = p.ag + static_cast<size_t>(rows.begin) * p.r1p;
+    for (int r0 = 0; r0 < rows.count; r0 += kRowChunk)
+      gemm(X + static_cast<size_t>(rows.begin + r0) * p.Hp, p.Hp, imin(kRowChunk, rows.count - r0), p.Hp, pkA,
+           static_cast<size_t>(p.Hp) * kPanel, p.r1p / kPanel, ag + static_cast<size_t>(r0) * p.r1p, p.r1p, false);
+    scale_rows(ag, rows.count, r1, p.r1p, p.gu.scaling, static_cast<T*>(p.ag_s) + static_cast<size_t>(rows.begin) * p.r1p);
+    // Bg and Bu of this expert as [I][r1] operands for the gate/up items.
+    T* pk = lora_pk(p, e);
+    pack(static_cast<const char*>(p.gu.B) + elem_offset(p.gu.dtype, e), p.gu.dtype, in_stride, p.E, p.I, r1, pk);
+    pack(static_cast<const char*>(p.gu.B) + elem_offset(p.gu.dtype, static_cast<size_t>(p.I) * in_stride + e),
+         p.gu.dtype, in_stride, p.E, p.I, r1, pk + packed_size(p.I, r1));
+  }
+
+  static size_t elem_offset(DType dt, size_t n) { return n * (dt == DType::bf16 ? 2 : 4); }
+
+  static void fwd_gate_up(const Plan& p, const Rows& rows, int block, int worker) {
+    const int c0 = block * p.col_block, ncols = imin(p.col_block, p.Ip - c0), nblocks = ncols / kPanel;
+    const size_t wstride = static_cast<size_t>(p.Hp) * kPanel;
+    const T* wg = w_ptr(p.wg, p.w_gu_stride, rows.e) + (c0 / kPanel) * wstride;
+    const T* wu = w_ptr(p.wu, p.w_gu_stride, rows.e) + (c0 / kPanel) * wstride;
+    const T* X = static_cast<const T*>(p.X);
+    const T* ag_s = static_cast<const T*>(p.ag_s);
+    const size_t lstride = static_cast<size_t>(p.r1p) * kPanel;
+    const T* lg = p.gu.rank ? lora_pk(p, rows.e) + (c0 / kPanel) * lstride : nullptr;
+    const T* lu = p.gu.rank ? lg + packed_size(p.I, p.gu.rank) : nullptr;
+    float* cg = scratch_f32(p, worker, 0);
+    float* cu = cg + kRowChunk * p.col_block;
+    T* Z = static_cast<T*>(p.Z);
+    T* G = static_cast<T*>(p.G);
+    T* U = static_cast<T*>(p.U);
+    const int ld = p.col_block;
+    for (int r0 = 0; r0 < rows.count; r0 += kRowChunk) {
+      const int m = imin(kRowChunk, rows.count - r0);
+      const size_t row = static_cast<size_t>(rows.begin + r0);
+      gemm(X + row * p.Hp, p.Hp, m, p.Hp, wg, wstride, nblocks, cg, ld, false);
+      gemm(X + row * p.Hp, p.Hp, m, p.Hp, wu, wstride, nblocks, cu, ld, false);
+      if (lg) {
+        gemm(ag_s + row * p.r1p, p.r1p, m, p.r1p, lg, lstride, nblocks, cg, ld, true);
+        gemm(ag_s + row * p.r1p, p.r1p, m, p.r1p, lu, lstride, nblocks, cu, ld, true);
+      }
+      for (int r = 0; r < m; ++r) {
+        const size_t o = (row + r) * p.Ip + c0;
+        const float* g = cg + r * ld;
+        const float* u = cu + r * ld;
+        for (int c = 0; c < ncols; ++c) Z[o + c] = Elem<T>::from(g[c] / (1.f + fast_exp(-g[c])) * u[c]);
+        if (p.save)
+          for (int c = 0; c < ncols; ++c) {
+            G[o + c] = Elem<T>::from(g[c]);
+            U[o + c] = Elem<T>::from(u[c]);
+          }
+      }
+    }
+  }
+
+  static void fwd_down_lora(const Plan& p, const Rows& rows, int worker) {
+    const int r2 = p.dn.rank, e = rows.e;
+    T* pkA = scratch_T(p, worker);
+    pack(static_cast<const char*>(p.dn.A) + elem_offset(p.dn.dtype, static_cast<size_t>(e) * r2 * p.I), p.dn.dtype,
+         p.I, 1, r2, p.I, pkA);
+    const T* Z = static_cast<const T*>(p.Z);
+    float* ad = p.ad + static_cast<size_t>(rows.begin) * p.r2p;
+    for (int r0 = 0; r0 < rows.count; r0 += kRowChunk)
+      gemm(Z + static_cast<size_t>(rows.begin + r0) * p.Ip, p.Ip, imin(kRowChunk, rows.count - r0), p.Ip, pkA,
+           static_cast<size_t>(p.Ip) * kPanel, p.r2p / kPanel, ad + static_cast<size_t>(r0) * p.r2p, p.r2p, false);
+    scale_rows(ad, rows.count, r2, p.r2p, p.dn.scaling, static_cast<T*>(p.ad_s) + static_cast<size_t>(rows.begin) * p.r2p);
+    pack(static_cast<const char*>(p.dn.B) + elem_offset(p.dn.dtype, e), p.dn.dtype, static_cast<ptrdiff_t>(p.E) * r2,
+         p.E, p.H, r2, lora_pk(p, e));
+  }
+
+  static void fwd_down(const Plan& p, const Rows& rows, int block, int worker) {
+    const int c0 = block * p.col_block, ncols = imin(p.col_block, p.Hp - c0), nblocks = ncols / kPanel;
+    const size_t wstride = static_cast<size_t>(p.Ip) * kPanel;
+    const T* wd = w_ptr(p.wd, p.w_d_stride, rows.e) + (c0 / kPanel) * wstride;
+    const size_t lstride = static_cast<size_t>(p.r2p) * kPanel;
+    const T* ld_pk = p.dn.rank ? lora_pk(p, rows.e) + (c0 / kPanel) * lstride : nullptr;
+    const T* Z = static_cast<const T*>(p.Z);
+    const T* ad_s = static_cast<const T*>(p.ad_s);
+    float* c = scratch_f32(p, worker, 0);
+    const int ld = p.col_block;
+    for (int r0 = 0; r0 < rows.count; r0 += kRowChunk) {
+      const int m = imin(kRowChunk, rows.count - r0);
+      const size_t row = static_cast<size_t>(rows.begin + r0);
+      gemm(Z + row * p.Ip, p.Ip, m, p.Ip, wd, wstride, nblocks, c, ld, false);
+      if (ld_pk) gemm(ad_s + row * p.r2p, p.r2p, m, p.r2p, ld_pk, lstride, nblocks, c, ld, true);
+      for (int r = 0; r < m; ++r) {
+        const float w = p.row_weight[row + r];
+        float* out = p.rows_out + static_cast<size_t>(p.row_src[row + r]) * p.Hp + c0;
+        const float* src = c + r * ld;
+        for (int j = 0; j < ncols; ++j) out[j] = w * src[j];
+      }
+    }
+  }
+
+  // ------------------------------------------------------------------------------------------- backward
+  // Phases: 0 gather dY (+ dY Bd) per expert, 1 dZ' per (expert, I block), 2 activation backward, dw, down LoRA
+  //         grads, (dG Bg + dU Bu) and gate_up LoRA grads per expert, 3 dX per (expert, H block), 4 sum over slots.
+  static void backward_item(const Plan& p, int phase, size_t item, int worker) {
+    switch (phase) {
+      case 0: return bwd_gather(p, expert_rows(p, p.items[item]), worker);
+      case 1: {
+        const int nb = col_blocks(p, p.Ip);
+        return bwd_down(p, expert_rows(p, p.items[item / nb]), static_cast<int>(item % nb), worker);
+      }
+      case 2: return bwd_activation(p, expert_rows(p, p.items[item]), worker);
+      case 3: {
+        const int nb = col_blocks(p, p.Hp);
+        return bwd_gate_up(p, expert_rows(p, p.items[item / nb]), static_cast<int>(item % nb), worker);
+      }
+      case 4: return reduce_slots(p, item, p.dx, worker);
+    }
+  }
+
+  static void bwd_gather(const Plan& p, const Rows& rows, int worker) {
+    T* dY = static_cast<T*>(p.dY);
+    gather_rows(p, p.dy, rows, dY);
+    const int r2 = p.dn.rank, e = rows.e;
+    if (r2 == 0) return;
+    // bdy = dY Bd: Bd^T as a [r2][H] operand.
+    T* pk = scratch_T(p, worker);
+    pack(static_cast<const char*>(p.dn.B) + elem_offset(p.dn.dtype, e), p.dn.dtype, p.E,
+         static_cast<ptrdiff_t>(p.E) * r2, r2, p.H, pk);
+    float* bdy = p.lora_tmp + static_cast<size_t>(rows.begin) * p.r2p;
+    for (int r0 = 0; r0 < rows.count; r0 += kRowChunk)
+      gemm(dY + static_cast<size_t>(rows.begin + r0) * p.Hp, p.Hp, imin(kRowChunk, rows.count - r0), p.Hp, pk,
+           static_cast<size_t>(p.Hp) * kPanel, p.r2p / kPanel, bdy + static_cast<size_t>(r0) * p.r2p, p.r2p, false);
+    scale_rows(bdy, rows.count, r2, p.r2p, p.dn.scaling,
+               static_cast<T*>(p.lora_tmp_s) + static_cast<size_t>(rows.begin) * p.r2p);
+    // Ad^T as an [I][r2] operand for the dZ' items.
+    pack(static_cast<const char*>(p.dn.A) + elem_offset(p.dn.dtype, static_cast<size_t>(e) * r2 * p.I), p.dn.dtype,
+         1, p.I, p.I, r2, lora_pk(p, e));
+  }
+
+  static void bwd_down(const Plan& p, const Rows& rows, int block, int worker) {
+    const int c0 = block * p.col_block, ncols = imin(p.col_block, p.Ip - c0), nblocks = ncols / kPanel;
+    const T* wd = w_ptr(p.wd, p.w_d_stride, rows.e);
+    const size_t pstride = static_cast<size_t>(p.Hp) * kPanel;
+    T* panels = scratch_T(p, worker);
+    for (int b = 0; b < nblocks; ++b) pack_transposed_panel(wd, p.Hp, p.Ip, c0 + b * kPanel, panels + b * pstride);
+    const size_t lstride = static_cast<size_t>(p.r2p) * kPanel;
+    const T* la = p.dn.rank ? lora_pk(p, rows.e) + (c0 / kPanel) * lstride : nullptr;
+    const T* dY = static_cast<const T*>(p.dY);
+    const T* bdy_s = static_cast<const T*>(p.lora_tmp_s);
+    for (int r0 = 0; r0 < rows.count; r0 += kRowChunk) {
+      const int m = imin(kRowChunk, rows.count - r0);
+      const size_t row = static_cast<size_t>(rows.begin + r0);
+      float* c = p.dZp + row * p.Ip + c0;
+      gemm(dY + row * p.Hp, p.Hp, m, p.Hp, panels, pstride, nblocks, c, p.Ip, false);
+      if (la) gemm(bdy_s + row * p.r2p, p.r2p, m, p.r2p, la, lstride, nblocks, c, p.Ip, true);
+    }
+  }
+
+  static void bwd_activation(const Plan& p, const Rows& rows, int worker) {
+    const T* Z = static_cast<const T*>(p.Z);
+    const T* G = static_cast<const T*>(p.G);
+    const T* U = static_cast<const T*>(p.U);
+    T* dG = static_cast<T*>(p.dG);
+    T* dU = static_cast<T*>(p.dU);
+    for (int r = 0; r < rows.count; ++r) {
+      const size_t row = static_cast<size_t>(rows.begin + r), o = row * p.Ip;
+      const float* dz = p.dZp + o;
+      float dwr = 0.f;
+      for (int i = 0; i < p.I; ++i) dwr += dz[i] * Elem<T>::to(Z[o + i]);
+      p.dw[p.row_src[row]] = dwr;
+      const float w = p.row_weight[row];
+      for (int i = 0; i < p.Ip; ++i) {
+        const float g = Elem<T>::to(G[o + i]), u = Elem<T>::to(U[o + i]);
+        const float s = 1.f / (1.f + fast_exp(-g));
+        const float d = w * dz[i];
+        dG[o + i] = Elem<T>::from(d * u * s * (1.f + g * (1.f - s)));
+        dU[o + i] = Elem<T>::from(d * g * s);
+      }
+    }
+    const int e = rows.e;
+    float* acc = scratch_f32(p, worker, 2 * packed_size(p.Ip, p.r1p > 0 ? p.r1p : 1));
+    const float* wrow = p.row_weight + rows.begin;
+    if (const int r2 = p.dn.rank) {
+      const float* bdy = p.lora_tmp + static_cast<size_t>(rows.begin) * p.r2p;
+      const float* ad = p.ad + static_cast<size_t>(rows.begin) * p.r2p;
+      const size_t ldB = static_cast<size_t>(p.E) * r2;
+      // dAd[e*r2 + j][i] += s2 sum_r w_r bdy[r][j] Z[r][i];  dBd[h][j*E + e] += s2 sum_r w_r ad[r][j] dY[r][h]
+      outer_grad(bdy, p.r2p, wrow, Z + static_cast<size_t>(rows.begin) * p.Ip, p.Ip, rows.count, r2, p.I,
+                 p.dn.scaling, p.dn_grad.A + static_cast<size_t>(e) * r2 * p.I, p.I, 1, acc);
+      outer_grad(ad, p.r2p, wrow, static_cast<const T*>(p.dY) + static_cast<size_t>(rows.begin) * p.Hp, p.Hp,
+                 rows.count, r2, p.H, p.dn.scaling, p.dn_grad.B + e, p.E, ldB, acc);
+    }
+    if (const int r1 = p.gu.rank) {
+      // gbg = dG Bg + dU Bu (Bg^T, Bu^T as [r1][I] operands), then its scaled copy for the dX items.
+      T* pkg = scratch_T(p, worker);
+      T* pku = pkg + packed_size(p.r1p, p.Ip);
+      const size_t ldB = static_cast<size_t>(p.E) * r1;
+      pack(static_cast<const char*>(p.gu.B) + elem_offset(p.gu.dtype, e), p.gu.dtype, p.E, ldB, r1, p.I, pkg);
+      pack(static_cast<const char*>(p.gu.B) + elem_offset(p.gu.dtype, static_cast<size_t>(p.I) * ldB + e),
+           p.gu.dtype, p.E, ldB, r1, p.I, pku);
+      float* gbg = p.lora_tmp + static_cast<size_t>(rows.begin) * p.r1p;
+      const size_t pstride = static_cast<size_t>(p.Ip) * kPanel;
+      for (int r0 = 0; r0 < rows.count; r0 += kRowChunk) {
+        const int m = imin(kRowChunk, rows.count - r0);
+        const size_t row = static_cast<size_t>(rows.begin + r0);
+        gemm(dG + row * p.Ip, p.Ip, m, p.Ip, pkg, pstride, p.r1p / kPanel, gbg + r0 * p.r1p, p.r1p, false);
+        gemm(dU + row * p.Ip, p.Ip, m, p.Ip, pku, pstride, p.r1p / kPanel, gbg + r0 * p.r1p, p.r1p, true);
+      }
+      scale_rows(gbg, rows.count, r1, p.r1p, p.gu.scaling,
+                 static_cast<T*>(p.lora_tmp_s) + static_cast<size_t>(rows.begin) * p.r1p);
+      const float* ag = p.ag + static_cast<size_t>(rows.begin) * p.r1p;
+      // dAgu[e*r1 + j][h] += s1 sum_r gbg[r][j] X[r][h];  dBgu[o][j*E + e] += s1 sum_r ag[r][j] dG|dU[r][o]
+      outer_grad(gbg, p.r1p, nullptr, static_cast<const T*>(p.X) + static_cast<size_t>(rows.begin) * p.Hp, p.Hp,
+                 rows.count, r1, p.H, p.gu.scaling, p.gu_grad.A + static_cast<size_t>(e) * r1 * p.H, p.H, 1, acc);
+      outer_grad(ag, p.r1p, nullptr, dG + static_cast<size_t>(rows.begin) * p.Ip, p.Ip, rows.count, r1, p.I,
+                 p.gu.scaling, p.gu_grad.B + e, p.E, ldB, acc);
+      outer_grad(ag, p.r1p, nullptr, dU + static_cast<size_t>(rows.begin) * p.Ip, p.Ip, rows.count, r1, p.I,
+                 p.gu.scaling, p.gu_grad.B + static_cast<size_t>(p.I) * ldB + e, p.E, ldB, acc);
+      // Agu^T as an [H][r1] operand for the dX items.
+      pack(static_cast<const char*>(p.gu.A) + elem_offset(p.gu.dtype, static_cast<size_t>(e) * r1 * p.H),
+           p.gu.dtype, 1, p.H, p.H, r1, lora_pk(p, e));
+    }
+  }
+
+  static void bwd_gate_up(const Plan& p, const Rows& rows, int block, int worker) {
+    const int c0 = block * p.col_block, ncols = imin(p.col_block, p.Hp - c0), nblocks = ncols / kPanel;
+    const size_t pstride = static_cast<size_t>(p.Ip) * kPanel;
+    T* pg = scratch_T(p, worker);
+    T* pu = pg + nblocks * pstride;
+    const T* wg = w_ptr(p.wg, p.w_gu_stride, rows.e);
+    const T* wu = w_ptr(p.wu, p.w_gu_stride, rows.e);
+    for (int b = 0; b < nblocks; ++b) {
+      pack_transposed_panel(wg, p.Ip, p.Hp, c0 + b * kPanel, pg + b * pstride);
+      pack_transposed_panel(wu, p.Ip, p.Hp, c0 + b * kPanel, pu + b * pstride);
+    }
+    const size_t lstride = static_cast<size_t>(p.r1p) * kPanel;
+    const T* la = p.gu.rank ? lora_pk(p, rows.e) + (c0 / kPanel) * lstride : nullptr;
+    const T* dG = static_cast<const T*>(p.dG);
+    const T* dU = static_cast<const T*>(p.dU);
+    const T* gbg_s = static_cast<const T*>(p.lora_tmp_s);
+    float* c = scratch_f32(p, worker, 2 * static_cast<size_t>(nblocks) * pstride);
+    const int ld = p.col_block;
+    for (int r0 = 0; r0 < rows.count; r0 += kRowChunk) {
+      const int m = imin(kRowChunk, rows.count - r0);
+      const size_t row = static_cast<size_t>(rows.begin + r0);
+      gemm(dG + row * p.Ip, p.Ip, m, p.Ip, pg, pstride, nblocks, c, ld, false);
+      gemm(dU + row * p.Ip, p.Ip, m, p.Ip, pu, pstride, nblocks, c, ld, true);
+      if (la) gemm(gbg_s + row * p.r1p, p.r1p, m, p.r1p, la, lstride, nblocks, c, ld, true);
+      for (int r = 0; r < m; ++r)
+        std::memcpy(p.rows_out + static_cast<size_t>(p.row_src[row + r]) * p.Hp + c0, c + r * ld,
+                    sizeof(float) * ncols);
+    }
+  }
+};
+
+// The Backend table entries, dispatching on the compute type.
+inline void backend_pack(DType compute, const void* src, DType st, ptrdiff_t sn, ptrdiff_t sk, int N, int K,
+                         void* dst) {
+  if (compute == DType::bf16)
+    Core<bf16>::pack(src, st, sn, sk, N, K, static_cast<bf16*>(dst));
+  else
+    Core<float>::pack(src, st, sn, sk, N, K, static_cast<float*>(dst));
+}
+
+inline void backend_forward_item(DType compute, const Plan& p, int phase, size_t item, int worker) {
+  if (compute == DType::bf16)
+    Core<bf16>::forward_item(p, phase, item, worker);
+  else
+    Core<float>::forward_item(p, phase, item, worker);
+}
+
+inline void backend_backward_item(DType compute, const Plan& p, int phase, size_t item, int worker) {
+  if (compute == DType::bf16)
+    Core<bf16>::backward_item(p, phase, item, worker);
+  else
+    Core<float>::backward_item(p, phase, item, worker);
+}

@@ -1,0 +1,377 @@
+#include "moe_layer.h"
+
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <sstream>
+
+namespace kt {
+
+const Backend* backend_scalar();
+#if defined(__x86_64__)
+const Backend* backend_avx2();
+const Backend* backend_avx512_bf16();
+#endif
+
+namespace {
+
+struct IsaEntry {
+  const char* name;
+  const Backend* (*get)();
+  bool (*cpu_runs)();
+};
+
+// Best first.
+const IsaEntry kIsas[] = {
+#if defined(__x86_64__)
+    {"avx512_bf16", backend_avx512_bf16,
+     [] {
+       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+     }},
+    {"avx2", backend_avx2, [] { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }},
+#endif
+    {"scalar", backend_scalar, [] { return true; }},
+};
+
+size_t dtype_size(DType d) { return d == DType::bf16 ? 2 : 4; }
+
+std::atomic<int64_t> g_live_contexts{0};
+
+}  // namespace
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> names;
+  for (const auto& e : kIsas)
+    if (e.cpu_runs()) names.emplace_back(e.name);
+  return names;
+}
+
+const Backend* select_backend(const std::string& isa) {
+  for (const auto& e : kIsas) {
+    if (isa != "auto" && isa != e.name) continue;
+    if (e.cpu_runs()) return e.get();
+    if (isa != "auto") break;
+  }
+  std::ostringstream msg;
+  msg << "ISA '" << isa << "' is not available on this CPU; available: auto";
+  for (const auto& n : supported_isas()) msg << ", " << n;
+  throw std::invalid_argument(msg.str());
+}
+
+std::shared_ptr<Executor> shared_executor(int threads) {
+  static std::mutex mu;
+  static std::map<int, std::weak_ptr<Executor>> executors;
+  std::lock_guard<std::mutex> lock(mu);
+  auto& slot = executors[threads];
+  auto exec = slot.lock();
+  if (!exec) {
+    exec = std::make_shared<Executor>(threads);
+    slot = exec;
+  }
+  return exec;
+}
+
+void* Buffer::reserve(size_t bytes) {
+  if (bytes > size_) {
+    const size_t size = round_up(bytes, 4096);
+    void* p = std::aligned_alloc(64, size);
+    if (!p) throw std::bad_alloc();
+    data_.reset(p);
+    size_ = size;
+  }
+  return data_.get();
+}
+
+ForwardContext::ForwardContext() { g_live_contexts.fetch_add(1); }
+ForwardContext::~ForwardContext() { g_live_contexts.fetch_sub(1); }
+int64_t ForwardContext::live() { return g_live_contexts.load(); }
+
+// ------------------------------------------------------------------------------------------------- the layer
+MoELayer::MoELayer(std::string name, int experts, int hidden, int intermediate, const void* gate_up, const void* down,
+                   DType weight_dtype, const std::string& isa, int threads)
+    : name_(std::move(name)), E_(experts), H_(hidden), I_(intermediate), compute_(weight_dtype) {
+  if (E_ < 1 || H_ < 1 || I_ < 1) fail("experts, hidden and intermediate sizes must be positive");
+  if (!gate_up || !down) fail("expert weights are missing");
+  if (threads < 1) fail("threads must be >= 1");
+  backend_ = select_backend(isa);
+  exec_ = shared_executor(threads);
+  Hp_ = static_cast<int>(round_up(H_, kPanel));
+  Ip_ = static_cast<int>(round_up(I_, kPanel));
+  gu_stride_ = static_cast<size_t>(Ip_) * Hp_;
+  d_stride_ = static_cast<size_t>(Hp_) * Ip_;
+  const size_t es = dtype_size(compute_);
+  wg_.reserve(E_ * gu_stride_ * es);
+  wu_.reserve(E_ * gu_stride_ * es);
+  wd_.reserve(E_ * d_stride_ * es);
+
+  // Pack all experts on the pool, one item per expert and projection.
+  struct PackJob : Job {
+    MoELayer* layer;
+    const char* gate_up;
+    const char* down;
+    int num_phases() const override { return 1; }
+    size_t prepare(int) override { return 3 * static_cast<size_t>(layer->E_); }
+    void run(int, size_t item, int) override {
+      MoELayer& L = *layer;
+      const int e = static_cast<int>(item / 3), which = static_cast<int>(item % 3);
+      const size_t es = dtype_size(L.compute_);
+      const char* gu = gate_up + static_cast<size_t>(e) * 2 * L.I_ * L.H_ * es;
+      if (which == 0)
+        L.backend_->pack(L.compute_, gu, L.compute_, L.H_, 1, L.I_, L.H_,
+                         static_cast<char*>(L.wg_.data()) + e * L.gu_stride_ * es);
+      else if (which == 1)
+        L.backend_->pack(L.compute_, gu + static_cast<size_t>(L.I_) * L.H_ * es, L.compute_, L.H_, 1, L.I_, L.H_,
+                         static_cast<char*>(L.wu_.data()) + e * L.gu_stride_ * es);
+      else
+        L.backend_->pack(L.compute_, down + static_cast<size_t>(e) * L.H_ * L.I_ * es, L.compute_, L.I_, 1, L.H_,
+                         L.I_, static_cast<char*>(L.wd_.data()) + e * L.d_stride_ * es);
+    }
+  };
+  auto job = std::make_shared<PackJob>();
+  job->layer = this;
+  job->gate_up = static_cast<const char*>(gate_up);
+  job->down = static_cast<const char*>(down);
+  exec_->pool.submit(job);
+  job->wait();
+}
+
+size_t MoELayer::weight_bytes() const { return E_ * (2 * gu_stride_ + d_stride_) * dtype_size(compute_); }
+
+void MoELayer::export_weights(void* gate_up, void* down) const {
+  const size_t es = dtype_size(compute_);
+  const int P = compute_ == DType::bf16 ? 2 : 1;
+  // Element (n, k) of a packed [Np][Kp] matrix; see plan.h.
+  auto unpack = [&](const char* packed, int N, int K, int Kp, char* out) {
+    for (int n = 0; n < N; ++n)
+      for (int k = 0; k < K; ++k) {
+        const size_t idx =
+            (static_cast<size_t>(n / kPanel) * (Kp / P) + k / P) * kPanel * P + (n % kPanel) * P + k % P;
+        std::memcpy(out + (static_cast<size_t>(n) * K + k) * es, packed + idx * es, es);
+      }
+  };
+  for (int e = 0; e < E_; ++e) {
+    char* gu = static_cast<char*>(gate_up) + static_cast<size_t>(e) * 2 * I_ * H_ * es;
+    unpack(static_cast<const char*>(wg_.data()) + e * gu_stride_ * es, I_, H_, Hp_, gu);
+    unpack(static_cast<const char*>(wu_.data()) + e * gu_stride_ * es, I_, H_, Hp_,
+           gu + static_cast<size_t>(I_) * H_ * es);
+    unpack(static_cast<const char*>(wd_.data()) + e * d_stride_ * es, H_, I_, Ip_,
+           static_cast<char*>(down) + static_cast<size_t>(e) * H_ * I_ * es);
+  }
+}
+
+void MoELayer::check_lora(const LoraRef& l, int in, int out, const char* which) const {
+  (void)in;
+  (void)out;
+  if (l.rank < 0) fail(std::string(which) + " LoRA rank must be >= 0");
+  if (l.rank > 0 && (!l.A || !l.B)) fail(std::string(which) + " LoRA factors are missing");
+}
+
+Plan MoELayer::base_plan() const {
+  Plan p;
+  p.E = E_;
+  p.H = H_;
+  p.I = I_;
+  p.Hp = Hp_;
+  p.Ip = Ip_;
+  p.wg = wg_.data();
+  p.wu = wu_.data();
+  p.wd = wd_.data();
+  p.w_gu_stride = gu_stride_;
+  p.w_d_stride = d_stride_;
+  return p;
+}
+
+// Shared by forward and backward jobs: sizes the executor's scratch for the LoRA ranks and the row count.
+class LayerJob : public Job {
+ public:
+  LayerJob(const MoELayer& layer, std::shared_ptr<ForwardContext> ctx) : layer_(layer), ctx_(std::move(ctx)) {
+    plan_ = layer.base_plan();
+    plan_.T = ctx_->T;
+    plan_.k = ctx_->k;
+    plan_.io = ctx_->io;
+    plan_.gu = ctx_->gu;
+    plan_.dn = ctx_->dn;
+    plan_.r1p = static_cast<int>(round_up(plan_.gu.rank, kPanel));
+    plan_.r2p = static_cast<int>(round_up(plan_.dn.rank, kPanel));
+    plan_.offsets = ctx_->offsets.data();
+    plan_.row_src = ctx_->row_src.data();
+    plan_.row_weight = ctx_->row_weight.data();
+    plan_.items = ctx_->active.data();
+  }
+  int num_phases() const override { return 5; }
+  void finish() override {}
+
+ protected:
+  size_t rows() const { return static_cast<size_t>(plan_.T) * plan_.k; }
+  size_t es() const { return dtype_size(layer_.compute()); }
+  size_t active() const { return ctx_->active.size(); }
+  size_t blocks(int cols) const { return active() * ((cols + plan_.col_block - 1) / plan_.col_block); }
+
+  // Scratch shared by the workers and the per-expert packed LoRA operands.
+  void reserve_common(Executor& ex) {
+    const Plan& p = plan_;
+    const size_t maxT = std::max({static_cast<size_t>(p.r1p) * p.Hp, static_cast<size_t>(p.r2p) * p.Ip,
+                                  static_cast<size_t>(p.r2p) * p.Hp, static_cast<size_t>(p.col_block) * p.Hp,
+                                  2 * static_cast<size_t>(p.r1p) * p.Ip + 16 * static_cast<size_t>(p.Ip),
+                                  2 * static_cast<size_t>(p.col_block) * p.Ip});
+    const size_t max_f32 = std::max({static_cast<size_t>(2 * 240 * p.col_block), static_cast<size_t>(p.Hp),
+                                     static_cast<size_t>(p.Ip)});
+    plan_.scratch_bytes = round_up(round_up(maxT * es(), 64) + max_f32 * 4, 4096);
+    plan_.scratch = static_cast<char*>(ex.scratch.reserve(plan_.scratch_bytes * ex.pool.threads()));
+    plan_.lora_pk_stride = std::max({2 * static_cast<size_t>(p.Ip) * p.r1p, static_cast<size_t>(p.Hp) * p.r2p,
+                                     static_cast<size_t>(p.Ip) * p.r2p, static_cast<size_t>(p.Hp) * p.r1p});
+    plan_.lora_pk = ex.lora_pk.reserve(plan_.lora_pk_stride * p.E * es());
+    plan_.rows_out = static_cast<float*>(ex.rows_out.reserve(rows() * p.Hp * 4));
+  }
+
+  const MoELayer& layer_;
+  std::shared_ptr<ForwardContext> ctx_;
+  Plan plan_;
+};
+
+class ForwardJob : public LayerJob {
+ public:
+  ForwardJob(const MoELayer& layer, std::shared_ptr<ForwardContext> ctx, Executor& ex, const void* x, void* y,
+             bool save)
+      : LayerJob(layer, std::move(ctx)), ex_(ex) {
+    plan_.x = x;
+    plan_.y = y;
+    plan_.save = save;
+  }
+  size_t prepare(int phase) override {
+    Plan& p = plan_;
+    switch (phase) {
+      case 0: {
+        reserve_common(ex_);
+        ForwardContext& c = *ctx_;
+        const size_t R = rows(), s = es();
+        // Kept for the backward when saving, else in the executor's scratch.
+        p.X = (p.save ? c.X : ex_.X).reserve(R * p.Hp * s);
+        p.Z = (p.save ? c.Z : ex_.Z).reserve(R * p.Ip * s);
+        p.ag = static_cast<float*>((p.save ? c.ag : ex_.ag).reserve(R * p.r1p * 4));
+        p.ad = static_cast<float*>((p.save ? c.ad : ex_.ad).reserve(R * p.r2p * 4));
+        if (p.save) {
+          p.G = c.G.reserve(R * p.Ip * s);
+          p.U = c.U.reserve(R * p.Ip * s);
+        }
+        p.ag_s = ex_.ag_s.reserve(R * p.r1p * s);
+        p.ad_s = ex_.ad_s.reserve(R * p.r2p * s);
+        return active();
+      }
+      case 1: return blocks(p.Ip);
+      case 2: return p.dn.rank ? active() : 0;
+      case 3: return blocks(p.Hp);
+      default: return (static_cast<size_t>(p.T) + 15) / 16;
+    }
+  }
+  void run(int phase, size_t item, int worker) override {
+    layer_.backend_->forward_item(layer_.compute(), plan_, phase, item, worker);
+  }
+
+ private:
+  Executor& ex_;
+};
+
+class BackwardJob : public LayerJob {
+ public:
+  BackwardJob(const MoELayer& layer, std::shared_ptr<ForwardContext> ctx, Executor& ex, const void* dy, void* dx,
+              float* dw, const LoraGradArgs& grads)
+      : LayerJob(layer, std::move(ctx)), ex_(ex) {
+    plan_.dy = dy;
+    plan_.dx = dx;
+    plan_.dw = dw;
+    plan_.gu_grad = grads.gu;
+    plan_.dn_grad = grads.dn;
+    ForwardContext& c = *ctx_;
+    plan_.X = c.X.data();
+    plan_.Z = c.Z.data();
+    plan_.G = c.G.data();
+    plan_.U = c.U.data();
+    plan_.ag = static_cast<float*>(c.ag.data());
+    plan_.ad = static_cast<float*>(c.ad.data());
+  }
+
+  size_t prepare(int phase) override {
+    Plan& p = plan_;
+    switch (phase) {
+      case 0: {
+        reserve_common(ex_);
+        const size_t R = rows(), s = es(), rp = std::max(p.r1p, p.r2p);
+        p.dY = ex_.dY.reserve(R * p.Hp * s);
+        p.dZp = static_cast<float*>(ex_.dZp.reserve(R * p.Ip * 4));
+        p.dG = ex_.dG.reserve(R * p.Ip * s);
+        p.dU = ex_.dU.reserve(R * p.Ip * s);
+        p.lora_tmp = static_cast<float*>(ex_.lora_tmp.reserve(R * rp * 4));
+        p.lora_tmp_s = ex_.lora_tmp_s.reserve(R * rp * s);
+        return active();
+      }
+      case 1: return blocks(p.Ip);
+      case 2: return active();
+      case 3: return blocks(p.Hp);
+      default: return (static_cast<size_t>(p.T) + 15) / 16;
+    }
+  }
+  void run(int phase, size_t item, int worker) override {
+    layer_.backend_->backward_item(layer_.compute(), plan_, phase, item, worker);
+  }
+
+ private:
+  Executor& ex_;
+};
+
+MoELayer::Submitted MoELayer::submit_forward(int T, int k, const void* x, DType io, const int64_t* ids,
+                                             const float* weights, void* y, bool save, const LoraArgs& lora) {
+  if (T < 0) fail("token count must be >= 0");
+  if (k < 1) fail("top-k must be >= 1");
+  if (T > 0 && (!x || !ids || !weights || !y)) fail("missing input or output");
+  check_lora(lora.gu, H_, 2 * I_, "gate_up");
+  check_lora(lora.dn, I_, H_, "down");
+  auto ctx = std::make_shared<ForwardContext>();
+  ctx->T = T;
+  ctx->k = k;
+  ctx->io = io;
+  ctx->gu = lora.gu;
+  ctx->dn = lora.dn;
+  // Group the (token, slot) pairs by expert with a stable counting sort.
+  const size_t R = static_cast<size_t>(T) * k;
+  ctx->offsets.assign(E_ + 1, 0);
+  for (size_t i = 0; i < R; ++i) {
+    const int64_t e = ids[i];
+    if (e < 0 || e >= E_) {
+      std::ostringstream msg;
+      msg << "expert id " << e << " at token " << i / k << ", slot " << i % k << " is out of range [0, " << E_
+          << ")";
+      fail(msg.str());
+    }
+    ++ctx->offsets[e + 1];
+  }
+  for (int e = 0; e < E_; ++e) {
+    if (ctx->offsets[e + 1]) ctx->active.push_back(e);
+    ctx->offsets[e + 1] += ctx->offsets[e];
+  }
+  ctx->row_src.resize(R);
+  ctx->row_weight.resize(R);
+  std::vector<int64_t> fill(ctx->offsets.begin(), ctx->offsets.end() - 1);
+  for (size_t i = 0; i < R; ++i) {
+    const int64_t r = fill[ids[i]]++;
+    ctx->row_src[r] = static_cast<int32_t>(i);
+    ctx->row_weight[r] = weights[i];
+  }
+  auto job = std::make_shared<ForwardJob>(*this, ctx, *exec_, x, y, save);
+  exec_->pool.submit(job);
+  return {job, save ? ctx : nullptr};
+}
+
+MoELayer::Submitted MoELayer::submit_backward(std::shared_ptr<ForwardContext> ctx, const void* dy, void* dx,
+                                              float* dw, const LoraGradArgs& grads) {
+  if (!ctx) fail("backward needs the context of a forward run with save_for_backward=True");
+  if (ctx->T > 0 && (!dy || !dx || !dw)) fail("missing gradient input or output");
+  if (ctx->gu.rank > 0 && (!grads.gu.A || !grads.gu.B)) fail("gate_up LoRA gradient buffers are missing");
+  if (ctx->dn.rank > 0 && (!grads.dn.A || !grads.dn.B)) fail("down LoRA gradient buffers are missing");
+  auto job = std::make_shared<BackwardJob>(*this, std::move(ctx), *exec_, dy, dx, dw, grads);
+  exec_->pool.submit(job);
+  return {job, nullptr};
+}
+
+}  // namespace kt

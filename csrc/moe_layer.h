@@ -1,0 +1,115 @@
+// One MoE layer's routed experts: frozen weights packed for the chosen backend, forward and backward submitted
+// to a thread pool and awaited separately, so the caller (the GPU side) keeps working meanwhile.
+#pragma once
+
+#include <atomic>
+#include <cstdlib>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "plan.h"
+#include "thread_pool.h"
+
+namespace kt {
+
+// Backends compiled into this build and the one to use ("auto": the best this CPU runs).
+std::vector<std::string> supported_isas();
+const Backend* select_backend(const std::string& isa);
+
+// 64-byte aligned, uninitialised, grow-only memory.
+class Buffer {
+ public:
+  void* reserve(size_t bytes);
+  void* data() const { return data_.get(); }
+
+ private:
+  struct Free {
+    void operator()(void* p) const { std::free(p); }
+  };
+  std::unique_ptr<void, Free> data_;
+  size_t size_ = 0;
+};
+
+// A thread pool and the scratch memory of the jobs it runs; jobs run one at a time, so they share it. Layers with
+// the same thread count share one executor.
+struct Executor {
+  explicit Executor(int threads) : pool(threads) {}
+  ThreadPool pool;
+  Buffer rows_out, lora_pk, X, Z, ag, ad, ag_s, ad_s, dY, dZp, dG, dU, lora_tmp, lora_tmp_s, scratch;
+};
+std::shared_ptr<Executor> shared_executor(int threads);
+
+// What a forward keeps for its backward. Python holds it; freeing it frees the activations.
+struct ForwardContext {
+  ForwardContext();
+  ~ForwardContext();
+  ForwardContext(const ForwardContext&) = delete;
+  ForwardContext& operator=(const ForwardContext&) = delete;
+  static int64_t live();  // contexts alive in the process
+
+  int T = 0, k = 0;
+  DType io = DType::f32;
+  LoraRef gu, dn;
+  std::vector<int64_t> offsets;
+  std::vector<int32_t> row_src, active;
+  std::vector<float> row_weight;
+  Buffer X, G, U, Z, ag, ad;
+};
+
+struct LoraArgs {
+  LoraRef gu, dn;
+};
+
+struct LoraGradArgs {
+  LoraGrad gu, dn;
+};
+
+class MoELayer {
+ public:
+  MoELayer(std::string name, int experts, int hidden, int intermediate, const void* gate_up, const void* down,
+           DType weight_dtype, const std::string& isa, int threads);
+
+  // A started job and, for a forward with save, the context its backward needs (valid once the job is done).
+  struct Submitted {
+    std::shared_ptr<Job> job;
+    std::shared_ptr<ForwardContext> context;
+  };
+  // x [T][H], ids [T][k] int64, weights [T][k] fp32, y [T][H] (x's dtype): starts the forward and returns at once.
+  Submitted submit_forward(int T, int k, const void* x, DType io, const int64_t* ids, const float* weights, void* y,
+                           bool save, const LoraArgs& lora);
+  // dy, dx [T][H] (the forward's dtype), dw [T][k] fp32; LoRA grads are added into the given fp32 buffers.
+  Submitted submit_backward(std::shared_ptr<ForwardContext> ctx, const void* dy, void* dx, float* dw,
+                            const LoraGradArgs& grads);
+
+  const std::string& name() const { return name_; }
+  const char* isa() const { return backend_->name; }
+  int threads() const { return exec_->pool.threads(); }
+  int experts() const { return E_; }
+  int hidden() const { return H_; }
+  int intermediate() const { return I_; }
+  DType compute() const { return compute_; }
+  size_t weight_bytes() const;
+
+  // Reads the frozen weights back in the transformers layout (for saving a base checkpoint).
+  void export_weights(void* gate_up, void* down) const;
+
+ private:
+  friend class LayerJob;
+  friend class ForwardJob;
+  friend class BackwardJob;
+  [[noreturn]] void fail(const std::string& what) const { throw std::invalid_argument(name_ + ": " + what); }
+  void check_lora(const LoraRef& l, int in, int out, const char* which) const;
+  Plan base_plan() const;
+
+  std::string name_;
+  int E_, H_, I_, Hp_, Ip_;
+  DType compute_;
+  const Backend* backend_;
+  std::shared_ptr<Executor> exec_;
+  Buffer wg_, wu_, wd_;
+  size_t gu_stride_ = 0, d_stride_ = 0;
+};
+
+}  // namespace kt

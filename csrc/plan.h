@@ -1,0 +1,121 @@
+// Plain data shared by the ISA-neutral orchestration (moe_layer.cpp) and the ISA backends: element types and the
+// "plan" of one forward or backward pass, as raw pointers. Backend translation units include this, so everything
+// here is either a POD or has internal linkage: a function compiled with AVX-512 flags must never be picked by the
+// linker for a caller on a CPU without it.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+namespace kt {
+
+using bf16 = uint16_t;
+
+enum class DType : int { bf16 = 0, f32 = 1 };
+
+static inline float bf16_to_f32(bf16 v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+static inline bf16 f32_to_bf16(float f) {  // round to nearest even; NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<bf16>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<bf16>(u >> 16);
+}
+
+static inline size_t round_up(size_t v, size_t m) { return (v + m - 1) / m * m; }
+
+// Packed matrices: a logical W[N][K] (output n, reduction k) is stored as 16-column panels, each panel K/P rows of
+// 16 columns x P consecutive k ("VNNI" for bf16, P = 2; plain for fp32, P = 1): element (n, k) lives at
+//   ((n / 16) * (Kp / P) + k / P) * 16 * P + (n % 16) * P + k % P
+// with N padded to a multiple of 16 and K to Kp (a multiple of 16) with zeros. A GEMM reads one panel as 16
+// output columns; AMX tiles use the same panel format.
+constexpr int kPanel = 16;
+
+// The LoRA factors of one PEFT ParamWrapper on fused experts: A [E*r, in] (expert-major rows), B [out, E*r]
+// (rank-major columns: col = j*E + e). They are read where they are, never copied.
+struct LoraRef {
+  const void* A = nullptr;
+  const void* B = nullptr;
+  DType dtype = DType::f32;
+  int rank = 0;
+  float scaling = 0.f;
+};
+
+// Gradient buffers (fp32, PEFT layout) that a backward adds into.
+struct LoraGrad {
+  float* A = nullptr;
+  float* B = nullptr;
+};
+
+// One pass of one layer. Rows are (token, slot) pairs grouped by expert: rows offsets[e] .. offsets[e+1] belong to
+// expert e, and row r came from slot row_src[r] = t * k + j.
+struct Plan {
+  int E = 0, H = 0, I = 0, Hp = 0, Ip = 0;  // Hp, Ip: H and I padded to multiples of 16
+  int T = 0, k = 0;
+  DType io = DType::f32;   // dtype of x, y, dy, dx
+  const void* wg = nullptr;  // packed per expert: gate [I][H], up [I][H], down [H][I]
+  const void* wu = nullptr;
+  const void* wd = nullptr;
+  size_t w_gu_stride = 0, w_d_stride = 0;  // elements per expert
+
+  const int64_t* offsets = nullptr;  // [E + 1]
+  const int32_t* row_src = nullptr;  // [R]
+  const float* row_weight = nullptr; // [R]
+  const int32_t* items = nullptr;    // per phase work list, see moe_layer.cpp
+  int col_block = 64;                // columns per (expert, column block) item
+
+  const void* x = nullptr;
+  void* y = nullptr;
+  const void* dy = nullptr;
+  void* dx = nullptr;
+  float* dw = nullptr;
+
+  // Activations, expert-major rows, compute type; X: [R][Hp], G, U, Z: [R][Ip].
+  void* X = nullptr;
+  void* G = nullptr;
+  void* U = nullptr;
+  void* Z = nullptr;
+  bool save = false;  // forward keeps G and U for the backward
+
+  // LoRA (rank 0: none). ag = X A_gu^T, ad = Z A_d^T, unscaled fp32 [R][r]; their scaled copies in compute type.
+  LoraRef gu, dn;
+  LoraGrad gu_grad, dn_grad;
+  float* ag = nullptr;
+  float* ad = nullptr;
+  void* ag_s = nullptr;  // [R][r1p]
+  void* ad_s = nullptr;  // [R][r2p]
+  int r1p = 0, r2p = 0;  // ranks padded to 16
+  void* lora_pk = nullptr;  // per-expert packed LoRA operands for the column-block phases
+  size_t lora_pk_stride = 0;
+
+  // Backward working buffers.
+  void* dY = nullptr;     // [R][Hp] compute type, unweighted dy rows
+  float* dZp = nullptr;   // [R][Ip] dL/dz before the routing weight
+  void* dG = nullptr;     // [R][Ip]
+  void* dU = nullptr;
+  float* lora_tmp = nullptr;  // [R][r] fp32: bdy (backward down) / gbg (backward gate_up)
+  void* lora_tmp_s = nullptr;
+
+  float* rows_out = nullptr;  // [T*k][Hp] fp32 per-slot outputs before the sum over slots
+
+  char* scratch = nullptr;  // per worker
+  size_t scratch_bytes = 0;
+};
+
+// What a backend provides: the same numeric core instantiated with its vector operations.
+struct Backend {
+  const char* name;
+  // Pack a logical W[N][K] read as src[n * sn + k * sk] into the packed layout, multiplied by scale.
+  void (*pack)(DType compute, const void* src, DType src_dtype, ptrdiff_t sn, ptrdiff_t sk, int N, int K, void* dst);
+  void (*forward_item)(DType compute, const Plan& plan, int phase, size_t item, int worker);
+  void (*backward_item)(DType compute, const Plan& plan, int phase, size_t item, int worker);
+};
+
+}  // namespace kt

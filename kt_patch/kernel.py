@@ -1,0 +1,218 @@
+"""The Python entry point over the C++ expert kernel: torch CPU tensors in and out.
+
+One :class:`ExpertKernel` holds one MoE layer's routed experts (frozen, packed for the chosen ISA backend) and runs
+their forward and backward, LoRA on the experts included. LoRA factors are given in the layout PEFT's
+``ParamWrapper`` uses on fused experts and are read in place at every call, so optimizer updates are seen without
+any copy::
+
+    kernel = ExpertKernel(experts.gate_up_proj, experts.down_proj, name="layers.3.mlp")
+    kernel.set_lora(gate_up=(A_gu, B_gu, scaling), down=(A_d, B_d, scaling))
+    y, ctx = kernel.forward(x, topk_ids, topk_weights, save_for_backward=True)
+    dx, dw = kernel.backward(ctx, dy, lora_grads)      # lora_grads: fp32 buffers, added into
+
+``submit_forward`` / ``submit_backward`` return at once; ``.wait()`` on the result blocks (without the GIL and
+without spinning) until the CPU is done, so the caller can keep the GPU busy meanwhile.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _C
+from . import options as _options
+
+LORA_GRAD_NAMES = ("gate_up_A", "gate_up_B", "down_A", "down_B")
+_DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
+
+
+def supported_isas() -> list[str]:
+    """ISA backends this CPU runs, best first."""
+    return list(_C.supported_isas())
+
+
+def live_contexts() -> int:
+    """Forward contexts (activation caches kept for a backward) alive in the process."""
+    return int(_C.live_contexts())
+
+
+class _Pending:
+    """A submitted kernel call; keeps its tensors alive until waited for."""
+
+    def __init__(self, handle, result, keep):
+        self._handle, self._result, self._keep = handle, result, keep
+
+    def wait(self):
+        ctx = self._handle.wait()
+        self._keep = None
+        return self._result(ctx)
+
+
+class ExpertKernel:
+    """The routed experts of one MoE layer in the C++ kernel.
+
+    ``gate_up_proj`` [E, 2I, H] (gate rows first) and ``down_proj`` [E, H, I] are the transformers 5.x fused expert
+    weights, bf16 (fast path) or fp32 (exact path). They are copied into kernel memory; the caller may free them.
+    """
+
+    def __init__(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, *, name: str = "moe",
+                 isa: Optional[str] = None, threads: Optional[int] = None):
+        if gate_up_proj.dim() != 3 or down_proj.dim() != 3:
+            raise ValueError(f"{name}: expert weights must be 3-D, got gate_up_proj {tuple(gate_up_proj.shape)} "
+                             f"and down_proj {tuple(down_proj.shape)}")
+        E, two_i, H = gate_up_proj.shape
+        if two_i % 2 or down_proj.shape != (E, H, two_i // 2):
+            raise ValueError(f"{name}: expected gate_up_proj [E, 2I, H] and down_proj [E, H, I], got "
+                             f"{tuple(gate_up_proj.shape)} and {tuple(down_proj.shape)}")
+        if gate_up_proj.dtype != down_proj.dtype or gate_up_proj.dtype not in _DTYPES:
+            raise ValueError(f"{name}: expert weights must both be bfloat16 or float32, got {gate_up_proj.dtype} "
+                             f"and {down_proj.dtype}")
+        opts = None if isa is not None and threads is not None else _options.resolve()
+        self.name = name
+        self.num_experts, self.hidden_size, self.intermediate_size = E, H, two_i // 2
+        self.dtype = gate_up_proj.dtype
+        gu = gate_up_proj.detach().to("cpu").contiguous()
+        dn = down_proj.detach().to("cpu").contiguous()
+        self._layer = _C.MoELayer(name, E, H, self.intermediate_size, gu.data_ptr(), dn.data_ptr(),
+                                  _DTYPES[self.dtype], isa or opts.isa, threads or opts.threads)
+        self._lora = {"gate_up": None, "down": None}
+
+    @property
+    def isa(self) -> str:
+        return self._layer.isa
+
+    @property
+    def threads(self) -> int:
+        return self._layer.threads
+
+    @property
+    def weight_bytes(self) -> int:
+        return self._layer.weight_bytes
+
+    def export_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen weights back in the transformers layout (for saving a base checkpoint)."""
+        E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
+        gate_up = torch.empty(E, 2 * I, H, dtype=self.dtype)
+        down = torch.empty(E, H, I, dtype=self.dtype)
+        self._layer.export_weights(gate_up.data_ptr(), down.data_ptr())
+        return gate_up, down
+
+    # ------------------------------------------------------------------------------------------------ LoRA
+    def set_lora(self, gate_up=None, down=None):
+        """Reference (not copy) the LoRA factors: ``(A, B, scaling)`` tuples in PEFT layout, or None for no LoRA."""
+        E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
+        self._lora = {"gate_up": self._check_lora("gate_up", gate_up, H, 2 * I),
+                      "down": self._check_lora("down", down, I, H)}
+
+    def _check_lora(self, which, factors, in_features, out_features):
+        if factors is None:
+            return None
+        A, B, scaling = factors
+        E = self.num_experts
+        rank = A.shape[0] // E if A.dim() == 2 else -1
+        if (A.dim() != 2 or B.dim() != 2 or A.shape[0] % E or rank < 1 or A.shape[1] != in_features
+                or tuple(B.shape) != (out_features, rank * E)):
+            raise ValueError(f"{self.name}: {which} LoRA factors must be A [E*r, {in_features}] and "
+                             f"B [{out_features}, E*r] with E={E}; got A {tuple(A.shape)} and B {tuple(B.shape)}")
+        for t, n in ((A, "A"), (B, "B")):
+            if t.device.type != "cpu" or t.dtype not in _DTYPES or not t.is_contiguous():
+                raise ValueError(f"{self.name}: {which} LoRA factor {n} must be a contiguous bfloat16/float32 CPU "
+                                 f"tensor, got {t.dtype} on {t.device}, contiguous={t.is_contiguous()}")
+        if A.dtype != B.dtype:
+            raise ValueError(f"{self.name}: {which} LoRA factors differ in dtype ({A.dtype} vs {B.dtype})")
+        return A, B, float(scaling), rank
+
+    def _lora_args(self, which):
+        entry = self._lora[which]
+        if entry is None:
+            return (0, 0, "f32", 0, 0.0)
+        A, B, scaling, rank = entry
+        return (A.data_ptr(), B.data_ptr(), _DTYPES[A.dtype], rank, scaling)
+
+    def lora_ranks(self) -> tuple[int, int]:
+        return tuple(0 if self._lora[w] is None else self._lora[w][3] for w in ("gate_up", "down"))
+
+    def new_lora_grads(self) -> dict:
+        """Zeroed fp32 gradient buffers for the current LoRA factors, in PEFT layout."""
+        grads = {}
+        for which in ("gate_up", "down"):
+            if self._lora[which] is not None:
+                A, B, _, _ = self._lora[which]
+                grads[f"{which}_A"] = torch.zeros(A.shape, dtype=torch.float32)
+                grads[f"{which}_B"] = torch.zeros(B.shape, dtype=torch.float32)
+        return grads
+
+    # ------------------------------------------------------------------------------------------------ compute
+    def _check_tokens(self, x, what="x"):
+        if x.dim() != 2 or x.shape[1] != self.hidden_size:
+            raise ValueError(f"{self.name}: {what} must be [T, {self.hidden_size}], got {tuple(x.shape)}")
+        if x.device.type != "cpu" or x.dtype not in _DTYPES:
+            raise ValueError(f"{self.name}: {what} must be a bfloat16/float32 CPU tensor, got {x.dtype} on {x.device}")
+        if not x.is_contiguous():
+            raise ValueError(f"{self.name}: {what} must be contiguous")
+
+    def submit_forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                       save_for_backward: bool = False) -> _Pending:
+        """Start the forward; ``.wait()`` returns ``(y, ctx)`` (ctx is None unless save_for_backward)."""
+        self._check_tokens(x)
+        T = x.shape[0]
+        if topk_ids.dim() != 2 or topk_ids.shape[0] != T or topk_weights.shape != topk_ids.shape:
+            raise ValueError(f"{self.name}: topk_ids and topk_weights must both be [T={T}, k], got "
+                             f"{tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}")
+        if topk_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"{self.name}: topk_ids must be an integer tensor, got {topk_ids.dtype}")
+        if not topk_weights.is_floating_point():
+            raise ValueError(f"{self.name}: topk_weights must be floating point, got {topk_weights.dtype}")
+        ids = topk_ids.to("cpu", torch.int64).contiguous()
+        weights = topk_weights.detach().to("cpu", torch.float32).contiguous()
+        y = torch.empty_like(x)
+        handle = self._layer.submit_forward(T, ids.shape[1], x.data_ptr(), _DTYPES[x.dtype], ids.data_ptr(),
+                                            weights.data_ptr(), y.data_ptr(), bool(save_for_backward),
+                                            self._lora_args("gate_up"), self._lora_args("down"))
+        keep = (x, ids, weights, y, self._lora)
+        return _Pending(handle, lambda ctx: (y, _Context(ctx, x.dtype, keep) if ctx is not None else None), keep)
+
+    def forward(self, x, topk_ids, topk_weights, save_for_backward: bool = False):
+        return self.submit_forward(x, topk_ids, topk_weights, save_for_backward).wait()
+
+    def submit_backward(self, ctx: "_Context", dy: torch.Tensor, lora_grads: Optional[dict] = None) -> _Pending:
+        """Start the backward of a saved forward; ``.wait()`` returns ``(dx, dw)``. LoRA grads are added into
+        ``lora_grads`` (fp32, PEFT layout, keys ``gate_up_A/B``, ``down_A/B`` for each LoRA the forward used)."""
+        if not isinstance(ctx, _Context):
+            raise ValueError(f"{self.name}: backward needs the context of a forward run with save_for_backward=True")
+        self._check_tokens(dy, "dy")
+        if dy.shape[0] != ctx.tokens or dy.dtype != ctx.dtype:
+            raise ValueError(f"{self.name}: dy must be [{ctx.tokens}, {self.hidden_size}] {ctx.dtype} like the "
+                             f"forward's x, got {tuple(dy.shape)} {dy.dtype}")
+        lora_grads = lora_grads or {}
+        used = ctx.lora_used
+        ptrs = []
+        for which in ("gate_up", "down"):
+            for part, idx in (("A", 0), ("B", 1)):
+                key = f"{which}_{part}"
+                if used[which] is None:
+                    ptrs.append(0)
+                    continue
+                g = lora_grads.get(key)
+                ref = used[which][idx]
+                if g is None or g.dtype != torch.float32 or g.shape != ref.shape or not g.is_contiguous() \
+                        or g.device.type != "cpu":
+                    raise ValueError(f"{self.name}: lora_grads[{key!r}] must be a contiguous fp32 CPU tensor of "
+                                     f"shape {tuple(ref.shape)}")
+                ptrs.append(g.data_ptr())
+        dx = torch.empty_like(dy)
+        dw = torch.empty(ctx.tokens, ctx.top_k, dtype=torch.float32)
+        handle = self._layer.submit_backward(ctx.handle, dy.data_ptr(), dx.data_ptr(), dw.data_ptr(), *ptrs)
+        return _Pending(handle, lambda _: (dx, dw), (ctx, dy, dx, dw, lora_grads))
+
+    def backward(self, ctx, dy, lora_grads=None):
+        return self.submit_backward(ctx, dy, lora_grads).wait()
+
+
+class _Context:
+    """What a forward kept for its backward (activations live in C++ until this object is freed)."""
+
+    def __init__(self, handle, dtype, keep):
+        self.handle, self.dtype = handle, dtype
+        self.tokens, self.top_k = handle.tokens, handle.top_k
+        self.lora_used = keep[4]

@@ -1,0 +1,122 @@
+"""The one validated options object.
+
+Precedence, highest first: ``enable(**kwargs)`` > ``KT_*`` environment variables > the ``"kt_patch"`` block of a
+DeepSpeed JSON > defaults. Every option has an environment variable ``KT_<NAME upper-cased>``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+ISAS = ("auto", "amx_bf16", "avx512_bf16", "avx2", "scalar")
+CHECKPOINT_POLICIES = ("recompute", "retain")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class OptionError(ValueError):
+    """An unknown option or a bad value."""
+
+
+def physical_cores_available() -> int:
+    """Physical cores in this process's affinity mask (SMT siblings counted once)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:
+        base = f"/sys/devices/system/cpu/cpu{cpu}/topology"
+        try:
+            with open(f"{base}/physical_package_id") as f:
+                pkg = f.read().strip()
+            with open(f"{base}/core_id") as f:
+                core = f.read().strip()
+            cores.add((pkg, core))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    return max(1, len(cores))
+
+
+def default_threads() -> int:
+    """All physical cores, less one for the thread that feeds the GPU when there is one."""
+    cores = physical_cores_available()
+    try:
+        import torch
+
+        feeds_gpu = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        feeds_gpu = False
+    return max(1, cores - 1) if feeds_gpu and cores > 2 else cores
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    threads: int = 0  # 0: default_threads()
+    isa: str = "auto"
+    checkpoint_policy: str = "recompute"
+    architectures: tuple[str, ...] = ("all",)
+    log_level: str = "INFO"
+    lora_experts: int = 0
+    lora_expert_intermediate_size: int = 64
+
+    def __post_init__(self):
+        _check_int(self, "threads", minimum=0)
+        _check_choice(self, "isa", ISAS)
+        _check_choice(self, "checkpoint_policy", CHECKPOINT_POLICIES)
+        _check_choice(self, "log_level", LOG_LEVELS)
+        _check_int(self, "lora_experts", minimum=0)
+        _check_int(self, "lora_expert_intermediate_size", minimum=1)
+        archs = self.architectures
+        if isinstance(archs, str):
+            archs = tuple(a.strip() for a in archs.split(",") if a.strip())
+        if not archs or not all(isinstance(a, str) for a in archs):
+            raise OptionError(f"kt_patch option 'architectures' must be 'all' or a list of family names, got {archs!r}")
+        object.__setattr__(self, "architectures", tuple(archs))
+        if self.threads == 0:
+            object.__setattr__(self, "threads", default_threads())
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Options)}
+
+
+def _check_choice(opts, name, allowed):
+    value = getattr(opts, name)
+    if name == "log_level" and isinstance(value, str):
+        value = value.upper()
+    elif isinstance(value, str):
+        value = value.lower()
+    if value not in allowed:
+        raise OptionError(f"kt_patch option {name!r} must be one of {', '.join(allowed)}; got {getattr(opts, name)!r}")
+    object.__setattr__(opts, name, value)
+
+
+def _check_int(opts, name, minimum):
+    value = getattr(opts, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise OptionError(f"kt_patch option {name!r} must be an integer >= {minimum}; got {value!r}")
+
+
+def _coerce(name: str, raw: str) -> Any:
+    """Turn an environment string into the option's type."""
+    if FIELDS[name].type in ("int", int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise OptionError(f"environment variable KT_{name.upper()} must be an integer; got {raw!r}") from None
+    return raw
+
+
+def env_options(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    environ = os.environ if environ is None else environ
+    return {name: _coerce(name, environ[f"KT_{name.upper()}"]) for name in FIELDS if f"KT_{name.upper()}" in environ}
+
+
+def resolve(kwargs: Mapping[str, Any] | None = None, deepspeed_block: Mapping[str, Any] | None = None,
+            environ: Mapping[str, str] | None = None) -> Options:
+    """Merge the sources by precedence and validate; unknown names are errors that list the known ones."""
+    merged: dict[str, Any] = {}
+    for source, values in (("DeepSpeed 'kt_patch' block", deepspeed_block or {}), ("environment", env_options(environ)),
+                           ("enable()", kwargs or {})):
+        unknown = sorted(set(values) - set(FIELDS))
+        if unknown:
+            raise OptionError(f"unknown kt_patch option(s) {unknown} in {source}; known options: {', '.join(FIELDS)}")
+        merged.update(values)
+    return Options(**merged)

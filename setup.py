@@ -1,0 +1,37 @@
+"""Builds kt_patch and its C++ kernel. Each ISA backend is compiled with its own flags; the rest of the extension
+targets the baseline ISA, and the backend is chosen at run time (never -march=native)."""
+import platform
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import setup
+
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+BACKEND_FLAGS = {
+    "csrc/backends/avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
+    "csrc/backends/avx512_bf16.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16",
+                                      "-mfma", "-mavx2"],
+} if X86 else {}
+
+
+class BuildExt(build_ext):
+    """Adds the per-file ISA flags of BACKEND_FLAGS when compiling those sources."""
+
+    def build_extensions(self):
+        compile_one = self.compiler._compile
+
+        def _compile(obj, src, ext, cc_args, extra_postargs, pp_opts):
+            extra = [flag for path, flags in BACKEND_FLAGS.items() if src.replace("\\", "/").endswith(path)
+                     for flag in flags]
+            compile_one(obj, src, ext, cc_args, list(extra_postargs) + extra, pp_opts)
+
+        self.compiler._compile = _compile
+        super().build_extensions()
+
+
+sources = ["csrc/binding.cpp", "csrc/moe_layer.cpp", "csrc/thread_pool.cpp", "csrc/backends/scalar.cpp",
+           *BACKEND_FLAGS]
+setup(
+    ext_modules=[Pybind11Extension("kt_patch._C", sources, cxx_std=17, extra_compile_args=["-O3"],
+                                   define_macros=[("NDEBUG", "1")])],
+    cmdclass={"build_ext": BuildExt},
+)

@@ -1,0 +1,75 @@
+"""fp32 PyTorch reference of the routed-expert MoE with PEFT-layout LoRA, and random inputs for the kernel tests."""
+import torch
+import torch.nn.functional as F
+
+
+def lora_delta(x, A, B, scaling, e, E):
+    """scaling * B_e (A_e x) for the rows x, PEFT ParamWrapper layout (A rows e*r+j, B columns j*E+e)."""
+    r = A.shape[0] // E
+    A_e = A.view(E, r, -1)[e]
+    B_e = B.view(B.shape[0], r, E)[:, :, e]
+    return scaling * (x @ A_e.T) @ B_e.T
+
+
+def moe_forward(x, ids, w, gate_up, down, lora_gu=None, lora_dn=None):
+    """y[t] = sum_j w[t,j] expert_{ids[t,j]}(x[t]) with SwiGLU experts, all in the dtype of the inputs."""
+    E, two_i, _ = gate_up.shape
+    I = two_i // 2
+    y = torch.zeros_like(x)
+    for e in range(E):
+        tok, slot = torch.nonzero(ids == e, as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        xe = x[tok]
+        gu = xe @ gate_up[e].T
+        if lora_gu is not None:
+            gu = gu + lora_delta(xe, *lora_gu, e, E)
+        z = F.silu(gu[:, :I]) * gu[:, I:]
+        d = z @ down[e].T
+        if lora_dn is not None:
+            d = d + lora_delta(z, *lora_dn, e, E)
+        y = y.index_add(0, tok, d * w[tok, slot].unsqueeze(1))
+    return y
+
+
+def random_layer(E, H, I, r_gu, r_dn, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def rn(*shape, scale):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    weights = (rn(E, 2 * I, H, scale=H ** -0.5), rn(E, H, I, scale=I ** -0.5))
+    lora_gu = (rn(E * r_gu, H, scale=H ** -0.5), rn(2 * I, E * r_gu, scale=0.1), 2.0) if r_gu else None
+    lora_dn = (rn(E * r_dn, I, scale=I ** -0.5), rn(H, E * r_dn, scale=0.1), 0.5) if r_dn else None
+    return weights, lora_gu, lora_dn
+
+
+def random_batch(T, H, E, k, dtype, seed, distinct=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    if distinct:
+        ids = torch.rand(T, E, generator=g).argsort(dim=1)[:, :k]
+    else:
+        ids = torch.randint(0, E, (T, k), generator=g)
+    w = torch.rand(T, k, generator=g) + 0.1
+    dy = (torch.randn(T, H, generator=g) * 0.1).to(dtype)
+    return x, ids, w, dy
+
+
+def reference_grads(x, ids, w, dy, weights, lora_gu, lora_dn):
+    """fp32 outputs and gradients: y, dx, dw and the LoRA factor grads."""
+    f32 = lambda t: t.detach().float().clone().requires_grad_(True)
+    xr, wr = f32(x), f32(w)
+    gu = tuple(f32(t) for t in lora_gu[:2]) + (lora_gu[2],) if lora_gu else None
+    dn = tuple(f32(t) for t in lora_dn[:2]) + (lora_dn[2],) if lora_dn else None
+    y = moe_forward(xr, ids, wr, weights[0].float(), weights[1].float(), gu, dn)
+    y.backward(dy.float())
+    out = {"y": y.detach(), "dx": xr.grad, "dw": wr.grad}
+    for name, lora in (("gate_up", gu), ("down", dn)):
+        if lora:
+            out[f"{name}_A"], out[f"{name}_B"] = lora[0].grad, lora[1].grad
+    return out
+
+
+def rel_l2(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
