@@ -132,16 +132,6 @@ class ExpertKernel:
     def lora_ranks(self) -> tuple[int, int]:
         return tuple(0 if self._lora[w] is None else self._lora[w][3] for w in ("gate_up", "down"))
 
-    def new_lora_grads(self) -> dict:
-        """Zeroed fp32 gradient buffers for the current LoRA factors, in PEFT layout."""
-        grads = {}
-        for which in ("gate_up", "down"):
-            if self._lora[which] is not None:
-                A, B, _, _ = self._lora[which]
-                grads[f"{which}_A"] = torch.zeros(A.shape, dtype=torch.float32)
-                grads[f"{which}_B"] = torch.zeros(B.shape, dtype=torch.float32)
-        return grads
-
     # ------------------------------------------------------------------------------------------------ compute
     def _check_tokens(self, x, what="x"):
         if x.dim() != 2 or x.shape[1] != self.hidden_size:
@@ -216,3 +206,12 @@ class _Context:
         self.handle, self.dtype = handle, dtype
         self.tokens, self.top_k = handle.tokens, handle.top_k
         self.lora_used = keep[4]
+
+    def new_lora_grads(self) -> dict:
+        """Zeroed fp32 gradient buffers (PEFT layout) for the LoRA factors this forward used."""
+        grads = {}
+        for which, entry in self.lora_used.items():
+            if entry is not None:
+                grads[f"{which}_A"] = torch.zeros(entry[0].shape, dtype=torch.float32)
+                grads[f"{which}_B"] = torch.zeros(entry[1].shape, dtype=torch.float32)
+        return grads

@@ -72,4 +72,5 @@ def reference_grads(x, ids, w, dy, weights, lora_gu, lora_dn):
 
 
 def rel_l2(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
