@@ -81,3 +81,79 @@ def save(model_type: str, directory: str, seed: int = 0, **overrides) -> str:
     path = os.path.join(directory, model_type)
     build(model_type, seed=seed, **overrides).save_pretrained(path)
     return path
+
+
+def lora_config(model_type: str, variant: str = "parameters"):
+    """LoRA on attention output and on the routed experts, in the form a user of that family would write it.
+
+    ``parameters``: explicit ``target_parameters``; ``names``: the per-expert names PEFT rewrites to fused parameters
+    (gate/up/down or w1/w2/w3); ``all-linear``: PEFT's shorthand (also puts LoRA on the router).
+    """
+    from peft import LoraConfig
+
+    if variant == "all-linear":
+        return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    if variant == "names":
+        names = ["w1", "w2", "w3"] if model_type in ("mixtral", "minimax") else ["gate_proj", "up_proj", "down_proj"]
+        return LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj", *names])
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"],
+                      target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+
+
+def train(checkpoint: str, model_type: str, out_dir: str, *, dtype=torch.float32, steps: int = 10, variant="parameters"):
+    """Fine-tune LoRA with AdamW on fixed random tokens; saves the adapter and returns losses, step-2 LoRA gradients
+    and the trained model's logits on fixed evaluation tokens."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype),
+                           lora_config(model_type, variant))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    data = torch.Generator().manual_seed(1)
+    losses, grads = [], {}
+    for step in range(steps):
+        ids = torch.randint(3, COMMON["vocab_size"], (2, 16), generator=data)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if step == 1:
+            grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    model.save_pretrained(out_dir)
+    with torch.no_grad():
+        logits = model(input_ids=evaluation_tokens()).logits.float()
+    return {"losses": losses, "grads": grads, "logits": logits}
+
+
+def evaluation_tokens():
+    return torch.randint(3, COMMON["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(2))
+
+
+def main(argv=None):
+    """``python tests/tiny_models.py OUT_DIR [--patched] [--bf16] [--variant V] TYPE...``: one process per run, so that
+    patched and stock runs share nothing; writes OUT_DIR/<type>/{adapter files, result.pt}."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out_dir")
+    parser.add_argument("model_types", nargs="+")
+    parser.add_argument("--patched", action="store_true")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--variant", default="parameters")
+    parser.add_argument("--checkpoints", required=True)
+    args = parser.parse_args(argv)
+    if args.patched:
+        import kt_patch
+
+        kt_patch.enable()
+    for model_type in args.model_types:
+        out = os.path.join(args.out_dir, model_type)
+        result = train(os.path.join(args.checkpoints, model_type), model_type, out,
+                       dtype=torch.bfloat16 if args.bf16 else torch.float32, variant=args.variant)
+        torch.save(result, os.path.join(out, "result.pt"))
+
+
+if __name__ == "__main__":
+    main()

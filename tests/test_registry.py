@@ -1,0 +1,106 @@
+"""Each registry family, patched, computes what its stock block computes (fp32): same expert ids, outputs and
+gradients (input, router weight through the routing weights, shared experts) to 1e-4 relative L2."""
+import logging
+
+import pytest
+import torch
+
+import tiny_models
+from kt_patch import registry
+from kt_patch.layer import KtMoeLayer, is_placeholder
+from kt_patch.options import resolve
+from kt_patch.patcher import patch_model
+
+SUPPORTED = [t for t in tiny_models.FAMILIES if t != "gpt_oss"]
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def record_router_ids(model, store):
+    for module in model.modules():
+        if type(module).__name__.endswith(("Router", "Gate")) and hasattr(module, "top_k"):
+            module.register_forward_hook(lambda m, i, out: store.append(out[2].clone()))
+
+
+def test_every_tiny_family_has_one_entry():
+    by_name = {f.name: f for f in registry.FAMILIES}
+    assert sorted(by_name) == sorted(tiny_models.FAMILIES)
+    for model_type in tiny_models.FAMILIES:
+        model = tiny_models.build(model_type)
+        found = {registry.family_of(m) for m in model.modules()} - {None}
+        assert found == {by_name[model_type]}
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED)
+def test_patched_block_matches_stock(model_type):
+    stock, patched = tiny_models.build(model_type, seed=3), tiny_models.build(model_type, seed=3)
+    summary = patch_model(patched, resolve({}))
+    assert summary is not None and summary.layers == 2 and summary.experts == 16
+    assert sum(isinstance(m, KtMoeLayer) for m in patched.modules()) == 2
+    for name, param in patched.named_parameters():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            assert is_placeholder(param) and param.untyped_storage().nbytes() <= 4, name
+
+    ids_stock, ids_patched = [], []
+    record_router_ids(stock, ids_stock)
+    record_router_ids(patched, ids_patched)
+    torch.manual_seed(7)
+    embeds = torch.randn(3, 10, 64)
+    outs = []
+    for model in (stock, patched):
+        x = embeds.clone().requires_grad_()
+        out = model(inputs_embeds=x).logits
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        outs.append((out, x.grad))
+    assert len(ids_stock) == len(ids_patched) == 2
+    for a, b in zip(ids_stock, ids_patched):
+        assert torch.equal(a, b)
+    assert rel(outs[1][0], outs[0][0]) < 1e-4
+    assert rel(outs[1][1], outs[0][1]) < 1e-4
+    stock_grads = {n: p.grad for n, p in stock.named_parameters() if p.grad is not None}
+    patched_grads = {n: p.grad for n, p in patched.named_parameters() if p.grad is not None}
+    routed = {n for n in stock_grads if n.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+    assert set(patched_grads) == set(stock_grads) - routed  # base expert weights are frozen in the kernel
+    router_grads = [n for n in patched_grads if ".gate." in n or ".router." in n or n.endswith((".gate.weight",
+                                                                                                ".router.weight"))]
+    assert router_grads, "routing weights must carry gradient into the router"
+    for name, grad in patched_grads.items():
+        assert rel(grad, stock_grads[name]) < 1e-4, name
+
+
+def test_unsupported_experts_leave_model_untouched(caplog):
+    model = tiny_models.build("gpt_oss")
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with caplog.at_level(logging.INFO, logger="kt_patch"):
+        assert patch_model(model, resolve({})) is None
+    assert not any(isinstance(m, KtMoeLayer) for m in model.modules())
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+    assert [r.getMessage() for r in caplog.records if "left untouched" in r.getMessage()] != []
+    assert "gpt_oss_swiglu" in caplog.text
+
+
+def test_half_precision_experts_are_refused(caplog):
+    model = tiny_models.build("qwen3_moe").half()
+    with caplog.at_level(logging.INFO, logger="kt_patch"):
+        assert patch_model(model, resolve({})) is None
+    assert "torch.float16" in caplog.text
+    assert not any(isinstance(m, KtMoeLayer) for m in model.modules())
+
+
+def test_architectures_option_filters_families(caplog):
+    model = tiny_models.build("mixtral")
+    with caplog.at_level(logging.INFO, logger="kt_patch"):
+        assert patch_model(model, resolve({"architectures": "qwen3_moe"})) is None
+    assert "mixtral" in caplog.text and not any(isinstance(m, KtMoeLayer) for m in model.modules())
+
+
+def test_register_adds_a_family():
+    family = registry.MoeFamily("my_moe", "MyMoeBlock")
+    try:
+        registry.register(family)
+        assert registry.family_of(type("MyMoeBlock", (torch.nn.Module,), {})()) is family
+    finally:
+        registry.FAMILIES.remove(family)
+        registry._BY_BLOCK_CLASS.pop("MyMoeBlock")
