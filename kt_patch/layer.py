@@ -93,8 +93,7 @@ class KtMoeLayer(nn.Module):
         tokens = hidden_states.reshape(-1, shape[-1])
         _, routing_weights, expert_ids = getattr(self, self.family.router)(tokens)
 
-        lora_factors = self._sync_expert_lora()
-        output = expert_forward(self.kernel, tokens, expert_ids, routing_weights, lora_factors)
+        output = expert_forward(self.kernel, tokens, expert_ids, routing_weights, *self.expert_lora())
 
         if self.family.shared_expert is not None:
             shared = getattr(self, self.family.shared_expert)(tokens)
@@ -106,21 +105,17 @@ class KtMoeLayer(nn.Module):
         output = output.reshape(shape)
         return (output, routing_weights) if self.family.returns_router_scores else output
 
-    def _sync_expert_lora(self) -> tuple:
-        """Point the kernel at the active PEFT expert-LoRA factors; returns them for autograd.
+    def expert_lora(self) -> tuple:
+        """``(gate_up, down)`` factors ``(A, B, scaling)`` of the active PEFT adapter on the routed experts.
 
-        Called on every forward: the kernel only references the factors, and PEFT may have switched, disabled or
-        re-created adapters since the last step.
+        Looked up on every forward: PEFT may have switched, disabled or re-created adapters since the last step.
         """
         experts = self._modules[self.family.experts]
         if not hasattr(experts, "base_layer"):
-            self.kernel.set_lora(None, None)
-            return ()
+            return None, None
         from .integrations.peft import active_expert_lora
 
-        gate_up, down = active_expert_lora(experts)
-        self.kernel.set_lora(gate_up, down)
-        return tuple(t for factors in (gate_up, down) if factors is not None for t in factors[:2])
+        return active_expert_lora(experts)
 
     def base_experts(self) -> nn.Module:
         """The stock experts module, under any PEFT wrappers."""
@@ -155,7 +150,7 @@ def export_expert_weights(experts: nn.Module, kernel):
         if getattr(_export, "skip", False):
             return state_dict
         if all(name in state_dict and is_placeholder(state_dict[name]) for name in names):
-            state_dict[names[0]], state_dict[names[1]] = kernel.weights()
+            state_dict[names[0]], state_dict[names[1]] = kernel.export_weights()
         return state_dict
 
     return experts._register_state_dict_hook(hook)

@@ -89,7 +89,7 @@ def _replace_blocks(model, blocks, options: Options, kernel_class) -> PatchSumma
     except BaseException:
         for parent, child_name, block, experts, kernel, hook in reversed(swapped):
             hook.remove()
-            for attr, weight in zip(EXPERT_WEIGHTS, kernel.weights()):
+            for attr, weight in zip(EXPERT_WEIGHTS, kernel.export_weights()):
                 setattr(experts, attr, nn.Parameter(weight, requires_grad=False))
             setattr(parent, child_name, block)
         raise
