@@ -126,6 +126,10 @@ void ThreadPool::worker_main(int id) {
     }
     run_job(*job, id);
     if (id == 0) {
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        current_.reset();  // the job (and what it holds) dies with its last user, not with the next job
+      }
       try {
         if (!failed_) job->finish();
       } catch (...) {

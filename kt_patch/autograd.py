@@ -32,7 +32,10 @@ class _ExpertFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        kctx = ctx.kctx
+        kctx, ctx.kctx = ctx.kctx, None  # the activations go now, not when the graph object is collected
+        if kctx is None:
+            raise RuntimeError(f"{ctx.kernel.name}: the expert activations were already used by a backward; "
+                               "kt_patch expert nodes do not support retain_graph=True")
         grads = kctx.new_lora_grads()
         dx, dw = ctx.kernel.backward(kctx, dy.detach().to("cpu", kctx.dtype).contiguous(), grads)
         lora_out = []

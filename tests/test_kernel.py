@@ -1,0 +1,250 @@
+"""The C++ expert kernel against an fp32 PyTorch reference, on every ISA backend this CPU runs.
+
+Tolerances (relative L2): 1e-5 with fp32 weights, 1e-2 with bf16 weights. Inputs are fresh random draws (seeded
+from the test id plus a per-run random offset, printed on failure).
+"""
+import random
+
+import pytest
+import torch
+
+from kt_patch import _C
+from kt_patch.autograd import expert_forward
+from kt_patch.kernel import ExpertKernel, live_contexts, supported_isas
+from moe_reference import random_batch, random_layer, reference_grads, rel_l2
+
+ISAS = supported_isas()
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+RUN_SEED = random.randrange(1 << 20)
+
+
+def seed(*parts):
+    return (hash(parts) + RUN_SEED) % (1 << 31)
+
+
+def run_kernel(kernel, x, ids, w, dy, lora_gu, lora_dn, grads=None):
+    kernel.set_lora(lora_gu, lora_dn)
+    y, ctx = kernel.forward(x, ids, w, save_for_backward=True)
+    grads = ctx.new_lora_grads() if grads is None else grads
+    dx, dw = kernel.backward(ctx, dy, grads)
+    return {"y": y, "dx": dx, "dw": dw, **grads}
+
+
+def assert_close(got, ref, tol, note=""):
+    assert set(ref) <= set(got), f"missing outputs {set(ref) - set(got)}"
+    errs = {n: rel_l2(got[n], ref[n]) for n in ref}
+    bad = {n: e for n, e in errs.items() if not e <= tol}
+    assert not bad, f"rel L2 above {tol} {note} (run seed {RUN_SEED}): {bad}; all: {errs}"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T,k,ranks", [(1, 8, (8, 8)), (7, 2, (0, 0)), (7, 8, (16, 8)), (513, 1, (8, 16)),
+                                       (513, 8, (0, 8))])
+def test_matches_fp32_reference(isa, dtype, T, k, ranks):
+    E, H, I = 16, 72, 40  # neither a multiple of 32; with T = 1 most experts get no token
+    # (dw of a single slot is one dot product whose bf16 error is unbounded relative to it, hence k > 1 at T = 1)
+    weights, lora_gu, lora_dn = random_layer(E, H, I, *ranks, dtype, seed("w", isa, T, k))
+    x, ids, w, dy = random_batch(T, H, E, k, dtype, seed("x", isa, T, k))
+    kernel = ExpertKernel(*weights, isa=isa, threads=2)
+    got = run_kernel(kernel, x, ids, w, dy, lora_gu, lora_dn)
+    assert got["y"].dtype == dtype and got["dx"].dtype == dtype
+    assert_close(got, reference_grads(x, ids, w, dy, weights, lora_gu, lora_dn), TOL[dtype], f"{isa} T={T} k={k}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_same_expert_twice_for_a_token_is_summed(isa):
+    E, H, I, T, k = 4, 48, 32, 64, 4
+    weights, lora_gu, lora_dn = random_layer(E, H, I, 4, 4, torch.float32, seed("dup", isa))
+    x, ids, w, dy = random_batch(T, H, E, k, torch.float32, seed("dupx", isa), distinct=False)
+    assert (ids.sort(dim=1).values.diff(dim=1) == 0).any(), "the draw must repeat an expert within a token"
+    got = run_kernel(ExpertKernel(*weights, isa=isa, threads=2), x, ids, w, dy, lora_gu, lora_dn)
+    assert_close(got, reference_grads(x, ids, w, dy, weights, lora_gu, lora_dn), 1e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_empty_batch(isa):
+    weights, lora_gu, lora_dn = random_layer(4, 32, 16, 4, 4, torch.bfloat16, 0)
+    kernel = ExpertKernel(*weights, isa=isa, threads=2)
+    kernel.set_lora(lora_gu, lora_dn)
+    x = torch.empty(0, 32, dtype=torch.bfloat16)
+    y, ctx = kernel.forward(x, torch.empty(0, 2, dtype=torch.int64), torch.empty(0, 2), save_for_backward=True)
+    grads = ctx.new_lora_grads()
+    dx, dw = kernel.backward(ctx, torch.empty(0, 32, dtype=torch.bfloat16), grads)
+    assert y.shape == (0, 32) and dx.shape == (0, 32) and dw.shape == (0, 2)
+    assert all(float(g.abs().sum()) == 0 for g in grads.values())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_outputs_are_fully_written(isa):
+    """Call the binding with NaN-poisoned outputs: every element must be overwritten."""
+    E, H, I, T, k = 8, 40, 24, 37, 3
+    weights, lora_gu, lora_dn = random_layer(E, H, I, 4, 4, torch.float32, seed("poison", isa))
+    x, ids, w, dy = random_batch(T, H, E, k, torch.float32, seed("poisonx", isa))
+    ids = ids.contiguous()
+    kernel = ExpertKernel(*weights, isa=isa, threads=2)
+    kernel.set_lora(lora_gu, lora_dn)
+    y = torch.full((T, H), float("nan"))
+    handle = kernel._layer.submit_forward(T, k, x.data_ptr(), "f32", ids.data_ptr(), w.data_ptr(), y.data_ptr(),
+                                          True, kernel._lora_args("gate_up"), kernel._lora_args("down"))
+    ctx = handle.wait()
+    dx, dw = torch.full((T, H), float("nan")), torch.full((T, k), float("nan"))
+    grads = {n: torch.zeros_like(g) for n, g in zip(("a", "b", "c", "d"), (*lora_gu[:2], *lora_dn[:2]))}
+    kernel._layer.submit_backward(ctx, dy.data_ptr(), dx.data_ptr(), dw.data_ptr(),
+                                  *(g.data_ptr() for g in grads.values())).wait()
+    ref = reference_grads(x, ids, w, dy, weights, lora_gu, lora_dn)
+    assert_close({"y": y, "dx": dx, "dw": dw}, {n: ref[n] for n in ("y", "dx", "dw")}, 1e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_gradient_accumulation_over_micro_batches(isa):
+    E, H, I, k = 8, 48, 32, 2
+    weights, lora_gu, lora_dn = random_layer(E, H, I, 4, 4, torch.float32, seed("acc", isa))
+    kernel = ExpertKernel(*weights, isa=isa, threads=2)
+    grads, expect = None, {}
+    for step in range(3):
+        x, ids, w, dy = random_batch(11 + step, H, E, k, torch.float32, seed("acc", isa, step))
+        out = run_kernel(kernel, x, ids, w, dy, lora_gu, lora_dn, grads)
+        grads = {n: out[n] for n in ("gate_up_A", "gate_up_B", "down_A", "down_B")}
+        ref = reference_grads(x, ids, w, dy, weights, lora_gu, lora_dn)
+        for n in grads:
+            expect[n] = expect.get(n, 0) + ref[n]
+    assert_close(grads, expect, 1e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_lora_factors_changed_in_place_are_seen(isa):
+    E, H, I, T, k = 8, 48, 32, 19, 2
+    weights, lora_gu, lora_dn = random_layer(E, H, I, 4, 4, torch.float32, seed("inplace", isa))
+    kernel = ExpertKernel(*weights, isa=isa, threads=2)
+    x, ids, w, dy = random_batch(T, H, E, k, torch.float32, seed("inplacex", isa))
+    kernel.set_lora(lora_gu, lora_dn)
+    y0, _ = kernel.forward(x, ids, w)
+    g = torch.Generator().manual_seed(seed("step", isa))
+    for t in (*lora_gu[:2], *lora_dn[:2]):  # what an optimizer step does
+        t.add_(torch.randn(t.shape, generator=g) * 0.05)
+    y1, _ = kernel.forward(x, ids, w)
+    ref = reference_grads(x, ids, w, dy, weights, lora_gu, lora_dn)
+    assert rel_l2(y1, ref["y"]) <= 1e-5
+    assert rel_l2(y0, ref["y"]) > 1e-3
+
+
+def test_concurrent_layers_in_flight():
+    isa = ISAS[0]
+    layers, batches = [], []
+    for i in range(3):
+        weights, lora_gu, lora_dn = random_layer(8, 40, 24, 4, 4, torch.float32, seed("conc", i))
+        kernel = ExpertKernel(*weights, isa=isa, threads=2)
+        kernel.set_lora(lora_gu, lora_dn)
+        layers.append((kernel, weights, lora_gu, lora_dn))
+        batches.append(random_batch(29, 40, 8, 2, torch.float32, seed("concx", i)))
+    pending = [k.submit_forward(x, ids, w, True) for (k, *_), (x, ids, w, _) in zip(layers, batches)]
+    results = [p.wait() for p in pending]
+    back = [k.submit_backward(ctx, b[3], ctx.new_lora_grads()) for (k, *_), (_, ctx), b in
+            zip(layers, results, batches)]
+    for (kernel, weights, lora_gu, lora_dn), (y, _), b, p in zip(layers, results, batches, back):
+        dx, dw = p.wait()
+        ref = reference_grads(*b, weights, lora_gu, lora_dn)
+        assert_close({"y": y, "dx": dx, "dw": dw}, {n: ref[n] for n in ("y", "dx", "dw")}, 1e-5)
+
+
+def test_autograd_node_gives_ordinary_grads():
+    E, H, I, T, k = 8, 48, 32, 21, 2
+    weights, lora_gu, lora_dn = random_layer(E, H, I, 4, 4, torch.float32, seed("autograd"))
+    x, ids, w, dy = random_batch(T, H, E, k, torch.float32, seed("autogradx"))
+    kernel = ExpertKernel(*weights, threads=2)
+    params = [torch.nn.Parameter(t.clone()) for t in (*lora_gu[:2], *lora_dn[:2])]
+    xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    for _ in range(2):  # two micro-batches accumulate into .grad like any parameter
+        y = expert_forward(kernel, xr, ids, wr, (params[0], params[1], lora_gu[2]), (params[2], params[3], lora_dn[2]))
+        y.backward(dy)
+    ref = reference_grads(x, ids, w, dy, weights, lora_gu, lora_dn)
+    got = {"dx": xr.grad / 2, "dw": wr.grad / 2}
+    got.update({n: p.grad / 2 for n, p in zip(("gate_up_A", "gate_up_B", "down_A", "down_B"), params)})
+    assert_close(got, {n: ref[n] for n in got}, 1e-5)
+    assert live_contexts() == 0
+
+
+def test_contexts_are_freed():
+    weights, lora_gu, lora_dn = random_layer(4, 32, 16, 4, 4, torch.float32, 1)
+    kernel = ExpertKernel(*weights, threads=2)
+    kernel.set_lora(lora_gu, lora_dn)
+    x, ids, w, _ = random_batch(9, 32, 4, 2, torch.float32, 2)
+    before = live_contexts()
+    _, ctx = kernel.forward(x, ids, w, save_for_backward=True)
+    assert live_contexts() == before + 1
+    del ctx
+    kernel.forward(x, ids, w)
+    assert live_contexts() == before
+
+
+def test_export_weights_round_trip():
+    weights, _, _ = random_layer(4, 40, 24, 0, 0, torch.bfloat16, 3)
+    gate_up, down = ExpertKernel(*weights, threads=1).export_weights()
+    assert torch.equal(gate_up, weights[0]) and torch.equal(down, weights[1])
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+@pytest.fixture
+def kernel():
+    weights, lora_gu, lora_dn = random_layer(4, 32, 16, 4, 4, torch.float32, 4)
+    k = ExpertKernel(*weights, name="layers.0.mlp", threads=1)
+    k.set_lora(lora_gu, lora_dn)
+    return k
+
+
+def test_expert_id_out_of_range_names_layer_and_token(kernel):
+    x, ids, w, _ = random_batch(5, 32, 4, 2, torch.float32, 5)
+    ids[3, 1] = 4
+    with pytest.raises(ValueError, match=r"layers\.0\.mlp: expert id 4 at token 3, slot 1 is out of range \[0, 4\)"):
+        kernel.forward(x, ids, w)
+    ids[3, 1] = -1
+    with pytest.raises(ValueError, match="expert id -1"):
+        kernel.forward(x, ids, w)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda x, ids, w: (x[:, :16], ids, w), r"x must be \[T, 32\]"),
+    (lambda x, ids, w: (x.half(), ids, w), "x must be a bfloat16/float32 CPU tensor"),
+    (lambda x, ids, w: (torch.randn(32, 5).T, ids, w), "x must be contiguous"),
+    (lambda x, ids, w: (x, ids[:, :1], w), "topk_ids and topk_weights must both be"),
+    (lambda x, ids, w: (x, ids.float(), w), "topk_ids must be an integer tensor"),
+])
+def test_bad_inputs_raise_clear_errors(kernel, change, message):
+    x, ids, w, _ = random_batch(5, 32, 4, 2, torch.float32, 6)
+    with pytest.raises(ValueError, match=message):
+        kernel.forward(*change(x, ids, w))
+
+
+def test_bad_weights_and_lora_raise(kernel):
+    with pytest.raises(ValueError, match=r"gate_up_proj \[E, 2I, H\]"):
+        ExpertKernel(torch.randn(4, 31, 8), torch.randn(4, 8, 15))
+    with pytest.raises(ValueError, match="bfloat16 or float32"):
+        ExpertKernel(torch.randn(4, 32, 8).half(), torch.randn(4, 8, 16).half())
+    with pytest.raises(ValueError, match=r"down LoRA factors must be A \[E\*r, 16\]"):
+        kernel.set_lora(None, (torch.randn(8, 15), torch.randn(32, 8), 1.0))
+
+
+def test_backward_needs_a_saved_forward(kernel):
+    x, ids, w, dy = random_batch(5, 32, 4, 2, torch.float32, 7)
+    _, ctx = kernel.forward(x, ids, w, save_for_backward=False)
+    assert ctx is None
+    with pytest.raises(ValueError, match="save_for_backward=True"):
+        kernel.backward(ctx, dy)
+    _, ctx = kernel.forward(x, ids, w, save_for_backward=True)
+    with pytest.raises(ValueError, match=r"lora_grads\['gate_up_A'\]"):
+        kernel.backward(ctx, dy, {})
+
+
+def test_unknown_or_unavailable_isa_is_an_error():
+    weights, _, _ = random_layer(2, 16, 16, 0, 0, torch.float32, 8)
+    with pytest.raises(ValueError, match="ISA 'sse9' is not available on this CPU; available: auto"):
+        ExpertKernel(*weights, isa="sse9", threads=1)
+
+
+def test_isa_override_from_environment(monkeypatch):
+    weights, _, _ = random_layer(2, 16, 16, 0, 0, torch.float32, 9)
+    monkeypatch.setenv("KT_ISA", "scalar")
+    assert ExpertKernel(*weights).isa == "scalar"
+    assert ExpertKernel(*weights, isa=ISAS[0], threads=1).isa == ISAS[0]
+    assert "scalar" in _C.supported_isas()
