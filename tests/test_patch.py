@@ -1,0 +1,207 @@
+"""Activation (enable before/after imports, disable, KT_ENABLE=1 through the .pth line, options) and what a patched
+model keeps from the stock one: from_pretrained / from_config entry points, checkpoints, router logits, checkpointing,
+host residency of the routed experts."""
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import kt_patch
+import tiny_models
+from kt_patch.layer import KtMoeLayer, is_placeholder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny")
+    for model_type in ("qwen3_moe", "mixtral", "deepseek_v3"):
+        tiny_models.save(model_type, str(directory))
+    return str(directory)
+
+
+@pytest.fixture
+def enabled():
+    kt_patch.enable()
+    yield
+    kt_patch.disable()
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def run_python(code: str, env_extra=None, timeout=240):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KT_")}
+    env.update(env_extra or {})
+    env["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "tests"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+LOAD_AND_REPORT = """
+    from transformers import AutoModelForCausalLM
+    from peft import LoraConfig
+    model = AutoModelForCausalLM.from_pretrained({path!r})
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["o_proj"],
+                                target_parameters=["experts.gate_up_proj", "experts.down_proj"]))
+    layers = [m for m in peft_model.modules() if type(m).__name__ == "KtMoeLayer"]
+    print("layers", len(layers), "lora", sum(l.expert_lora()[0] is not None for l in layers))
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_enable_before_or_after_imports(checkpoints, when):
+    path = os.path.join(checkpoints, "qwen3_moe")
+    enable = "import kt_patch; kt_patch.enable()\n"
+    # 'from peft import get_peft_model' binds the function before enable() in the 'after' case: still intercepted.
+    imports = "from peft import get_peft_model\nimport transformers.modeling_utils\n"
+    code = (enable + imports if when == "before" else imports + enable) + textwrap.dedent(LOAD_AND_REPORT).format(
+        path=path)
+    assert "layers 2 lora 2" in run_python(code)
+
+
+def test_kt_enable_env_through_pth_line(checkpoints):
+    """The .pth line as site.py runs it at interpreter start: activates only when KT_ENABLE is set."""
+    pth = os.path.join(REPO, "kt_patch", "kt_patch.pth")
+    script = textwrap.dedent(LOAD_AND_REPORT).format(path=os.path.join(checkpoints, "qwen3_moe"))
+    start = f"import sys\nexec(open({pth!r}).read())\nprint('preloaded', 'kt_patch' in sys.modules)\n"
+    unmodified = start + "from peft import get_peft_model\n" + script
+    assert "preloaded True" in (out := run_python(unmodified, {"KT_ENABLE": "1"})) and "layers 2 lora 2" in out
+    out = run_python(unmodified)
+    assert "preloaded False" in out and "layers 0 lora 0" in out
+
+
+def test_disable_restores_stock_objects(checkpoints):
+    from peft.tuners.tuners_utils import BaseTuner
+    from transformers.modeling_utils import PreTrainedModel
+
+    stock = (vars(PreTrainedModel)["from_pretrained"], vars(PreTrainedModel)["_from_config"],
+             vars(BaseTuner)["inject_adapter"])
+    kt_patch.enable()
+    kt_patch.enable(threads=1)  # idempotent: one wrapper, new options
+    assert kt_patch.current_options().threads == 1
+    assert vars(PreTrainedModel)["from_pretrained"].__wrapped__ is stock[0]
+    model = tiny_models_load(checkpoints)
+    assert sum(isinstance(m, KtMoeLayer) for m in model.modules()) == 2
+    kt_patch.disable()
+    assert (vars(PreTrainedModel)["from_pretrained"], vars(PreTrainedModel)["_from_config"],
+            vars(BaseTuner)["inject_adapter"]) == stock
+    assert not any(isinstance(m, KtMoeLayer) for m in tiny_models_load(checkpoints).modules())
+
+
+def tiny_models_load(checkpoints, model_type="qwen3_moe", **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(os.path.join(checkpoints, model_type), **kwargs)
+
+
+def test_option_typo_is_an_error_naming_it():
+    with pytest.raises(kt_patch.OptionError, match="thread"):
+        kt_patch.enable(thread=2)
+    with pytest.raises(kt_patch.OptionError, match="checkpoint_policy"):
+        kt_patch.enable(checkpoint_policy="sometimes")
+    assert kt_patch.current_options() is None
+
+
+def test_unknown_model_untouched_with_one_log_line(enabled, caplog):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    with caplog.at_level(logging.INFO, logger="kt_patch"):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                             num_hidden_layers=1, num_attention_heads=2))
+    lines = [r.getMessage() for r in caplog.records if r.name == "kt_patch"]
+    assert len(lines) == 1 and "LlamaForCausalLM has no known sparse-MoE block" in lines[0]
+    assert not any(isinstance(m, KtMoeLayer) for m in model.modules())
+
+
+def test_from_config_is_patched_once_with_summary_line(enabled, caplog):
+    from transformers import AutoModelForCausalLM
+
+    with caplog.at_level(logging.INFO, logger="kt_patch"):
+        model = AutoModelForCausalLM.from_config(tiny_models.config("deepseek_v3"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "kt_patch"]
+    assert len(lines) == 1 and "patched DeepseekV3ForCausalLM" in lines[0] and "2 MoE layers" in lines[0]
+    assert "16 routed experts" in lines[0] and "ISA" in lines[0] and "threads" in lines[0]
+    assert sum(isinstance(m, KtMoeLayer) for m in model.modules()) == 2
+
+
+def test_base_checkpoint_of_patched_model_loads_in_stock_transformers(checkpoints, tmp_path):
+    kt_patch.enable()
+    try:
+        patched = tiny_models_load(checkpoints, "mixtral")
+    finally:
+        kt_patch.disable()
+    patched.save_pretrained(str(tmp_path))
+    stock_original = tiny_models_load(checkpoints, "mixtral")
+    reloaded = tiny_models_load(str(tmp_path.parent), tmp_path.name)
+    assert not any(isinstance(m, KtMoeLayer) for m in reloaded.modules())
+    original_state = stock_original.state_dict()
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, original_state[name]), name
+    ids = torch.randint(3, 128, (2, 9))
+    assert rel(patched(input_ids=ids).logits, reloaded(input_ids=ids).logits) < 1e-5
+
+
+def test_router_logits_and_aux_loss_as_stock(checkpoints):
+    stock = tiny_models_load(checkpoints)
+    kt_patch.enable()
+    try:
+        patched = tiny_models_load(checkpoints)
+    finally:
+        kt_patch.disable()
+    ids = torch.randint(3, 128, (2, 11))
+    a = stock(input_ids=ids, labels=ids, output_router_logits=True)
+    b = patched(input_ids=ids, labels=ids, output_router_logits=True)
+    assert len(a.router_logits) == len(b.router_logits) == 2
+    assert torch.equal(a.router_logits[0], b.router_logits[0])  # first MoE layer: same input, same router
+    assert rel(b.router_logits[1], a.router_logits[1]) < 1e-5  # input carries the kernel's fp32 rounding
+    assert abs(a.aux_loss.item() - b.aux_loss.item()) <= 1e-6 * abs(a.aux_loss.item())
+    assert rel(b.loss, a.loss) < 1e-5
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(checkpoints, reentrant):
+    kt_patch.enable()
+    try:
+        plain, ckpt = tiny_models_load(checkpoints), tiny_models_load(checkpoints)
+    finally:
+        kt_patch.disable()
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    ids = torch.randint(3, 128, (2, 13))
+    for model in (plain, ckpt):
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.grad is not None}
+    assert grads
+    for name, param in ckpt.named_parameters():
+        if name in grads:
+            assert rel(param.grad, grads[name]) < 1e-5, name
+
+
+def test_device_moves_skip_routed_experts(checkpoints):
+    from peft import LoraConfig, get_peft_model
+
+    kt_patch.enable()
+    try:
+        model = get_peft_model(tiny_models_load(checkpoints), tiny_models.lora_config("qwen3_moe"))
+    finally:
+        kt_patch.disable()
+    kept = set()
+    for layer in (m for m in model.modules() if isinstance(m, KtMoeLayer)):
+        kept |= {id(p) for p in layer._modules["experts"].parameters()}
+        kept |= {id(t) for factors in layer.expert_lora() for t in factors[:2]}
+    seen = []
+    model._apply(lambda t: seen.append(id(t)) or t)
+    assert kept and not kept & set(seen)
+    assert {id(p) for p in model.parameters()} - kept <= set(seen)
+    for name, param in model.named_parameters():
+        if name.endswith(("experts.base_layer.base_layer.gate_up_proj", "experts.base_layer.base_layer.down_proj")):
+            assert is_placeholder(param) and param.device.type == "cpu"
