@@ -83,6 +83,20 @@ def save(model_type: str, directory: str, seed: int = 0, **overrides) -> str:
     return path
 
 
+def checkpoints_fixture():
+    """Session-scoped pytest fixture: a directory with the save_pretrained checkpoint of every family."""
+    import pytest
+
+    @pytest.fixture(scope="session")
+    def checkpoints(tmp_path_factory):
+        directory = str(tmp_path_factory.mktemp("tiny_checkpoints"))
+        for model_type in FAMILIES:
+            save(model_type, directory)
+        return directory
+
+    return checkpoints
+
+
 def lora_config(model_type: str, variant: str = "parameters"):
     """LoRA on attention output and on the routed experts, in the form a user of that family would write it.
 

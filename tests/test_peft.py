@@ -1,0 +1,234 @@
+"""PEFT on patched models against the same script without kt_patch.
+
+Training parity runs patched and stock in separate processes (same seed, same random tokens, LoRA on attention and
+routed experts, 10 AdamW steps): losses to 1e-4 relative in fp32 (2e-2 in bf16), every LoRA gradient of step 2 to
+1e-4 relative L2, identical adapter files' keys/shapes/config, and the patched adapter loaded by plain PEFT into a
+stock model reproduces the patched model's logits (1e-4).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import kt_patch
+import tiny_models
+from kt_patch.layer import KtMoeLayer
+
+checkpoints = tiny_models.checkpoints_fixture()
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALL = list(tiny_models.FAMILIES)
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def train_in_subprocesses(checkpoints, out, model_types, *flags):
+    """The stock and the patched run, concurrently, each in its own interpreter."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KT_")}
+    env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
+    # One core each (the two runs are concurrent); PEFT writes target sets in hash order, so fix the hash seed to
+    # compare adapter_config.json exactly.
+    env.update(OMP_NUM_THREADS="1", KT_THREADS="1", PYTHONHASHSEED="0")
+    script = os.path.join(REPO, "tests", "tiny_models.py")
+    runs = {}
+    for mode in ("stock", "patched"):
+        cmd = [sys.executable, script, os.path.join(out, mode), *model_types, "--checkpoints", checkpoints, *flags]
+        runs[mode] = subprocess.Popen(cmd + (["--patched"] if mode == "patched" else []), env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for mode, proc in runs.items():
+        _, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"{mode} run failed:\n{stderr[-4000:]}"
+    return {mode: os.path.join(out, mode) for mode in runs}
+
+
+def load_result(directory, model_type):
+    return torch.load(os.path.join(directory, model_type, "result.pt"))
+
+
+def assert_same_adapter_files(stock_dir, patched_dir):
+    stock, patched = (load_file(os.path.join(d, "adapter_model.safetensors")) for d in (stock_dir, patched_dir))
+    assert sorted(stock) == sorted(patched)
+    assert all(stock[k].shape == patched[k].shape and stock[k].dtype == patched[k].dtype for k in stock)
+    with open(os.path.join(stock_dir, "adapter_config.json")) as f, \
+            open(os.path.join(patched_dir, "adapter_config.json")) as g:
+        assert json.load(f) == json.load(g)
+
+
+def stock_logits_with_adapter(checkpoint, adapter_dir, dtype):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert kt_patch.current_options() is None
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype), adapter_dir)
+    assert not any(isinstance(m, KtMoeLayer) for m in model.modules())
+    with torch.no_grad():
+        return model(input_ids=tiny_models.evaluation_tokens()).logits.float()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_training_parity_every_family(checkpoints, tmp_path, dtype):
+    flags = ["--bf16"] if dtype == "bf16" else []
+    loss_tol = 1e-4 if dtype == "fp32" else 2e-2
+    dirs = train_in_subprocesses(checkpoints, str(tmp_path), ALL, *flags)
+    for model_type in ALL:
+        stock, patched = load_result(dirs["stock"], model_type), load_result(dirs["patched"], model_type)
+        for step, (a, b) in enumerate(zip(stock["losses"], patched["losses"])):
+            assert abs(a - b) <= loss_tol * abs(a), f"{model_type} step {step}: {a} vs {b}"
+        assert sorted(stock["grads"]) == sorted(patched["grads"])
+        expert_lora = [n for n in stock["grads"] if ".experts." in n]
+        assert model_type == "gpt_oss" or len(expert_lora) == 8, model_type  # 2 layers x (A, B) x (gate_up, down)
+        if dtype == "fp32":
+            for name, grad in stock["grads"].items():
+                assert rel(patched["grads"][name], grad) <= 1e-4, f"{model_type} {name}"
+        stock_dir, patched_dir = (os.path.join(dirs[m], model_type) for m in ("stock", "patched"))
+        assert_same_adapter_files(stock_dir, patched_dir)
+        if dtype == "fp32":
+            logits = stock_logits_with_adapter(os.path.join(checkpoints, model_type), patched_dir, torch.float32)
+            assert rel(logits, patched["logits"]) <= 1e-4, model_type
+
+
+def patched_peft(checkpoints, model_type, config, **options):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    kt_patch.enable(**options)
+    try:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(os.path.join(checkpoints, model_type))
+        return get_peft_model(model, config)
+    finally:
+        kt_patch.disable()
+
+
+def stock_peft(checkpoints, model_type, config):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return get_peft_model(AutoModelForCausalLM.from_pretrained(os.path.join(checkpoints, model_type)), config)
+
+
+def train_steps(model, steps=3):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    data = torch.Generator().manual_seed(5)
+    losses = []
+    for _ in range(steps):
+        ids = torch.randint(3, 128, (2, 10), generator=data)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("model_type,variant", [("qwen3_moe", "names"), ("mixtral", "names"),
+                                                ("qwen3_moe", "all-linear"), ("deepseek_v3", "all-linear")])
+def test_target_forms_peft_rewrites(checkpoints, tmp_path, model_type, variant):
+    """v4 expert names and all-linear (which also puts LoRA on the router, trained through the routing weights)."""
+    stock = stock_peft(checkpoints, model_type, tiny_models.lora_config(model_type, variant))
+    patched = patched_peft(checkpoints, model_type, tiny_models.lora_config(model_type, variant))
+    assert all(layer.expert_lora()[0] is not None for layer in patched.modules() if isinstance(layer, KtMoeLayer))
+    for a, b in zip(train_steps(stock), train_steps(patched)):
+        assert abs(a - b) <= 1e-4 * abs(a)
+    stock.save_pretrained(str(tmp_path / "stock"))
+    patched.save_pretrained(str(tmp_path / "patched"))
+    assert_same_adapter_files(str(tmp_path / "stock"), str(tmp_path / "patched"))
+    if variant == "all-linear":
+        keys = load_file(str(tmp_path / "patched" / "adapter_model.safetensors"))
+        assert any(".mlp.gate.lora_A" in k for k in keys)
+
+
+def test_load_adapter_paths_on_patched_model(checkpoints, tmp_path):
+    """PeftModel.from_pretrained and transformers' load_adapter on a patched model use the saved factors."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    trained = stock_peft(checkpoints, "qwen3_moe", tiny_models.lora_config("qwen3_moe"))
+    train_steps(trained, 2)
+    trained.save_pretrained(str(tmp_path))
+    ids = tiny_models.evaluation_tokens()
+    with torch.no_grad():
+        expected = trained(input_ids=ids).logits
+    path = os.path.join(checkpoints, "qwen3_moe")
+    kt_patch.enable()
+    try:
+        via_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), str(tmp_path))
+        via_transformers = AutoModelForCausalLM.from_pretrained(path)
+        via_transformers.load_adapter(str(tmp_path))
+    finally:
+        kt_patch.disable()
+    for model in (via_peft, via_transformers):
+        layers = [m for m in model.modules() if isinstance(m, KtMoeLayer)]
+        assert len(layers) == 2 and all(layer.expert_lora()[1] is not None for layer in layers)
+        with torch.no_grad():
+            assert rel(model(input_ids=ids).logits, expected) <= 1e-4
+    with via_peft.disable_adapter(), torch.no_grad():  # adapters off: the kernel runs without LoRA
+        assert all(layer.expert_lora() == (None, None) for layer in via_peft.modules() if isinstance(layer, KtMoeLayer))
+        assert rel(via_peft(input_ids=ids).logits, expected) > 1e-3
+
+
+def test_gradients_are_ordinary_grads(checkpoints):
+    """Accumulate over micro-batches, cleared by zero_grad, seen by clipping."""
+    model = patched_peft(checkpoints, "qwen3_moe", tiny_models.lora_config("qwen3_moe"))
+    expert_b = next(p for n, p in model.named_parameters() if n.endswith("experts.lora_B.default.weight"))
+    ids = torch.randint(3, 128, (2, 10))
+    model(input_ids=ids, labels=ids).loss.backward()
+    once = expert_b.grad.clone()
+    assert once.abs().sum() > 0
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert rel(expert_b.grad, 2 * once) < 1e-6
+    total = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1e-3)
+    assert total > 1e-3 and expert_b.grad.norm() <= 1e-3 * 1.001
+    model.zero_grad()
+    assert expert_b.grad is None
+
+
+@pytest.mark.parametrize("unsupported", [dict(use_dora=True), dict(lora_dropout=0.1)])
+def test_unsupported_expert_lora_is_a_clear_error(checkpoints, unsupported):
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, target_modules=["o_proj"], target_parameters=["experts.gate_up_proj"], **unsupported)
+    with pytest.raises(ValueError, match="does not work with"):
+        patched_peft(checkpoints, "qwen3_moe", config)
+
+
+def test_two_active_adapters_on_experts_is_an_error(checkpoints):
+    model = patched_peft(checkpoints, "qwen3_moe", tiny_models.lora_config("qwen3_moe"))
+    model.add_adapter("second", tiny_models.lora_config("qwen3_moe"))
+    model.base_model.set_adapter(["default", "second"])
+    with pytest.raises(NotImplementedError, match="several active adapters"):
+        model(input_ids=torch.randint(3, 128, (1, 5)))
+
+
+def test_lora_experts_train_and_save_with_the_adapter(checkpoints, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = patched_peft(checkpoints, "qwen3_moe", tiny_models.lora_config("qwen3_moe"), lora_experts=2,
+                         lora_expert_intermediate_size=8)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and "lora_experts" in n]
+    assert len(trainable) == 4  # 2 layers x (gate_up_proj, down_proj)
+    ids = tiny_models.evaluation_tokens()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    train_steps(model, 3)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    model.save_pretrained(str(tmp_path))
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert sum("lora_experts" in k for k in saved) == 4
+    kt_patch.enable(lora_experts=2, lora_expert_intermediate_size=8)
+    try:
+        reloaded = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(os.path.join(checkpoints, "qwen3_moe")), str(tmp_path))
+    finally:
+        kt_patch.disable()
+    with torch.no_grad():
+        assert rel(reloaded(input_ids=ids).logits, after) <= 1e-5
+    assert rel(after, before) > 1e-4
