@@ -232,3 +232,30 @@ def test_lora_experts_train_and_save_with_the_adapter(checkpoints, tmp_path):
     with torch.no_grad():
         assert rel(reloaded(input_ids=ids).logits, after) <= 1e-5
     assert rel(after, before) > 1e-4
+
+
+def test_trainer_with_accumulation_and_clipping_matches_stock(checkpoints, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    results = []
+    for make in (stock_peft, patched_peft):
+        model = make(checkpoints, "qwen3_moe", tiny_models.lora_config("qwen3_moe"))
+        data = torch.Generator().manual_seed(9)
+        rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 128, (16, 12), generator=data)]
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2,
+                                 gradient_accumulation_steps=2, max_grad_norm=0.05, max_steps=4, learning_rate=1e-2,
+                                 logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0,
+                                 disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, train_dataset=rows)
+        trainer.train()
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        norms = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
+        weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((losses, norms, weights))
+    (stock_losses, stock_norms, stock_weights), (losses, norms, weights) = results
+    assert len(losses) == 4 and all(n > 0.05 for n in stock_norms)  # clipping was active
+    for a, b in zip(stock_losses + stock_norms, losses + norms):
+        assert abs(a - b) <= 1e-4 * abs(a)
+    assert sorted(weights) == sorted(stock_weights)
+    for name, weight in weights.items():
+        assert rel(weight, stock_weights[name]) <= 1e-4, name
