@@ -1,6 +1,9 @@
 // pybind11 binding: raw pointers (tensor.data_ptr()) and sizes in, no torch headers; every call that waits or
 // computes releases the GIL. kt_patch/kernel.py is the documented Python entry point over this.
 #include <pybind11/pybind11.h>
+#include <pybind11/functional.h>
+
+#include <exception>
 #include <pybind11/stl.h>
 
 #include "moe_layer.h"
@@ -31,14 +34,32 @@ LoraRef lora_ref(uintptr_t A, uintptr_t B, const std::string& dtype, int rank, f
   return l;
 }
 
+// Runs f without the GIL. An exception is carried out of the released region and rethrown with the GIL held, so
+// pybind11 translates it (std::invalid_argument -> ValueError) in a fully restored interpreter state.
+template <class F>
+auto without_gil(F&& f) -> decltype(f()) {
+  std::exception_ptr error;
+  decltype(f()) result{};
+  {
+    py::gil_scoped_release release;
+    try {
+      result = f();
+    } catch (...) {
+      error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
+  return result;
+}
+
 // A submitted job; wait() blocks without the GIL and returns the forward's context (or None).
 struct Pending {
   MoELayer::Submitted submitted;
   py::object wait() {
-    {
-      py::gil_scoped_release release;
+    without_gil([this] {
       submitted.job->wait();
-    }
+      return 0;
+    });
     return submitted.context ? py::cast(submitted.context) : py::none();
   }
   bool done() { return submitted.job->done(); }
@@ -60,9 +81,11 @@ PYBIND11_MODULE(_C, m) {
   py::class_<MoELayer, std::shared_ptr<MoELayer>>(m, "MoELayer")
       .def(py::init([](const std::string& name, int E, int H, int I, uintptr_t gate_up, uintptr_t down,
                        const std::string& dtype, const std::string& isa, int threads) {
-             py::gil_scoped_release release;
-             return std::make_shared<MoELayer>(name, E, H, I, ptr<void>(gate_up), ptr<void>(down),
-                                               parse_dtype(dtype), isa, threads);
+             const DType weight_dtype = parse_dtype(dtype);
+             return without_gil([&] {
+               return std::make_shared<MoELayer>(name, E, H, I, ptr<void>(gate_up), ptr<void>(down), weight_dtype,
+                                                 isa, threads);
+             });
            }),
            py::arg("name"), py::arg("experts"), py::arg("hidden"), py::arg("intermediate"), py::arg("gate_up"),
            py::arg("down"), py::arg("dtype"), py::arg("isa"), py::arg("threads"))
@@ -78,13 +101,10 @@ PYBIND11_MODULE(_C, m) {
                           lora_ref(dn[0].cast<uintptr_t>(), dn[1].cast<uintptr_t>(), dn[2].cast<std::string>(),
                                    dn[3].cast<int>(), dn[4].cast<float>())};
             const DType io_dtype = parse_dtype(io);
-            Pending p;
-            {
-              py::gil_scoped_release release;
-              p.submitted = L.submit_forward(T, k, ptr<void>(x), io_dtype, ptr<int64_t>(ids), ptr<float>(w),
-                                             reinterpret_cast<void*>(y), save, lora);
-            }
-            return p;
+            return Pending{without_gil([&] {
+              return L.submit_forward(T, k, ptr<void>(x), io_dtype, ptr<int64_t>(ids), ptr<float>(w),
+                                      reinterpret_cast<void*>(y), save, lora);
+            })};
           },
           "Start a forward; LoRA tuples are (A_ptr, B_ptr, dtype, rank, scaling) in PEFT layout")
       .def(
@@ -93,17 +113,16 @@ PYBIND11_MODULE(_C, m) {
              uintptr_t gu_A, uintptr_t gu_B, uintptr_t dn_A, uintptr_t dn_B) {
             LoraGradArgs grads{{reinterpret_cast<float*>(gu_A), reinterpret_cast<float*>(gu_B)},
                                {reinterpret_cast<float*>(dn_A), reinterpret_cast<float*>(dn_B)}};
-            Pending p;
-            {
-              py::gil_scoped_release release;
-              p.submitted = L.submit_backward(std::move(ctx), ptr<void>(dy), reinterpret_cast<void*>(dx),
-                                              reinterpret_cast<float*>(dw), grads);
-            }
-            return p;
+            return Pending{without_gil([&] {
+              return L.submit_backward(std::move(ctx), ptr<void>(dy), reinterpret_cast<void*>(dx),
+                                       reinterpret_cast<float*>(dw), grads);
+            })};
           },
           "Start a backward; LoRA gradients are added into the fp32 buffers")
       .def("export_weights", [](const MoELayer& L, uintptr_t gate_up, uintptr_t down) {
-        py::gil_scoped_release release;
-        L.export_weights(reinterpret_cast<void*>(gate_up), reinterpret_cast<void*>(down));
+        without_gil([&] {
+          L.export_weights(reinterpret_cast<void*>(gate_up), reinterpret_cast<void*>(down));
+          return 0;
+        });
       });
 }

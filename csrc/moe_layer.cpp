@@ -200,7 +200,7 @@ class LayerJob : public Job {
     plan_.items = ctx_->active.data();
   }
   int num_phases() const override { return 5; }
-  void finish() override {}
+  void finish() override { ctx_.reset(); }
 
  protected:
   size_t rows() const { return static_cast<size_t>(plan_.T) * plan_.k; }

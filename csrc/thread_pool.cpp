@@ -131,9 +131,9 @@ void ThreadPool::worker_main(int id) {
         current_.reset();  // the job (and what it holds) dies with its last user, not with the next job
       }
       try {
-        if (!failed_) job->finish();
+        job->finish();
       } catch (...) {
-        error_ = std::current_exception();
+        if (!error_) error_ = std::current_exception();
       }
       std::lock_guard<std::mutex> lock(job->mu_);
       job->error_ = error_;

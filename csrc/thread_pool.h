@@ -22,6 +22,8 @@ class Job {
   virtual int num_phases() const = 0;
   virtual size_t prepare(int phase) = 0;
   virtual void run(int phase, size_t item, int worker) = 0;
+  // Runs on one worker after the last phase (also after a failure), before waiters wake: release what the job
+  // holds here, since workers may keep a reference to the job object a little longer.
   virtual void finish() {}
 
   void wait();  // blocks until the pool has run the job; rethrows its error
