@@ -46,6 +46,19 @@ def is_placeholder(tensor: torch.Tensor) -> bool:
     return tensor.dim() > 0 and all(stride == 0 for stride in tensor.stride())
 
 
+_side_streams: dict[int, "torch.cuda.Stream"] = {}
+
+
+def _side_stream(device: torch.device):
+    """One extra CUDA stream per device for the dense experts; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _side_streams:
+        _side_streams[index] = torch.cuda.Stream(index)
+    return _side_streams[index]
+
+
 class LoraExperts(nn.Module):
     """Small dense SwiGLU MLPs applied to every token and summed; trainable, saved with the adapter.
 
@@ -93,17 +106,32 @@ class KtMoeLayer(nn.Module):
         tokens = hidden_states.reshape(-1, shape[-1])
         _, routing_weights, expert_ids = getattr(self, self.family.router)(tokens)
 
+        # The dense experts (shared, LoRA Experts) run on a side stream of the accelerator while the CPU kernel
+        # computes the routed experts; the caller's stream waits for them before the sum.
+        side = _side_stream(tokens.device)
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(tokens.device))
+        with torch.cuda.stream(side):  # no-op for None
+            dense = self._dense_experts(tokens)
         output = expert_forward(self.kernel, tokens, expert_ids, routing_weights, *self.expert_lora())
-
-        if self.family.shared_expert is not None:
-            shared = getattr(self, self.family.shared_expert)(tokens)
-            if self.family.shared_expert_gate is not None:
-                shared = torch.sigmoid(getattr(self, self.family.shared_expert_gate)(tokens)) * shared
-            output = output + shared
-        if "lora_experts" in self._modules:
-            output = output + self.lora_experts(tokens)
+        if side is not None:
+            torch.cuda.current_stream(tokens.device).wait_stream(side)
+        if dense is not None:
+            output = output + dense
         output = output.reshape(shape)
         return (output, routing_weights) if self.family.returns_router_scores else output
+
+    def _dense_experts(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """Shared experts (gated where the family gates them) plus LoRA Experts, or None when the block has neither."""
+        dense = None
+        if self.family.shared_expert is not None:
+            dense = getattr(self, self.family.shared_expert)(tokens)
+            if self.family.shared_expert_gate is not None:
+                dense = torch.sigmoid(getattr(self, self.family.shared_expert_gate)(tokens)) * dense
+        if "lora_experts" in self._modules:
+            lora = self.lora_experts(tokens)
+            dense = lora if dense is None else dense + lora
+        return dense
 
     def expert_lora(self) -> tuple:
         """``(gate_up, down)`` factors ``(A, B, scaling)`` of the active PEFT adapter on the routed experts.
