@@ -2,8 +2,12 @@
 targets the baseline ISA, and the backend is chosen at run time (never -march=native)."""
 import platform
 
+import os
+import shutil
+
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 BACKEND_FLAGS = {
@@ -28,10 +32,22 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
+class BuildPy(build_py):
+    """Puts kt_patch.pth at the top of the wheel, i.e. in site-packages, where Python reads it at start-up: it
+    activates kt_patch when KT_ENABLE is set and does nothing else."""
+
+    def run(self):
+        super().run()
+        shutil.copy(os.path.join("kt_patch", "kt_patch.pth"), os.path.join(self.build_lib, "kt_patch.pth"))
+
+    def get_outputs(self, include_bytecode=True):
+        return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, "kt_patch.pth")]
+
+
 sources = ["csrc/binding.cpp", "csrc/moe_layer.cpp", "csrc/thread_pool.cpp", "csrc/backends/scalar.cpp",
            *BACKEND_FLAGS]
 setup(
     ext_modules=[Pybind11Extension("kt_patch._C", sources, cxx_std=17, extra_compile_args=["-O3"],
                                    define_macros=[("NDEBUG", "1")])],
-    cmdclass={"build_ext": BuildExt},
+    cmdclass={"build_ext": BuildExt, "build_py": BuildPy},
 )
