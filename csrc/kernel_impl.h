@@ -31,7 +31,7 @@ inline float load_io(const void* p, DType dt, size_t i) {
 // exp with a Cephes-style polynomial (relative error ~1e-7): plain code the compiler vectorises for the ISA.
 inline float fast_exp(float x) {
   x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
-  float n = static_cast<float>(static_cast<int>(x * 1.44269504088896341f + (x >= 0.f ? 0.5f : -0.5f)));
+  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
   float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -40,10 +40,7 @@ inline float fast_exp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   float y = p * r * r + r + 1.f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return y * scale;
+  return y * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
 }
 
 template <class T>
