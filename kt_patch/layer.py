@@ -121,6 +121,17 @@ class KtMoeLayer(nn.Module):
         output = output.reshape(shape)
         return (output, routing_weights) if self.family.returns_router_scores else output
 
+    def load_expert_weights(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> None:
+        """Replace the routed expert weights: a new kernel from them, same name, dtype, ISA and threads."""
+        k = self.kernel
+        expected = ((k.num_experts, 2 * k.intermediate_size, k.hidden_size),
+                    (k.num_experts, k.hidden_size, k.intermediate_size))
+        if (tuple(gate_up_proj.shape), tuple(down_proj.shape)) != expected:
+            raise ValueError(f"{k.name}: expert weights must be {expected[0]} and {expected[1]}; got "
+                             f"{tuple(gate_up_proj.shape)} and {tuple(down_proj.shape)}")
+        self.kernel = type(k)(gate_up_proj.detach().to("cpu", k.dtype), down_proj.detach().to("cpu", k.dtype),
+                              name=k.name, isa=k.isa, threads=k.threads)
+
     def _dense_experts(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """Shared experts (gated where the family gates them) plus LoRA Experts, or None when the block has neither."""
         dense = None
@@ -167,18 +178,32 @@ class KtMoeLayer(nn.Module):
                 f"intermediate={k.intermediate_size}, dtype={k.dtype}, isa={k.isa} (routed experts in the CPU kernel)")
 
 
-def export_expert_weights(experts: nn.Module, kernel):
-    """Register a state-dict hook that writes the kernel's copy of the routed expert weights over the placeholders.
+def route_state_dict_through_kernel(layer: KtMoeLayer, experts: nn.Module) -> list:
+    """State-dict hooks on the stock experts module; returns their handles.
 
-    The base model's ``state_dict()`` / ``save_pretrained()`` thus still hold real weights. Returns the hook handle.
+    Saving (``state_dict()``, ``save_pretrained``) reads the weights back from the layer's kernel over the
+    placeholders, so a base checkpoint of a patched model loads in stock transformers. Loading a state dict that holds
+    expert weights (the placeholders cannot take them) builds a new kernel from them.
     """
+    taken = []  # full keys the load pre-hook consumed; not "missing" for load_state_dict
 
-    def hook(module, state_dict, prefix, local_metadata):
+    def save(module, state_dict, prefix, local_metadata):
         names = [prefix + name for name in EXPERT_WEIGHTS]
-        if getattr(_export, "skip", False):
-            return state_dict
-        if all(name in state_dict and is_placeholder(state_dict[name]) for name in names):
-            state_dict[names[0]], state_dict[names[1]] = kernel.export_weights()
-        return state_dict
+        if getattr(_export, "skip", False) or not all(n in state_dict and is_placeholder(state_dict[n]) for n in names):
+            return
+        state_dict[names[0]], state_dict[names[1]] = layer.kernel.export_weights()
 
-    return experts._register_state_dict_hook(hook)
+    def load(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        names = [prefix + name for name in EXPERT_WEIGHTS]
+        if all(name in state_dict for name in names):
+            layer.load_expert_weights(*(state_dict.pop(name) for name in names))
+            taken.extend(names)
+
+    def report_taken(module, incompatible_keys):
+        for name in taken:
+            if name in incompatible_keys.missing_keys:
+                incompatible_keys.missing_keys.remove(name)
+        taken.clear()
+
+    return [experts.register_state_dict_post_hook(save), experts.register_load_state_dict_pre_hook(load),
+            experts.register_load_state_dict_post_hook(report_taken)]

@@ -7,7 +7,7 @@ import logging
 from torch import nn
 
 from . import registry
-from .layer import EXPERT_WEIGHTS, KtMoeLayer, LoraExperts, export_expert_weights, weight_placeholder
+from .layer import EXPERT_WEIGHTS, KtMoeLayer, LoraExperts, route_state_dict_through_kernel, weight_placeholder
 from .options import Options
 
 logger = logging.getLogger("kt_patch")
@@ -76,20 +76,21 @@ def _replace_blocks(model, blocks, options: Options, kernel_class) -> PatchSumma
             layer = KtMoeLayer(block, family, kernel, _lora_experts(block, family, kernel, options))
             for attr, weight in zip(EXPERT_WEIGHTS, weights):
                 setattr(experts, attr, weight_placeholder(weight))
-            hook = export_expert_weights(experts, kernel)
+            hooks = route_state_dict_through_kernel(layer, experts)
             parent_name, _, child_name = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             setattr(parent, child_name, layer)
-            swapped.append((parent, child_name, block, experts, kernel, hook))
+            swapped.append((parent, child_name, block, experts, layer, hooks))
             summary.layers += 1
             summary.experts += kernel.num_experts
             summary.host_bytes += sum(w.numel() * w.element_size() for w in weights)
             summary.isa = kernel.isa
             del weights
     except BaseException:
-        for parent, child_name, block, experts, kernel, hook in reversed(swapped):
-            hook.remove()
-            for attr, weight in zip(EXPERT_WEIGHTS, kernel.export_weights()):
+        for parent, child_name, block, experts, layer, hooks in reversed(swapped):
+            for hook in hooks:
+                hook.remove()
+            for attr, weight in zip(EXPERT_WEIGHTS, layer.kernel.export_weights()):
                 setattr(experts, attr, nn.Parameter(weight, requires_grad=False))
             setattr(parent, child_name, block)
         raise

@@ -205,3 +205,18 @@ def test_device_moves_skip_routed_experts(checkpoints):
     for name, param in model.named_parameters():
         if name.endswith(("experts.base_layer.base_layer.gate_up_proj", "experts.base_layer.base_layer.down_proj")):
             assert is_placeholder(param) and param.device.type == "cpu"
+
+
+def test_load_state_dict_puts_new_expert_weights_in_the_kernel():
+    from kt_patch.options import resolve
+    from kt_patch.patcher import patch_model
+
+    patched, other = tiny_models.build("qwen2_moe", seed=0), tiny_models.build("qwen2_moe", seed=1)
+    patch_model(patched, resolve({}))
+    result = patched.load_state_dict(other.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    ids = torch.randint(3, 128, (2, 9))
+    assert rel(patched(input_ids=ids).logits, other(input_ids=ids).logits) < 1e-5
+    state = patched.state_dict()
+    for name, tensor in other.state_dict().items():
+        assert torch.equal(state[name], tensor), name

@@ -259,3 +259,33 @@ def test_trainer_with_accumulation_and_clipping_matches_stock(checkpoints, tmp_p
     assert sorted(weights) == sorted(stock_weights)
     for name, weight in weights.items():
         assert rel(weight, stock_weights[name]) <= 1e-4, name
+
+
+def test_switching_adapters_follows_peft(checkpoints):
+    """Two adapters, one active at a time: the kernel always uses the active one's factors, as stock PEFT does."""
+    second = tiny_models.lora_config("qwen3_moe")
+    second.init_lora_weights = False  # random B, so the two adapters differ
+    models = []
+    for make in (stock_peft, patched_peft):
+        model = make(checkpoints, "qwen3_moe", tiny_models.lora_config("qwen3_moe"))
+        torch.manual_seed(4)
+        model.add_adapter("second", second)
+        models.append(model)
+    stock, patched = models
+    patched.load_state_dict(stock.state_dict(), strict=False)  # same factors for both adapters
+    ids = tiny_models.evaluation_tokens()
+    outputs = {}
+    for name in ("second", "default", "second"):
+        for label, model in (("stock", stock), ("patched", patched)):
+            model.set_adapter(name)
+            with torch.no_grad():
+                outputs[label] = model(input_ids=ids).logits
+        assert rel(outputs["patched"], outputs["stock"]) <= 1e-4, name
+
+
+def test_adapter_save_does_not_read_experts_back(checkpoints, tmp_path, monkeypatch):
+    model = patched_peft(checkpoints, "qwen3_moe", tiny_models.lora_config("qwen3_moe"))
+    for layer in (m for m in model.modules() if isinstance(m, KtMoeLayer)):
+        monkeypatch.setattr(layer.kernel, "export_weights", lambda: pytest.fail("expert weights read back"))
+    model.save_pretrained(str(tmp_path))
+    assert os.path.exists(tmp_path / "adapter_model.safetensors")
