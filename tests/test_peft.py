@@ -287,5 +287,9 @@ def test_adapter_save_does_not_read_experts_back(checkpoints, tmp_path, monkeypa
     model = patched_peft(checkpoints, "qwen3_moe", tiny_models.lora_config("qwen3_moe"))
     for layer in (m for m in model.modules() if isinstance(m, KtMoeLayer)):
         monkeypatch.setattr(layer.kernel, "export_weights", lambda: pytest.fail("expert weights read back"))
-    model.save_pretrained(str(tmp_path))
+    kt_patch.enable()
+    try:
+        model.save_pretrained(str(tmp_path))
+    finally:
+        kt_patch.disable()
     assert os.path.exists(tmp_path / "adapter_model.safetensors")
