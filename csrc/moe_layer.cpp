@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <map>
 #include <mutex>
-#include <sstream>
 
 namespace kt {
 
@@ -53,10 +52,9 @@ const Backend* select_backend(const std::string& isa) {
     if (e.cpu_runs()) return e.get();
     if (isa != "auto") break;
   }
-  std::ostringstream msg;
-  msg << "ISA '" << isa << "' is not available on this CPU; available: auto";
-  for (const auto& n : supported_isas()) msg << ", " << n;
-  throw std::invalid_argument(msg.str());
+  std::string msg = "ISA '" + isa + "' is not available on this CPU; available: auto";
+  for (const auto& n : supported_isas()) msg += ", " + n;
+  throw std::invalid_argument(msg);
 }
 
 std::shared_ptr<Executor> shared_executor(int threads) {
@@ -338,12 +336,9 @@ MoELayer::Submitted MoELayer::submit_forward(int T, int k, const void* x, DType 
   ctx->offsets.assign(E_ + 1, 0);
   for (size_t i = 0; i < R; ++i) {
     const int64_t e = ids[i];
-    if (e < 0 || e >= E_) {
-      std::ostringstream msg;
-      msg << "expert id " << e << " at token " << i / k << ", slot " << i % k << " is out of range [0, " << E_
-          << ")";
-      fail(msg.str());
-    }
+    if (e < 0 || e >= E_)
+      fail("expert id " + std::to_string(e) + " at token " + std::to_string(i / k) + ", slot " +
+           std::to_string(i % k) + " is out of range [0, " + std::to_string(E_) + ")");
     ++ctx->offsets[e + 1];
   }
   for (int e = 0; e < E_; ++e) {
