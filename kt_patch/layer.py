@@ -34,7 +34,7 @@ def skip_expert_export():
 
 
 def weight_placeholder(weight: torch.Tensor) -> nn.Parameter:
-    """A frozen parameter with the weight's shape, dtype and device but one element of storage.
+    """A frozen CPU parameter with the weight's shape and dtype but one element of storage.
 
     PEFT reads the shape (and dtype, device) of expert parameters to size and place its LoRA factors, and parameter
     counts stay right; the values live in the kernel and are read back only for a state dict.
@@ -65,12 +65,11 @@ class LoraExperts(nn.Module):
     ``down_proj`` starts at zero so that adding them leaves the model's outputs unchanged until they are trained.
     """
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, dtype=None, device=None):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, device=None):
         super().__init__()
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype,
-                                                     device=device))
-        self.down_proj = nn.Parameter(torch.zeros(num_experts, hidden_size, intermediate_size, dtype=dtype,
-                                                  device=device))
+        # fp32 master weights whatever the model's dtype (as PEFT keeps adapters); cast to the activations in forward.
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, device=device))
+        self.down_proj = nn.Parameter(torch.zeros(num_experts, hidden_size, intermediate_size, device=device))
         nn.init.normal_(self.gate_up_proj, std=1.0 / math.sqrt(hidden_size))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -79,7 +78,11 @@ class LoraExperts(nn.Module):
 
 
 class KtMoeLayer(nn.Module):
-    """Replaces one sparse-MoE block; ``forward`` returns what the stock block returns."""
+    """Replaces one sparse-MoE block; ``forward`` returns what the stock block returns.
+
+    On construction the stock experts' weights are replaced by placeholders (the kernel already holds a copy), which
+    frees them; ``release_expert_weights`` puts them back.
+    """
 
     def __init__(self, block: nn.Module, family: MoeFamily, kernel, lora_experts: LoraExperts | None = None):
         super().__init__()
@@ -94,6 +97,20 @@ class KtMoeLayer(nn.Module):
         self.kernel = kernel
         if lora_experts is not None:
             self.lora_experts = lora_experts
+        experts = getattr(block, family.experts)
+        for name in EXPERT_WEIGHTS:
+            setattr(experts, name, weight_placeholder(getattr(experts, name)))
+        self._expert_weight_hooks = route_state_dict_through_kernel(self, experts)
+
+    def release_expert_weights(self) -> None:
+        """Undo the take-over: real weights (read back from the kernel) on the stock experts module, hooks removed."""
+        for hook in self._expert_weight_hooks:
+            hook.remove()
+        experts = self._modules[self.family.experts]
+        while hasattr(experts, "base_layer"):
+            experts = experts.base_layer
+        for name, weight in zip(EXPERT_WEIGHTS, self.kernel.export_weights()):
+            setattr(experts, name, nn.Parameter(weight, requires_grad=False))
 
     def forward(self, hidden_states: torch.Tensor):
         from .autograd import expert_forward
@@ -155,13 +172,6 @@ class KtMoeLayer(nn.Module):
         from .integrations.peft import active_expert_lora
 
         return active_expert_lora(experts)
-
-    def base_experts(self) -> nn.Module:
-        """The stock experts module, under any PEFT wrappers."""
-        experts = self._modules[self.family.experts]
-        while hasattr(experts, "base_layer"):
-            experts = experts.base_layer
-        return experts
 
     def _apply(self, fn, recurse=True):
         # Routed experts (their placeholders and PEFT's expert-LoRA factors, which the kernel reads) stay in host

@@ -7,7 +7,7 @@ import logging
 from torch import nn
 
 from . import registry
-from .layer import EXPERT_WEIGHTS, KtMoeLayer, LoraExperts, route_state_dict_through_kernel, weight_placeholder
+from .layer import EXPERT_WEIGHTS, KtMoeLayer, LoraExperts
 from .options import Options
 
 logger = logging.getLogger("kt_patch")
@@ -69,29 +69,22 @@ def _replace_blocks(model, blocks, options: Options, kernel_class) -> PatchSumma
     summary = PatchSummary(sorted({family.name for _, _, family in blocks}), 0, 0, 0, "", options.threads)
     try:
         for name, block, family in tqdm(blocks, desc="kt_patch: moving experts to the CPU kernel", leave=False):
-            experts = getattr(block, family.experts)
-            weights = [getattr(experts, w) for w in EXPERT_WEIGHTS]
-            kernel = kernel_class(*(w.detach().to("cpu") for w in weights), name=name,
-                                  isa=None if options.isa == "auto" else options.isa, threads=options.threads)
-            layer = KtMoeLayer(block, family, kernel, _lora_experts(block, family, kernel, options))
-            for attr, weight in zip(EXPERT_WEIGHTS, weights):
-                setattr(experts, attr, weight_placeholder(weight))
-            hooks = route_state_dict_through_kernel(layer, experts)
             parent_name, _, child_name = name.rpartition(".")
             parent = model.get_submodule(parent_name)
+            experts = getattr(block, family.experts)
+            weight_bytes = sum(getattr(experts, w).numel() * getattr(experts, w).element_size() for w in EXPERT_WEIGHTS)
+            kernel = kernel_class(*(getattr(experts, w).detach().to("cpu") for w in EXPERT_WEIGHTS), name=name,
+                                  isa=None if options.isa == "auto" else options.isa, threads=options.threads)
+            layer = KtMoeLayer(block, family, kernel, _lora_experts(block, family, kernel, options))
+            swapped.append((parent, child_name, block, layer))
             setattr(parent, child_name, layer)
-            swapped.append((parent, child_name, block, experts, layer, hooks))
             summary.layers += 1
             summary.experts += kernel.num_experts
-            summary.host_bytes += sum(w.numel() * w.element_size() for w in weights)
+            summary.host_bytes += weight_bytes
             summary.isa = kernel.isa
-            del weights
     except BaseException:
-        for parent, child_name, block, experts, layer, hooks in reversed(swapped):
-            for hook in hooks:
-                hook.remove()
-            for attr, weight in zip(EXPERT_WEIGHTS, layer.kernel.export_weights()):
-                setattr(experts, attr, nn.Parameter(weight, requires_grad=False))
+        for parent, child_name, block, layer in reversed(swapped):
+            layer.release_expert_weights()
             setattr(parent, child_name, block)
         raise
     return summary

@@ -104,3 +104,27 @@ def test_register_adds_a_family():
     finally:
         registry.FAMILIES.remove(family)
         registry._BY_BLOCK_CLASS.pop("MyMoeBlock")
+
+
+def test_failure_midway_restores_every_block(monkeypatch):
+    """Never half-patched: when the second kernel cannot be built, the first block gets its weights back."""
+    import kt_patch.kernel
+
+    real = kt_patch.kernel.ExpertKernel
+    built = []
+
+    def second_fails(*args, **kwargs):
+        if built:
+            raise MemoryError("no room for the second layer")
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(kt_patch.kernel, "ExpertKernel", second_fails)
+    model = tiny_models.build("deepseek_v3", seed=5)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    classes = [type(m) for m in model.modules()]
+    with pytest.raises(MemoryError):
+        patch_model(model, resolve({}))
+    assert [type(m) for m in model.modules()] == classes
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]) and not is_placeholder(tensor), name
