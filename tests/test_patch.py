@@ -5,6 +5,7 @@ import logging
 import os
 import subprocess
 import sys
+import sysconfig
 import textwrap
 
 import pytest
@@ -77,6 +78,25 @@ def test_kt_enable_env_through_pth_line(checkpoints):
     assert "preloaded True" in (out := run_python(unmodified, {"KT_ENABLE": "1"})) and "layers 2 lora 2" in out
     out = run_python(unmodified)
     assert "preloaded False" in out and "layers 0 lora 0" in out
+
+
+INSTALLED_PTH = os.path.join(sysconfig.get_paths()["purelib"], "kt_patch.pth")
+
+
+@pytest.mark.skipif(not os.path.exists(INSTALLED_PTH), reason="kt_patch.pth not installed (editable install)")
+@pytest.mark.parametrize("launcher", [[], ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"],
+                                      ["-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1"]])
+def test_kt_enable_with_launchers(checkpoints, tmp_path, launcher):
+    """An unmodified script under python / torchrun / accelerate launch is patched through the installed .pth."""
+    script = tmp_path / "train.py"
+    script.write_text("from peft import get_peft_model\n" + textwrap.dedent(LOAD_AND_REPORT).format(
+        path=os.path.join(checkpoints, "qwen3_moe")))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KT_")}
+    env.update(KT_ENABLE="1", PYTHONPATH=os.path.join(REPO, "tests"))
+    proc = subprocess.run([sys.executable, *launcher, str(script)], env=env, capture_output=True, text=True,
+                          timeout=240, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "layers 2 lora 2" in proc.stdout
 
 
 def test_disable_restores_stock_objects(checkpoints):
