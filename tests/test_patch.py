@@ -99,6 +99,16 @@ def test_kt_enable_with_launchers(checkpoints, tmp_path, launcher):
     assert "layers 2 lora 2" in proc.stdout
 
 
+def test_kt_enable_with_a_bad_option_stops_the_run():
+    pth = os.path.join(REPO, "kt_patch", "kt_patch.pth")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KT_")}
+    env.update(KT_ENABLE="1", KT_THREADS="four", PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-c", f"exec(open({pth!r}).read()); print('script ran')"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "script ran" not in proc.stdout
+    assert "KT_THREADS must be an integer; got 'four'" in proc.stderr
+
+
 def test_disable_restores_stock_objects(checkpoints):
     from peft.tuners.tuners_utils import BaseTuner
     from transformers.modeling_utils import PreTrainedModel
