@@ -46,7 +46,7 @@ def is_placeholder(tensor: torch.Tensor) -> bool:
     return tensor.dim() > 0 and all(stride == 0 for stride in tensor.stride())
 
 
-_side_streams: dict[int, "torch.cuda.Stream"] = {}
+_side_streams: dict[int, torch.cuda.Stream] = {}
 
 
 def _side_stream(device: torch.device):

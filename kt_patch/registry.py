@@ -75,7 +75,7 @@ def unsupported_reason(block: nn.Module, family: MoeFamily, activations: tuple[s
     for attr in (family.router, family.experts, family.shared_expert, family.shared_expert_gate):
         if attr is not None and not isinstance(getattr(block, attr, None), nn.Module):
             return f"{type(block).__name__}.{attr} is missing"
-    if any(True for _ in block.named_parameters(recurse=False)) or any(True for _ in block.named_buffers(recurse=False)):
+    if next(block.parameters(recurse=False), None) is not None or next(block.buffers(recurse=False), None) is not None:
         return f"{type(block).__name__} holds its own parameters, which kt_patch does not know how to use"
     experts = getattr(block, family.experts)
     gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)

@@ -217,7 +217,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(checkpoints, reentrant)
 
 
 def test_device_moves_skip_routed_experts(checkpoints):
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     kt_patch.enable()
     try:

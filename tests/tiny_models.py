@@ -29,8 +29,10 @@ COMMON = dict(
 # model_type -> config overrides on top of COMMON. Expert count 8, top-2, expert intermediate 32 everywhere.
 FAMILIES: dict[str, dict] = {
     "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
-    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48),
-    "qwen3_next": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48),
+    "qwen3_next": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=48,
                        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
                        linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"]),
     "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32),
@@ -114,7 +116,8 @@ def lora_config(model_type: str, variant: str = "parameters"):
                       target_parameters=["experts.gate_up_proj", "experts.down_proj"])
 
 
-def train(checkpoint: str, model_type: str, out_dir: str, *, dtype=torch.float32, steps: int = 10, variant="parameters"):
+def train(checkpoint: str, model_type: str, out_dir: str, *, dtype=torch.float32, steps: int = 10,
+          variant: str = "parameters"):
     """Fine-tune LoRA with AdamW on fixed random tokens; saves the adapter and returns losses, step-2 LoRA gradients
     and the trained model's logits on fixed evaluation tokens."""
     from peft import get_peft_model
