@@ -250,3 +250,14 @@ def test_load_state_dict_puts_new_expert_weights_in_the_kernel():
     state = patched.state_dict()
     for name, tensor in other.state_dict().items():
         assert torch.equal(state[name], tensor), name
+
+
+def test_single_device_maps_are_recognised():
+    from kt_patch.integrations.transformers import _single_device
+
+    assert _single_device("cuda") == torch.device("cuda")
+    assert _single_device(1) == torch.device("cuda", 1)
+    assert _single_device({"": "cuda:0"}) == torch.device("cuda", 0)
+    assert _single_device(torch.device("cuda", 2)) == torch.device("cuda", 2)
+    for not_single in (None, "auto", "balanced", "sequential", "cpu", {"": "cpu"}, {"model": 0, "lm_head": 1}, True):
+        assert _single_device(not_single) is None, not_single

@@ -73,16 +73,27 @@ def test_gpu_training_matches_stock(checkpoints, model_type):
     assert any(t.is_cuda for t in tensors)
 
 
-def test_device_map_load_frees_experts_from_gpu(checkpoints):
+@pytest.mark.parametrize("device_map", ["cuda", 0, {"": "cuda:0"}])
+def test_single_device_map_never_puts_experts_on_gpu(checkpoints, device_map):
+    """device_map naming one accelerator: the model lands there, except the routed experts, which never do."""
+    from transformers import AutoModelForCausalLM
+
+    path = os.path.join(checkpoints, "qwen3_moe")
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
-    stock = load(checkpoints, "qwen3_moe", patched=False, device_map="cuda")
+    stock = AutoModelForCausalLM.from_pretrained(path, device_map=device_map)
     stock_bytes = torch.cuda.memory_allocated() - base
     del stock
     torch.cuda.empty_cache()
-    patched = load(checkpoints, "qwen3_moe", patched=True, device_map="cuda")
-    patched_bytes = torch.cuda.memory_allocated() - base
+    torch.cuda.reset_peak_memory_stats()
+    kt_patch.enable()
+    try:
+        patched = AutoModelForCausalLM.from_pretrained(path, device_map=device_map)
+    finally:
+        kt_patch.disable()
     expert_bytes = sum(3 * k.num_experts * k.hidden_size * k.intermediate_size * k.dtype.itemsize
                        for k in (m.kernel for m in patched.modules() if isinstance(m, KtMoeLayer)))
-    assert expert_bytes > 0
-    assert patched_bytes <= stock_bytes - 0.9 * expert_bytes
+    assert expert_bytes > 0 and patched.device.type == "cuda"
+    assert torch.cuda.max_memory_allocated() - base <= stock_bytes - expert_bytes
+    ids = torch.randint(3, 128, (2, 7), device="cuda")
+    assert patched(input_ids=ids, labels=ids).loss.isfinite()

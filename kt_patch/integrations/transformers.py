@@ -6,16 +6,54 @@ same entry points while they are being constructed (weights not loaded yet), so 
 """
 from __future__ import annotations
 
+import logging
 import threading
 
+import torch
 from torch import nn
 
+logger = logging.getLogger("kt_patch")
 _nesting = threading.local()
+_PLACEMENT_POLICIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def install(modeling_utils, patches) -> None:
-    patches.wrap(modeling_utils.PreTrainedModel, "from_pretrained", _patch_built_model)
+    patches.wrap(modeling_utils.PreTrainedModel, "from_pretrained", _patch_loaded_model)
     patches.wrap(modeling_utils.PreTrainedModel, "_from_config", _patch_built_model)
+
+
+def _single_device(device_map) -> torch.device | None:
+    """The device of a ``device_map`` that puts the whole model on one accelerator, else None."""
+    if isinstance(device_map, dict) and set(device_map) == {""}:
+        device_map = device_map[""]
+    if isinstance(device_map, int) and not isinstance(device_map, bool):
+        return torch.device("cuda", device_map)
+    if isinstance(device_map, torch.device) or (isinstance(device_map, str) and device_map not in _PLACEMENT_POLICIES):
+        device = torch.device(device_map)
+        return device if device.type not in ("cpu", "meta", "disk") else None
+    return None
+
+
+def _patch_loaded_model(wrapped, instance, args, kwargs):
+    from .. import current_options
+
+    device = None
+    if getattr(_nesting, "depth", 0) == 0 and current_options() is not None:
+        device = _single_device(kwargs.get("device_map"))
+        if device is not None and kwargs.get("quantization_config") is None:
+            # Load into host memory and move only the non-expert part afterwards, so that routed experts never
+            # occupy the accelerator, not even while loading.
+            kwargs = {k: v for k, v in kwargs.items() if k != "device_map"}
+        else:
+            device = None
+            if kwargs.get("device_map") not in (None, "cpu"):
+                logger.warning("kt_patch: device_map=%r loads routed experts onto the accelerator before they move "
+                               "into the CPU kernel; load on the CPU (or a single device) to avoid that peak",
+                               kwargs["device_map"])
+    result = _patch_built_model(wrapped, instance, args, kwargs)
+    if device is not None:
+        (result[0] if isinstance(result, tuple) else result).to(device)
+    return result
 
 
 def _patch_built_model(wrapped, instance, args, kwargs):
