@@ -1,10 +1,9 @@
 // pybind11 binding: raw pointers (tensor.data_ptr()) and sizes in, no torch headers; every call that waits or
 // computes releases the GIL. kt_patch/kernel.py is the documented Python entry point over this.
 #include <pybind11/pybind11.h>
-#include <pybind11/functional.h>
+#include <pybind11/stl.h>
 
 #include <exception>
-#include <pybind11/stl.h>
 
 #include "moe_layer.h"
 
@@ -70,6 +69,14 @@ struct Pending {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "kt_patch CPU expert kernel";
   m.def("supported_isas", &supported_isas, "ISA backends this CPU runs, best first");
+  m.def(
+      "profile",
+      [](bool reset) {
+        py::dict out;
+        for (const auto& p : profile(reset)) out[py::str(p.name)] = py::make_tuple(p.seconds, p.calls);
+        return out;
+      },
+      py::arg("reset") = false, "{phase: (seconds, calls)} when KT_PROFILE is set");
   m.def("live_contexts", &ForwardContext::live, "forward contexts (activation caches) alive in the process");
 
   py::class_<ForwardContext, std::shared_ptr<ForwardContext>>(m, "ForwardContext")

@@ -131,15 +131,26 @@ struct Core {
   }
 
   // The panel of W^T for W's columns k0 .. k0+15, from W packed as [Np][Kp]: 16 output columns, reduction over n.
+  // For bf16, the 4 values of W rows n, n+1 x columns k, k+1 are one 64-bit word in both layouts, with the middle
+  // two values swapped: the panel is an 8 x 8 transpose of such words per 16 rows of W.
   static void pack_transposed_panel(const T* W, int Np, int Kp, int k0, T* dst) {
-    if (!Ops::transpose_panel(W, Np, Kp, k0, dst)) {
-      for (int np = 0; np < Np / P; ++np)
-        for (int kk = 0; kk < kPanel; ++kk)
-          for (int pp = 0; pp < P; ++pp) {
-            const int n = np * P + pp, k = k0 + kk;
-            dst[(static_cast<size_t>(np) * kPanel + kk) * P + pp] =
-                W[(static_cast<size_t>(n / kPanel) * (Kp / P) + k / P) * kPanel * P + (n % kPanel) * P + k % P];
+    if constexpr (P == 2) {
+      for (int nb = 0; nb < Np / kPanel; ++nb) {
+        const uint64_t* src = reinterpret_cast<const uint64_t*>(W + (static_cast<size_t>(nb) * (Kp / P) + k0 / P) *
+                                                                        kPanel * P);
+        uint64_t* out = reinterpret_cast<uint64_t*>(dst + static_cast<size_t>(nb) * (kPanel / P) * kPanel * P);
+        for (int q = 0; q < 8; ++q)
+          for (int kp = 0; kp < 8; ++kp) {
+            const uint64_t w = src[kp * 8 + q];
+            out[q * 8 + kp] = (w & 0xffff00000000ffffull) | ((w >> 16) & 0x00000000ffff0000ull) |
+                              ((w << 16) & 0x0000ffff00000000ull);
           }
+      }
+    } else {
+      for (int n = 0; n < Np; ++n)
+        for (int kk = 0; kk < kPanel; ++kk)
+          dst[static_cast<size_t>(n) * kPanel + kk] =
+              W[(static_cast<size_t>(n / kPanel) * Kp + k0 + kk) * kPanel + n % kPanel];
     }
   }
 
@@ -170,7 +181,7 @@ struct Core {
   static void gather_rows(const Plan& p, const void* src, const Rows& rows, T* dst) {
     for (int r = 0; r < rows.count; ++r) {
       const size_t t = static_cast<size_t>(p.row_src[rows.begin + r] / p.k);
-      T* out = dst + static_cast<size_t>(rows.begin + r) * p.Hp;
+      T* out = dst + static_cast<size_t>(rows.begin + r) * p.ldh;
       if (p.io == DType::bf16 && P == 2) {
         std::memcpy(out, static_cast<const bf16*>(src) + t * p.H, sizeof(T) * p.H);
       } else {
@@ -256,7 +267,7 @@ struct Core {
          p.H, 1, r1, p.H, pkA);
     float* ag = p.ag + static_cast<size_t>(rows.begin) * p.r1p;
     for (int r0 = 0; r0 < rows.count; r0 += kRowChunk)
-      gemm(X + static_cast<size_t>(rows.begin + r0) * p.Hp, p.Hp, imin(kRowChunk, rows.count - r0), p.Hp, pkA,
+      gemm(X + static_cast<size_t>(rows.begin + r0) * p.ldh, p.ldh, imin(kRowChunk, rows.count - r0), p.Hp, pkA,
            static_cast<size_t>(p.Hp) * kPanel, p.r1p / kPanel, ag + static_cast<size_t>(r0) * p.r1p, p.r1p, false);
     scale_rows(ag, rows.count, r1, p.r1p, p.gu.scaling, static_cast<T*>(p.ag_s) + static_cast<size_t>(rows.begin) * p.r1p);
     // Bg and Bu of this expert as [I][r1] operands for the gate/up items.
@@ -287,14 +298,14 @@ struct Core {
     for (int r0 = 0; r0 < rows.count; r0 += kRowChunk) {
       const int m = imin(kRowChunk, rows.count - r0);
       const size_t row = static_cast<size_t>(rows.begin + r0);
-      gemm(X + row * p.Hp, p.Hp, m, p.Hp, wg, wstride, nblocks, cg, ld, false);
-      gemm(X + row * p.Hp, p.Hp, m, p.Hp, wu, wstride, nblocks, cu, ld, false);
+      gemm(X + row * p.ldh, p.ldh, m, p.Hp, wg, wstride, nblocks, cg, ld, false);
+      gemm(X + row * p.ldh, p.ldh, m, p.Hp, wu, wstride, nblocks, cu, ld, false);
       if (lg) {
         gemm(ag_s + row * p.r1p, p.r1p, m, p.r1p, lg, lstride, nblocks, cg, ld, true);
         gemm(ag_s + row * p.r1p, p.r1p, m, p.r1p, lu, lstride, nblocks, cu, ld, true);
       }
       for (int r = 0; r < m; ++r) {
-        const size_t o = (row + r) * p.Ip + c0;
+        const size_t o = (row + r) * p.ldi + c0;
         const float* g = cg + r * ld;
         const float* u = cu + r * ld;
         for (int c = 0; c < ncols; ++c) Z[o + c] = Elem<T>::from(g[c] / (1.f + fast_exp(-g[c])) * u[c]);
@@ -315,7 +326,7 @@ struct Core {
     const T* Z = static_cast<const T*>(p.Z);
     float* ad = p.ad + static_cast<size_t>(rows.begin) * p.r2p;
     for (int r0 = 0; r0 < rows.count; r0 += kRowChunk)
-      gemm(Z + static_cast<size_t>(rows.begin + r0) * p.Ip, p.Ip, imin(kRowChunk, rows.count - r0), p.Ip, pkA,
+      gemm(Z + static_cast<size_t>(rows.begin + r0) * p.ldi, p.ldi, imin(kRowChunk, rows.count - r0), p.Ip, pkA,
            static_cast<size_t>(p.Ip) * kPanel, p.r2p / kPanel, ad + static_cast<size_t>(r0) * p.r2p, p.r2p, false);
     scale_rows(ad, rows.count, r2, p.r2p, p.dn.scaling, static_cast<T*>(p.ad_s) + static_cast<size_t>(rows.begin) * p.r2p);
     pack(static_cast<const char*>(p.dn.B) + elem_offset(p.dn.dtype, e), p.dn.dtype, static_cast<ptrdiff_t>(p.E) * r2,
@@ -335,7 +346,7 @@ struct Core {
     for (int r0 = 0; r0 < rows.count; r0 += kRowChunk) {
       const int m = imin(kRowChunk, rows.count - r0);
       const size_t row = static_cast<size_t>(rows.begin + r0);
-      gemm(Z + row * p.Ip, p.Ip, m, p.Ip, wd, wstride, nblocks, c, ld, false);
+      gemm(Z + row * p.ldi, p.ldi, m, p.Ip, wd, wstride, nblocks, c, ld, false);
       if (ld_pk) gemm(ad_s + row * p.r2p, p.r2p, m, p.r2p, ld_pk, lstride, nblocks, c, ld, true);
       for (int r = 0; r < m; ++r) {
         const float w = p.row_weight[row + r];
@@ -376,7 +387,7 @@ struct Core {
          static_cast<ptrdiff_t>(p.E) * r2, r2, p.H, pk);
     float* bdy = p.lora_tmp + static_cast<size_t>(rows.begin) * p.r2p;
     for (int r0 = 0; r0 < rows.count; r0 += kRowChunk)
-      gemm(dY + static_cast<size_t>(rows.begin + r0) * p.Hp, p.Hp, imin(kRowChunk, rows.count - r0), p.Hp, pk,
+      gemm(dY + static_cast<size_t>(rows.begin + r0) * p.ldh, p.ldh, imin(kRowChunk, rows.count - r0), p.Hp, pk,
            static_cast<size_t>(p.Hp) * kPanel, p.r2p / kPanel, bdy + static_cast<size_t>(r0) * p.r2p, p.r2p, false);
     scale_rows(bdy, rows.count, r2, p.r2p, p.dn.scaling,
                static_cast<T*>(p.lora_tmp_s) + static_cast<size_t>(rows.begin) * p.r2p);
@@ -399,7 +410,7 @@ struct Core {
       const int m = imin(kRowChunk, rows.count - r0);
       const size_t row = static_cast<size_t>(rows.begin + r0);
       float* c = p.dZp + row * p.Ip + c0;
-      gemm(dY + row * p.Hp, p.Hp, m, p.Hp, panels, pstride, nblocks, c, p.Ip, false);
+      gemm(dY + row * p.ldh, p.ldh, m, p.Hp, panels, pstride, nblocks, c, p.Ip, false);
       if (la) gemm(bdy_s + row * p.r2p, p.r2p, m, p.r2p, la, lstride, nblocks, c, p.Ip, true);
     }
   }
@@ -411,8 +422,8 @@ struct Core {
     T* dG = static_cast<T*>(p.dG);
     T* dU = static_cast<T*>(p.dU);
     for (int r = 0; r < rows.count; ++r) {
-      const size_t row = static_cast<size_t>(rows.begin + r), o = row * p.Ip;
-      const float* dz = p.dZp + o;
+      const size_t row = static_cast<size_t>(rows.begin + r), o = row * p.ldi;
+      const float* dz = p.dZp + row * p.Ip;
       float dwr = 0.f;
       for (int i = 0; i < p.I; ++i) dwr += dz[i] * Elem<T>::to(Z[o + i]);
       p.dw[p.row_src[row]] = dwr;
@@ -433,9 +444,9 @@ struct Core {
       const float* ad = p.ad + static_cast<size_t>(rows.begin) * p.r2p;
       const size_t ldB = static_cast<size_t>(p.E) * r2;
       // dAd[e*r2 + j][i] += s2 sum_r w_r bdy[r][j] Z[r][i];  dBd[h][j*E + e] += s2 sum_r w_r ad[r][j] dY[r][h]
-      outer_grad(bdy, p.r2p, wrow, Z + static_cast<size_t>(rows.begin) * p.Ip, p.Ip, rows.count, r2, p.I,
+      outer_grad(bdy, p.r2p, wrow, Z + static_cast<size_t>(rows.begin) * p.ldi, p.ldi, rows.count, r2, p.I,
                  p.dn.scaling, p.dn_grad.A + static_cast<size_t>(e) * r2 * p.I, p.I, 1, acc);
-      outer_grad(ad, p.r2p, wrow, static_cast<const T*>(p.dY) + static_cast<size_t>(rows.begin) * p.Hp, p.Hp,
+      outer_grad(ad, p.r2p, wrow, static_cast<const T*>(p.dY) + static_cast<size_t>(rows.begin) * p.ldh, p.ldh,
                  rows.count, r2, p.H, p.dn.scaling, p.dn_grad.B + e, p.E, ldB, acc);
     }
     if (const int r1 = p.gu.rank) {
@@ -451,18 +462,18 @@ struct Core {
       for (int r0 = 0; r0 < rows.count; r0 += kRowChunk) {
         const int m = imin(kRowChunk, rows.count - r0);
         const size_t row = static_cast<size_t>(rows.begin + r0);
-        gemm(dG + row * p.Ip, p.Ip, m, p.Ip, pkg, pstride, p.r1p / kPanel, gbg + r0 * p.r1p, p.r1p, false);
-        gemm(dU + row * p.Ip, p.Ip, m, p.Ip, pku, pstride, p.r1p / kPanel, gbg + r0 * p.r1p, p.r1p, true);
+        gemm(dG + row * p.ldi, p.ldi, m, p.Ip, pkg, pstride, p.r1p / kPanel, gbg + r0 * p.r1p, p.r1p, false);
+        gemm(dU + row * p.ldi, p.ldi, m, p.Ip, pku, pstride, p.r1p / kPanel, gbg + r0 * p.r1p, p.r1p, true);
       }
       scale_rows(gbg, rows.count, r1, p.r1p, p.gu.scaling,
                  static_cast<T*>(p.lora_tmp_s) + static_cast<size_t>(rows.begin) * p.r1p);
       const float* ag = p.ag + static_cast<size_t>(rows.begin) * p.r1p;
       // dAgu[e*r1 + j][h] += s1 sum_r gbg[r][j] X[r][h];  dBgu[o][j*E + e] += s1 sum_r ag[r][j] dG|dU[r][o]
-      outer_grad(gbg, p.r1p, nullptr, static_cast<const T*>(p.X) + static_cast<size_t>(rows.begin) * p.Hp, p.Hp,
+      outer_grad(gbg, p.r1p, nullptr, static_cast<const T*>(p.X) + static_cast<size_t>(rows.begin) * p.ldh, p.ldh,
                  rows.count, r1, p.H, p.gu.scaling, p.gu_grad.A + static_cast<size_t>(e) * r1 * p.H, p.H, 1, acc);
-      outer_grad(ag, p.r1p, nullptr, dG + static_cast<size_t>(rows.begin) * p.Ip, p.Ip, rows.count, r1, p.I,
+      outer_grad(ag, p.r1p, nullptr, dG + static_cast<size_t>(rows.begin) * p.ldi, p.ldi, rows.count, r1, p.I,
                  p.gu.scaling, p.gu_grad.B + e, p.E, ldB, acc);
-      outer_grad(ag, p.r1p, nullptr, dU + static_cast<size_t>(rows.begin) * p.Ip, p.Ip, rows.count, r1, p.I,
+      outer_grad(ag, p.r1p, nullptr, dU + static_cast<size_t>(rows.begin) * p.ldi, p.ldi, rows.count, r1, p.I,
                  p.gu.scaling, p.gu_grad.B + static_cast<size_t>(p.I) * ldB + e, p.E, ldB, acc);
       // Agu^T as an [H][r1] operand for the dX items.
       pack(static_cast<const char*>(p.gu.A) + elem_offset(p.gu.dtype, static_cast<size_t>(e) * r1 * p.H),
@@ -491,8 +502,8 @@ struct Core {
     for (int r0 = 0; r0 < rows.count; r0 += kRowChunk) {
       const int m = imin(kRowChunk, rows.count - r0);
       const size_t row = static_cast<size_t>(rows.begin + r0);
-      gemm(dG + row * p.Ip, p.Ip, m, p.Ip, pg, pstride, nblocks, c, ld, false);
-      gemm(dU + row * p.Ip, p.Ip, m, p.Ip, pu, pstride, nblocks, c, ld, true);
+      gemm(dG + row * p.ldi, p.ldi, m, p.Ip, pg, pstride, nblocks, c, ld, false);
+      gemm(dU + row * p.ldi, p.ldi, m, p.Ip, pu, pstride, nblocks, c, ld, true);
       if (la) gemm(gbg_s + row * p.r1p, p.r1p, m, p.r1p, la, lstride, nblocks, c, ld, true);
       for (int r = 0; r < m; ++r)
         std::memcpy(p.rows_out + static_cast<size_t>(p.row_src[row + r]) * p.Hp + c0, c + r * ld,

@@ -172,6 +172,9 @@ Plan MoELayer::base_plan() const {
   p.I = I_;
   p.Hp = Hp_;
   p.Ip = Ip_;
+  const int row_pad = 64 / static_cast<int>(dtype_size(compute_));
+  p.ldh = Hp_ + row_pad;
+  p.ldi = Ip_ + row_pad;
   p.wg = wg_.data();
   p.wu = wu_.data();
   p.wd = wd_.data();
@@ -245,13 +248,13 @@ class ForwardJob : public LayerJob {
         ForwardContext& c = *ctx_;
         const size_t R = rows(), s = es();
         // Kept for the backward when saving, else in the executor's scratch.
-        p.X = (p.save ? c.X : ex_.X).reserve(R * p.Hp * s);
-        p.Z = (p.save ? c.Z : ex_.Z).reserve(R * p.Ip * s);
+        p.X = (p.save ? c.X : ex_.X).reserve(R * p.ldh * s);
+        p.Z = (p.save ? c.Z : ex_.Z).reserve(R * p.ldi * s);
         p.ag = static_cast<float*>((p.save ? c.ag : ex_.ag).reserve(R * p.r1p * 4));
         p.ad = static_cast<float*>((p.save ? c.ad : ex_.ad).reserve(R * p.r2p * 4));
         if (p.save) {
-          p.G = c.G.reserve(R * p.Ip * s);
-          p.U = c.U.reserve(R * p.Ip * s);
+          p.G = c.G.reserve(R * p.ldi * s);
+          p.U = c.U.reserve(R * p.ldi * s);
         }
         p.ag_s = ex_.ag_s.reserve(R * p.r1p * s);
         p.ad_s = ex_.ad_s.reserve(R * p.r2p * s);
@@ -265,6 +268,11 @@ class ForwardJob : public LayerJob {
   }
   void run(int phase, size_t item, int worker) override {
     layer_.backend_->forward_item(layer_.compute(), plan_, phase, item, worker);
+  }
+  const char* phase_name(int phase) const override {
+    static const char* names[] = {"forward.0.gather", "forward.1.gate_up", "forward.2.down_lora", "forward.3.down",
+                                  "forward.4.sum_slots"};
+    return names[phase];
   }
 
  private:
@@ -296,10 +304,10 @@ class BackwardJob : public LayerJob {
       case 0: {
         reserve_common(ex_);
         const size_t R = rows(), s = es(), rp = std::max(p.r1p, p.r2p);
-        p.dY = ex_.dY.reserve(R * p.Hp * s);
+        p.dY = ex_.dY.reserve(R * p.ldh * s);
         p.dZp = static_cast<float*>(ex_.dZp.reserve(R * p.Ip * 4));
-        p.dG = ex_.dG.reserve(R * p.Ip * s);
-        p.dU = ex_.dU.reserve(R * p.Ip * s);
+        p.dG = ex_.dG.reserve(R * p.ldi * s);
+        p.dU = ex_.dU.reserve(R * p.ldi * s);
         p.lora_tmp = static_cast<float*>(ex_.lora_tmp.reserve(R * rp * 4));
         p.lora_tmp_s = ex_.lora_tmp_s.reserve(R * rp * s);
         return active();
@@ -312,6 +320,11 @@ class BackwardJob : public LayerJob {
   }
   void run(int phase, size_t item, int worker) override {
     layer_.backend_->backward_item(layer_.compute(), plan_, phase, item, worker);
+  }
+  const char* phase_name(int phase) const override {
+    static const char* names[] = {"backward.0.gather", "backward.1.down", "backward.2.activation_lora_grads",
+                                  "backward.3.gate_up", "backward.4.sum_slots"};
+    return names[phase];
   }
 
  private:

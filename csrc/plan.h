@@ -53,6 +53,8 @@ struct LoraGrad {
 // expert e, and row r came from slot row_src[r] = t * k + j.
 struct Plan {
   int E = 0, H = 0, I = 0, Hp = 0, Ip = 0;  // Hp, Ip: H and I padded to multiples of 16
+  int ldh = 0, ldi = 0;  // row strides of the activation rows: Hp, Ip plus 64 bytes, so rows never sit 4 KiB apart
+                         // (which maps the MR rows a GEMM reads together onto one cache set)
   int T = 0, k = 0;
   DType io = DType::f32;   // dtype of x, y, dy, dx
   const void* wg = nullptr;  // packed per expert: gate [I][H], up [I][H], down [H][I]
@@ -72,7 +74,7 @@ struct Plan {
   void* dx = nullptr;
   float* dw = nullptr;
 
-  // Activations, expert-major rows, compute type; X: [R][Hp], G, U, Z: [R][Ip].
+  // Activations, expert-major rows, compute type; X: [R][ldh], G, U, Z: [R][ldi].
   void* X = nullptr;
   void* G = nullptr;
   void* U = nullptr;
@@ -91,9 +93,9 @@ struct Plan {
   size_t lora_pk_stride = 0;
 
   // Backward working buffers.
-  void* dY = nullptr;     // [R][Hp] compute type, unweighted dy rows
+  void* dY = nullptr;     // [R][ldh] compute type, unweighted dy rows
   float* dZp = nullptr;   // [R][Ip] dL/dz before the routing weight
-  void* dG = nullptr;     // [R][Ip]
+  void* dG = nullptr;     // [R][ldi]
   void* dU = nullptr;
   float* lora_tmp = nullptr;  // [R][r] fp32: bdy (backward down) / gbg (backward gate_up)
   void* lora_tmp_s = nullptr;

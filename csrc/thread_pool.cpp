@@ -7,7 +7,32 @@
 #define KT_CPU_RELAX() std::this_thread::yield()
 #endif
 
+#include <chrono>
+#include <cstdlib>
+#include <map>
+
 namespace kt {
+
+namespace {
+std::mutex g_profile_mu;
+std::map<std::string, std::pair<double, long>> g_profile;
+}  // namespace
+
+bool profiling_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("KT_PROFILE");
+    return v && *v && std::string(v) != "0";
+  }();
+  return on;
+}
+
+std::vector<PhaseTime> profile(bool reset) {
+  std::lock_guard<std::mutex> lock(g_profile_mu);
+  std::vector<PhaseTime> out;
+  for (const auto& [name, v] : g_profile) out.push_back({name, v.first, v.second});
+  if (reset) g_profile.clear();
+  return out;
+}
 
 void Job::wait() {
   std::unique_lock<std::mutex> lock(mu_);
@@ -62,7 +87,9 @@ void ThreadPool::barrier(int) {
 }
 
 void ThreadPool::run_job(Job& job, int id) {
+  const bool timed = id == 0 && profiling_enabled();
   for (int phase = 0; phase < job.num_phases(); ++phase) {
+    const auto start = std::chrono::steady_clock::now();
     if (id == 0) {
       size_t count = 0;
       if (!failed_.load()) {
@@ -90,6 +117,13 @@ void ThreadPool::run_job(Job& job, int id) {
       }
     }
     barrier(id);
+    if (timed && job.phase_name(phase)) {
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      std::lock_guard<std::mutex> lock(g_profile_mu);
+      auto& slot = g_profile[job.phase_name(phase)];
+      slot.first += s;
+      slot.second += 1;
+    }
   }
 }
 

@@ -9,6 +9,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -25,6 +26,8 @@ class Job {
   // Runs on one worker after the last phase (also after a failure), before waiters wake: release what the job
   // holds here, since workers may keep a reference to the job object a little longer.
   virtual void finish() {}
+  // A short name per phase for the profile ("forward.gate_up"); nullptr: not profiled.
+  virtual const char* phase_name(int) const { return nullptr; }
 
   void wait();  // blocks until the pool has run the job; rethrows its error
   bool done();
@@ -36,6 +39,15 @@ class Job {
   bool done_ = false;
   std::exception_ptr error_;
 };
+
+// Wall time per job phase, summed over all pools, when KT_PROFILE is set in the environment (read once).
+struct PhaseTime {
+  std::string name;
+  double seconds;
+  long calls;
+};
+bool profiling_enabled();
+std::vector<PhaseTime> profile(bool reset);
 
 class ThreadPool {
  public:

@@ -60,7 +60,8 @@ def timed(step, min_time, min_iters=3, warmup=1):
     return statistics.median(fwd), statistics.median(bwd)
 
 
-def run_kt_patch(weights, lora_gu, lora_dn, batches, threads, min_time):
+def run_kt_patch(weights, lora_gu, lora_dn, batches, threads, min_time, profile=False):
+    from . import _C
     from .kernel import ExpertKernel
 
     kernel = ExpertKernel(*weights, name="bench", threads=threads)
@@ -74,7 +75,13 @@ def run_kt_patch(weights, lora_gu, lora_dn, batches, threads, min_time):
             kernel.backward(ctx, dy, ctx.new_lora_grads())
             return t1 - t0, time.perf_counter() - t1
 
+        _C.profile(True)
         out[T] = timed(step, min_time)
+        if profile:
+            phases = _C.profile(True)
+            total = sum(s for s, _ in phases.values())
+            print(f"kt_patch qlen {T}: " + ", ".join(f"{name} {s / n * 1e3:.1f} ms ({100 * s / total:.0f}%)"
+                                                   for name, (s, n) in sorted(phases.items())))
     return out, kernel.isa
 
 
@@ -161,9 +168,12 @@ def main(argv=None):
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds of timed iterations per point")
     ap.add_argument("--anchor", default=ANCHOR, help="path of shared/bench/kt_anchor_bench.py (for kt_kernel)")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--profile", action="store_true", help="print where kt_patch's time goes, per kernel phase")
     args = ap.parse_args(argv)
     from . import options
 
+    if args.profile:
+        os.environ["KT_PROFILE"] = "1"  # read by the kernel when its first job runs
     threads = args.threads or options.resolve().threads
     qlens = [int(q) for q in args.qlens.split(",")]
     backends = args.backends.split(",")
@@ -178,7 +188,8 @@ def main(argv=None):
         batches = {T: make_batch(T, H, E, k, seed=T) for T in qlens}
         timings, isa = {}, None
         if "kt_patch" in backends:
-            timings["kt_patch"], isa = run_kt_patch(weights, lora_gu, lora_dn, batches, threads, args.min_time)
+            timings["kt_patch"], isa = run_kt_patch(weights, lora_gu, lora_dn, batches, threads, args.min_time,
+                                                    args.profile)
         if "torch_bf16" in backends:
             timings["torch_bf16"] = run_torch(weights, lora_gu, lora_dn, batches, threads, args.min_time)
         if "kt_kernel" in backends:

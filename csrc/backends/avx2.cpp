@@ -55,10 +55,6 @@ struct Ops {
     c.hi = _mm256_fmadd_ps(a, b.hi, c.hi);
     return c;
   }
-  template <class T>
-  static bool transpose_panel(const T*, int, int, int, T*) {
-    return false;
-  }
 };
 
 #include "../kernel_impl.h"

@@ -24,10 +24,6 @@ struct Ops {
   static __m512 load_a(const float* p) { return _mm512_set1_ps(*p); }
   static V madd(V c, __m512bh b, __m512bh a) { return _mm512_dpbf16_ps(c, a, b); }
   static V madd(V c, __m512 b, __m512 a) { return _mm512_fmadd_ps(a, b, c); }
-  template <class T>
-  static bool transpose_panel(const T*, int, int, int, T*) {
-    return false;
-  }
 };
 
 #include "../kernel_impl.h"

@@ -5,7 +5,6 @@
 //   load_b(const T*)   one packed panel row: 16 columns x P values of the reduction dimension
 //   load_a(const T*)   P consecutive values of one A row, broadcast
 //   madd(V, b, a)      V[c] += sum_p a[p] * b[c][p]
-//   transpose_panel(W, Np, Kp, k0, dst)   a faster Core::pack_transposed_panel, or false to use the generic one
 #include "../plan.h"
 
 namespace {
@@ -50,10 +49,6 @@ struct Ops {
   static V madd(V c, const V& b, float a) {
     for (int i = 0; i < kPanel; ++i) c.v[i] += a * b.v[i];
     return c;
-  }
-  template <class T>
-  static bool transpose_panel(const T*, int, int, int, T*) {
-    return false;
   }
 };
 
