@@ -81,7 +81,7 @@ def _replace_blocks(model, blocks, options: Options, kernel_class) -> PatchSumma
             summary.layers += 1
             summary.experts += kernel.num_experts
             summary.host_bytes += weight_bytes
-            summary.isa = kernel.isa
+            summary.isa, summary.threads = kernel.isa, kernel.threads
     except BaseException:
         for parent, child_name, block, layer in reversed(swapped):
             layer.release_expert_weights()
