@@ -237,21 +237,55 @@ struct Core {
   static int col_blocks(const Plan& p, int cols) { return (cols + p.col_block - 1) / p.col_block; }
 
   // ------------------------------------------------------------------------------------------- forward
-  // Phases: 0 gather X (+ X Agu^T) per expert, 1 gate/up + activation per (expert, I block),
-  //         2 Z Ad^T per expert, 3 down per (expert, H block), 4 sum over slots per token block.
+  // Phases: 0 LoRA B factors to expert-major, 1 gather X (+ X Agu^T) per expert, 2 gate/up + activation per
+  //         (expert, I block), 3 Z Ad^T per expert, 4 down per (expert, H block), 5 sum over slots per token block.
   static void forward_item(const Plan& p, int phase, size_t item, int worker) {
     switch (phase) {
-      case 0: return fwd_gather(p, expert_rows(p, p.items[item]), worker);
-      case 1: {
+      case 0: return lora_b_to_expert_major(p, item);
+      case 1: return fwd_gather(p, expert_rows(p, p.items[item]), worker);
+      case 2: {
         const int nb = col_blocks(p, p.Ip);
         return fwd_gate_up(p, expert_rows(p, p.items[item / nb]), static_cast<int>(item % nb), worker);
       }
-      case 2: return fwd_down_lora(p, expert_rows(p, p.items[item]), worker);
-      case 3: {
+      case 3: return fwd_down_lora(p, expert_rows(p, p.items[item]), worker);
+      case 4: {
         const int nb = col_blocks(p, p.Hp);
         return fwd_down(p, expert_rows(p, p.items[item / nb]), static_cast<int>(item % nb), worker);
       }
-      case 4: return reduce_slots(p, item, p.y, worker);
+      case 5: return reduce_slots(p, item, p.y, worker);
+    }
+  }
+
+  // PEFT's B [out][E*r] has rank-major columns (j*E + e), so one expert's factor is spread over the whole matrix.
+  // Items: blocks of 16 rows of gate_up's B, then of down's; each copies its rows into Bt [E][r][out] (fp32).
+  static int lora_row_blocks(int out, int rank) { return rank ? (out + 15) / 16 : 0; }
+  static void lora_b_to_expert_major(const Plan& p, size_t item) {
+    const int gu_blocks = lora_row_blocks(2 * p.I, p.gu.rank);
+    const bool gu = static_cast<int>(item) < gu_blocks;
+    const LoraRef& l = gu ? p.gu : p.dn;
+    const int out = gu ? 2 * p.I : p.H, o0 = 16 * (gu ? static_cast<int>(item) : static_cast<int>(item) - gu_blocks);
+    float* Bt = gu ? p.gu_Bt : p.dn_Bt;
+    const int cols = p.E * l.rank, o1 = imin(out, o0 + 16);
+    for (int c = 0; c < cols; ++c) {
+      float* dst = Bt + (static_cast<size_t>(c % p.E) * l.rank + c / p.E) * out;
+      for (int o = o0; o < o1; ++o) dst[o] = load_io(l.B, l.dtype, static_cast<size_t>(o) * cols + c);
+    }
+  }
+
+  // The reverse for the B gradients of the experts that had rows: grad[o][j*E + e] += Gt[e][j][o].
+  static void lora_grad_b_to_peft(const Plan& p, size_t item) {
+    const int gu_blocks = lora_row_blocks(2 * p.I, p.gu.rank);
+    const bool gu = static_cast<int>(item) < gu_blocks;
+    const int rank = gu ? p.gu.rank : p.dn.rank;
+    const int out = gu ? 2 * p.I : p.H, o0 = 16 * (gu ? static_cast<int>(item) : static_cast<int>(item) - gu_blocks);
+    const float* Gt = gu ? p.gu_Gt : p.dn_Gt;
+    float* grad = gu ? p.gu_grad.B : p.dn_grad.B;
+    const int cols = p.E * rank, o1 = imin(out, o0 + 16);
+    for (int c = 0; c < cols; ++c) {
+      const int e = c % p.E;
+      if (p.offsets[e + 1] == p.offsets[e]) continue;
+      const float* src = Gt + (static_cast<size_t>(e) * rank + c / p.E) * out;
+      for (int o = o0; o < o1; ++o) grad[static_cast<size_t>(o) * cols + c] += src[o];
     }
   }
 
@@ -261,7 +295,6 @@ struct Core {
     const int r1 = p.gu.rank;
     if (r1 == 0) return;
     const int e = rows.e;
-    const size_t in_stride = static_cast<size_t>(p.E) * r1;  // row stride of B [out, E*r]
     T* pkA = scratch_T(p, worker);
     pack(static_cast<const char*>(p.gu.A) + elem_offset(p.gu.dtype, static_cast<size_t>(e) * r1 * p.H), p.gu.dtype,
          p.H, 1, r1, p.H, pkA);
@@ -272,9 +305,9 @@ struct Core {
     scale_rows(ag, rows.count, r1, p.r1p, p.gu.scaling, static_cast<T*>(p.ag_s) + static_cast<size_t>(rows.begin) * p.r1p);
     // Bg and Bu of this expert as [I][r1] operands for the gate/up items.
     T* pk = lora_pk(p, e);
-    pack(static_cast<const char*>(p.gu.B) + elem_offset(p.gu.dtype, e), p.gu.dtype, in_stride, p.E, p.I, r1, pk);
-    pack(static_cast<const char*>(p.gu.B) + elem_offset(p.gu.dtype, static_cast<size_t>(p.I) * in_stride + e),
-         p.gu.dtype, in_stride, p.E, p.I, r1, pk + packed_size(p.I, r1));
+    const float* Bt = p.gu_Bt + static_cast<size_t>(e) * r1 * 2 * p.I;
+    pack(Bt, DType::f32, 1, 2 * p.I, p.I, r1, pk);
+    pack(Bt + p.I, DType::f32, 1, 2 * p.I, p.I, r1, pk + packed_size(p.I, r1));
   }
 
   static size_t elem_offset(DType dt, size_t n) { return n * (dt == DType::bf16 ? 2 : 4); }
@@ -329,8 +362,7 @@ struct Core {
       gemm(Z + static_cast<size_t>(rows.begin + r0) * p.ldi, p.ldi, imin(kRowChunk, rows.count - r0), p.Ip, pkA,
            static_cast<size_t>(p.Ip) * kPanel, p.r2p / kPanel, ad + static_cast<size_t>(r0) * p.r2p, p.r2p, false);
     scale_rows(ad, rows.count, r2, p.r2p, p.dn.scaling, static_cast<T*>(p.ad_s) + static_cast<size_t>(rows.begin) * p.r2p);
-    pack(static_cast<const char*>(p.dn.B) + elem_offset(p.dn.dtype, e), p.dn.dtype, static_cast<ptrdiff_t>(p.E) * r2,
-         p.E, p.H, r2, lora_pk(p, e));
+    pack(p.dn_Bt + static_cast<size_t>(e) * r2 * p.H, DType::f32, 1, p.H, p.H, r2, lora_pk(p, e));
   }
 
   static void fwd_down(const Plan& p, const Rows& rows, int block, int worker) {
@@ -358,21 +390,24 @@ struct Core {
   }
 
   // ------------------------------------------------------------------------------------------- backward
-  // Phases: 0 gather dY (+ dY Bd) per expert, 1 dZ' per (expert, I block), 2 activation backward, dw, down LoRA
-  //         grads, (dG Bg + dU Bu) and gate_up LoRA grads per expert, 3 dX per (expert, H block), 4 sum over slots.
+  // Phases: 0 LoRA B factors to expert-major, 1 gather dY (+ dY Bd) per expert, 2 dZ' per (expert, I block),
+  //         3 activation backward, dw, down LoRA grads, (dG Bg + dU Bu) and gate_up LoRA grads per expert,
+  //         4 dX per (expert, H block), 5 sum over slots per token block, 6 B grads back to PEFT's layout.
   static void backward_item(const Plan& p, int phase, size_t item, int worker) {
     switch (phase) {
-      case 0: return bwd_gather(p, expert_rows(p, p.items[item]), worker);
-      case 1: {
+      case 0: return lora_b_to_expert_major(p, item);
+      case 1: return bwd_gather(p, expert_rows(p, p.items[item]), worker);
+      case 2: {
         const int nb = col_blocks(p, p.Ip);
         return bwd_down(p, expert_rows(p, p.items[item / nb]), static_cast<int>(item % nb), worker);
       }
-      case 2: return bwd_activation(p, expert_rows(p, p.items[item]), worker);
-      case 3: {
+      case 3: return bwd_activation(p, expert_rows(p, p.items[item]), worker);
+      case 4: {
         const int nb = col_blocks(p, p.Hp);
         return bwd_gate_up(p, expert_rows(p, p.items[item / nb]), static_cast<int>(item % nb), worker);
       }
-      case 4: return reduce_slots(p, item, p.dx, worker);
+      case 5: return reduce_slots(p, item, p.dx, worker);
+      case 6: return lora_grad_b_to_peft(p, item);
     }
   }
 
@@ -383,8 +418,7 @@ struct Core {
     if (r2 == 0) return;
     // bdy = dY Bd: Bd^T as a [r2][H] operand.
     T* pk = scratch_T(p, worker);
-    pack(static_cast<const char*>(p.dn.B) + elem_offset(p.dn.dtype, e), p.dn.dtype, p.E,
-         static_cast<ptrdiff_t>(p.E) * r2, r2, p.H, pk);
+    pack(p.dn_Bt + static_cast<size_t>(e) * r2 * p.H, DType::f32, p.H, 1, r2, p.H, pk);
     float* bdy = p.lora_tmp + static_cast<size_t>(rows.begin) * p.r2p;
     for (int r0 = 0; r0 < rows.count; r0 += kRowChunk)
       gemm(dY + static_cast<size_t>(rows.begin + r0) * p.ldh, p.ldh, imin(kRowChunk, rows.count - r0), p.Hp, pk,
@@ -442,21 +476,21 @@ struct Core {
     if (const int r2 = p.dn.rank) {
       const float* bdy = p.lora_tmp + static_cast<size_t>(rows.begin) * p.r2p;
       const float* ad = p.ad + static_cast<size_t>(rows.begin) * p.r2p;
-      const size_t ldB = static_cast<size_t>(p.E) * r2;
-      // dAd[e*r2 + j][i] += s2 sum_r w_r bdy[r][j] Z[r][i];  dBd[h][j*E + e] += s2 sum_r w_r ad[r][j] dY[r][h]
+      // dAd[e*r2 + j][i] += s2 sum_r w_r bdy[r][j] Z[r][i];  dBd[h][j*E + e] (via Gt[e][j][h]) = s2 sum_r w_r ad[r][j] dY[r][h]
       outer_grad(bdy, p.r2p, wrow, Z + static_cast<size_t>(rows.begin) * p.ldi, p.ldi, rows.count, r2, p.I,
                  p.dn.scaling, p.dn_grad.A + static_cast<size_t>(e) * r2 * p.I, p.I, 1, acc);
+      float* Gt = p.dn_Gt + static_cast<size_t>(e) * r2 * p.H;
+      std::memset(Gt, 0, sizeof(float) * r2 * p.H);
       outer_grad(ad, p.r2p, wrow, static_cast<const T*>(p.dY) + static_cast<size_t>(rows.begin) * p.ldh, p.ldh,
-                 rows.count, r2, p.H, p.dn.scaling, p.dn_grad.B + e, p.E, ldB, acc);
+                 rows.count, r2, p.H, p.dn.scaling, Gt, p.H, 1, acc);
     }
     if (const int r1 = p.gu.rank) {
       // gbg = dG Bg + dU Bu (Bg^T, Bu^T as [r1][I] operands), then its scaled copy for the dX items.
       T* pkg = scratch_T(p, worker);
       T* pku = pkg + packed_size(p.r1p, p.Ip);
-      const size_t ldB = static_cast<size_t>(p.E) * r1;
-      pack(static_cast<const char*>(p.gu.B) + elem_offset(p.gu.dtype, e), p.gu.dtype, p.E, ldB, r1, p.I, pkg);
-      pack(static_cast<const char*>(p.gu.B) + elem_offset(p.gu.dtype, static_cast<size_t>(p.I) * ldB + e),
-           p.gu.dtype, p.E, ldB, r1, p.I, pku);
+      const float* Bt = p.gu_Bt + static_cast<size_t>(e) * r1 * 2 * p.I;
+      pack(Bt, DType::f32, 2 * p.I, 1, r1, p.I, pkg);
+      pack(Bt + p.I, DType::f32, 2 * p.I, 1, r1, p.I, pku);
       float* gbg = p.lora_tmp + static_cast<size_t>(rows.begin) * p.r1p;
       const size_t pstride = static_cast<size_t>(p.Ip) * kPanel;
       for (int r0 = 0; r0 < rows.count; r0 += kRowChunk) {
@@ -468,13 +502,15 @@ struct Core {
       scale_rows(gbg, rows.count, r1, p.r1p, p.gu.scaling,
                  static_cast<T*>(p.lora_tmp_s) + static_cast<size_t>(rows.begin) * p.r1p);
       const float* ag = p.ag + static_cast<size_t>(rows.begin) * p.r1p;
-      // dAgu[e*r1 + j][h] += s1 sum_r gbg[r][j] X[r][h];  dBgu[o][j*E + e] += s1 sum_r ag[r][j] dG|dU[r][o]
+      // dAgu[e*r1 + j][h] += s1 sum_r gbg[r][j] X[r][h];  dBgu[o][j*E + e] (via Gt[e][j][o]) = s1 sum_r ag[r][j] dG|dU[r][o]
       outer_grad(gbg, p.r1p, nullptr, static_cast<const T*>(p.X) + static_cast<size_t>(rows.begin) * p.ldh, p.ldh,
                  rows.count, r1, p.H, p.gu.scaling, p.gu_grad.A + static_cast<size_t>(e) * r1 * p.H, p.H, 1, acc);
+      float* Gt = p.gu_Gt + static_cast<size_t>(e) * r1 * 2 * p.I;
+      std::memset(Gt, 0, sizeof(float) * r1 * 2 * p.I);
       outer_grad(ag, p.r1p, nullptr, dG + static_cast<size_t>(rows.begin) * p.ldi, p.ldi, rows.count, r1, p.I,
-                 p.gu.scaling, p.gu_grad.B + e, p.E, ldB, acc);
+                 p.gu.scaling, Gt, 2 * p.I, 1, acc);
       outer_grad(ag, p.r1p, nullptr, dU + static_cast<size_t>(rows.begin) * p.ldi, p.ldi, rows.count, r1, p.I,
-                 p.gu.scaling, p.gu_grad.B + static_cast<size_t>(p.I) * ldB + e, p.E, ldB, acc);
+                 p.gu.scaling, Gt + p.I, 2 * p.I, 1, acc);
       // Agu^T as an [H][r1] operand for the dX items.
       pack(static_cast<const char*>(p.gu.A) + elem_offset(p.gu.dtype, static_cast<size_t>(e) * r1 * p.H),
            p.gu.dtype, 1, p.H, p.H, r1, lora_pk(p, e));

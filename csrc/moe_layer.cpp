@@ -200,7 +200,6 @@ class LayerJob : public Job {
     plan_.row_weight = ctx_->row_weight.data();
     plan_.items = ctx_->active.data();
   }
-  int num_phases() const override { return 5; }
   void finish() override { ctx_.reset(); }
 
  protected:
@@ -224,6 +223,13 @@ class LayerJob : public Job {
                                      static_cast<size_t>(p.Ip) * p.r2p, static_cast<size_t>(p.Hp) * p.r1p});
     plan_.lora_pk = ex.lora_pk.reserve(plan_.lora_pk_stride * p.E * es());
     plan_.rows_out = static_cast<float*>(ex.rows_out.reserve(rows() * p.Hp * 4));
+    plan_.gu_Bt = static_cast<float*>(ex.gu_Bt.reserve(static_cast<size_t>(p.E) * p.gu.rank * 2 * p.I * 4));
+    plan_.dn_Bt = static_cast<float*>(ex.dn_Bt.reserve(static_cast<size_t>(p.E) * p.dn.rank * p.H * 4));
+  }
+  // Items of the phases that move LoRA B factors (or their grads) between PEFT's layout and expert-major.
+  size_t lora_row_blocks() const {
+    const Plan& p = plan_;
+    return (p.gu.rank ? (2 * p.I + 15) / 16 : 0) + (p.dn.rank ? (p.H + 15) / 16 : 0);
   }
 
   const MoELayer& layer_;
@@ -240,6 +246,7 @@ class ForwardJob : public LayerJob {
     plan_.y = y;
     plan_.save = save;
   }
+  int num_phases() const override { return 6; }
   size_t prepare(int phase) override {
     Plan& p = plan_;
     switch (phase) {
@@ -258,11 +265,12 @@ class ForwardJob : public LayerJob {
         }
         p.ag_s = ex_.ag_s.reserve(R * p.r1p * s);
         p.ad_s = ex_.ad_s.reserve(R * p.r2p * s);
-        return active();
+        return lora_row_blocks();
       }
-      case 1: return blocks(p.Ip);
-      case 2: return p.dn.rank ? active() : 0;
-      case 3: return blocks(p.Hp);
+      case 1: return active();
+      case 2: return blocks(p.Ip);
+      case 3: return p.dn.rank ? active() : 0;
+      case 4: return blocks(p.Hp);
       default: return (static_cast<size_t>(p.T) + 15) / 16;
     }
   }
@@ -270,8 +278,8 @@ class ForwardJob : public LayerJob {
     layer_.backend_->forward_item(layer_.compute(), plan_, phase, item, worker);
   }
   const char* phase_name(int phase) const override {
-    static const char* names[] = {"forward.0.gather", "forward.1.gate_up", "forward.2.down_lora", "forward.3.down",
-                                  "forward.4.sum_slots"};
+    static const char* names[] = {"forward.0.lora_layout", "forward.1.gather", "forward.2.gate_up",
+                                  "forward.3.down_lora", "forward.4.down", "forward.5.sum_slots"};
     return names[phase];
   }
 
@@ -298,6 +306,7 @@ class BackwardJob : public LayerJob {
     plan_.ad = static_cast<float*>(c.ad.data());
   }
 
+  int num_phases() const override { return 7; }
   size_t prepare(int phase) override {
     Plan& p = plan_;
     switch (phase) {
@@ -310,20 +319,25 @@ class BackwardJob : public LayerJob {
         p.dU = ex_.dU.reserve(R * p.ldi * s);
         p.lora_tmp = static_cast<float*>(ex_.lora_tmp.reserve(R * rp * 4));
         p.lora_tmp_s = ex_.lora_tmp_s.reserve(R * rp * s);
-        return active();
+        p.gu_Gt = static_cast<float*>(ex_.gu_Gt.reserve(static_cast<size_t>(p.E) * p.gu.rank * 2 * p.I * 4));
+        p.dn_Gt = static_cast<float*>(ex_.dn_Gt.reserve(static_cast<size_t>(p.E) * p.dn.rank * p.H * 4));
+        return lora_row_blocks();
       }
-      case 1: return blocks(p.Ip);
-      case 2: return active();
-      case 3: return blocks(p.Hp);
-      default: return (static_cast<size_t>(p.T) + 15) / 16;
+      case 1: return active();
+      case 2: return blocks(p.Ip);
+      case 3: return active();
+      case 4: return blocks(p.Hp);
+      case 5: return (static_cast<size_t>(p.T) + 15) / 16;
+      default: return lora_row_blocks();
     }
   }
   void run(int phase, size_t item, int worker) override {
     layer_.backend_->backward_item(layer_.compute(), plan_, phase, item, worker);
   }
   const char* phase_name(int phase) const override {
-    static const char* names[] = {"backward.0.gather", "backward.1.down", "backward.2.activation_lora_grads",
-                                  "backward.3.gate_up", "backward.4.sum_slots"};
+    static const char* names[] = {"backward.0.lora_layout", "backward.1.gather", "backward.2.down",
+                                  "backward.3.activation_lora_grads", "backward.4.gate_up", "backward.5.sum_slots",
+                                  "backward.6.lora_grad_layout"};
     return names[phase];
   }
 

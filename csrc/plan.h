@@ -89,6 +89,10 @@ struct Plan {
   void* ag_s = nullptr;  // [R][r1p]
   void* ad_s = nullptr;  // [R][r2p]
   int r1p = 0, r2p = 0;  // ranks padded to 16
+  float* gu_Bt = nullptr;  // the B factors expert-major: [E][r][out] fp32
+  float* dn_Bt = nullptr;
+  float* gu_Gt = nullptr;  // their gradients, same layout, for the experts that had rows (backward)
+  float* dn_Gt = nullptr;
   void* lora_pk = nullptr;  // per-expert packed LoRA operands for the column-block phases
   size_t lora_pk_stride = 0;
 
