@@ -19,9 +19,12 @@ def enable(**options) -> Options:
     _options = resolve(options)
     logger.setLevel(_options.log_level)
     if not logger.handlers and not logging.getLogger().handlers:
+        # Nothing configured: show the summary lines on stderr; not propagated, so that a logging.basicConfig() made
+        # later does not print them twice.
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
+        logger.propagate = False
     from . import integrations
 
     integrations.install()

@@ -50,8 +50,16 @@ def load_result(directory, model_type):
     return torch.load(os.path.join(directory, model_type, "result.pt"))
 
 
+def safetensors_header(path):
+    with open(path, "rb") as f:
+        return f.read(int.from_bytes(f.read(8), "little"))
+
+
 def assert_same_adapter_files(stock_dir, patched_dir):
-    stock, patched = (load_file(os.path.join(d, "adapter_model.safetensors")) for d in (stock_dir, patched_dir))
+    """Same keys, shapes, dtypes and layout (the safetensors header byte for byte) and the same adapter_config."""
+    files = [os.path.join(d, "adapter_model.safetensors") for d in (stock_dir, patched_dir)]
+    assert safetensors_header(files[0]) == safetensors_header(files[1])
+    stock, patched = (load_file(f) for f in files)
     assert sorted(stock) == sorted(patched)
     assert all(stock[k].shape == patched[k].shape and stock[k].dtype == patched[k].dtype for k in stock)
     with open(os.path.join(stock_dir, "adapter_config.json")) as f, \
