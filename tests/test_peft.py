@@ -301,3 +301,13 @@ def test_adapter_save_does_not_read_experts_back(checkpoints, tmp_path, monkeypa
     finally:
         kt_patch.disable()
     assert os.path.exists(tmp_path / "adapter_model.safetensors")
+
+
+def test_merging_into_kernel_experts_is_a_clear_error(checkpoints):
+    model = patched_peft(checkpoints, "qwen3_moe", tiny_models.lora_config("qwen3_moe"))
+    kt_patch.enable()
+    try:
+        with pytest.raises(ValueError, match="cannot merge LoRA into routed experts"):
+            model.merge_and_unload()
+    finally:
+        kt_patch.disable()

@@ -17,6 +17,7 @@ _HOOKS = {
     "transformers.modeling_utils": transformers_integration.install,
     "peft.tuners.tuners_utils": peft_integration.install_tuner_hook,
     "peft.peft_model": peft_integration.install_save_hook,
+    "peft.tuners.lora.layer": peft_integration.install_merge_hook,
 }
 
 

@@ -25,6 +25,19 @@ def install_save_hook(peft_model, patches) -> None:
     patches.wrap(peft_model.PeftModel, "save_pretrained", _save_adapter)
 
 
+def install_merge_hook(lora_layer, patches) -> None:
+    patches.wrap(lora_layer.ParamWrapper, "merge", _merge)
+
+
+def _merge(wrapped, instance, args, kwargs):
+    from ..layer import is_placeholder
+
+    if is_placeholder(instance.get_param()):
+        raise ValueError("kt_patch: cannot merge LoRA into routed experts that live in the CPU kernel; merge the "
+                         "saved adapter into a model loaded without kt_patch")
+    return wrapped(*args, **kwargs)
+
+
 def _kt_layers(model: nn.Module):
     from ..layer import KtMoeLayer
 
@@ -82,9 +95,6 @@ def active_expert_lora(experts_slot: nn.Module):
     """``(gate_up, down)``: each ``(lora_A, lora_B, scaling)`` of the active adapter, or None where there is none."""
     found = {}
     for wrapper in _param_wrappers(experts_slot):
-        if wrapper.merged:
-            raise RuntimeError("kt_patch: expert LoRA cannot be merged into routed experts held by the CPU kernel; "
-                               "unmerge it, or merge in a model loaded without kt_patch")
         if wrapper.disable_adapters:
             continue
         adapters = [name for name in wrapper.active_adapters if name in wrapper.lora_A]
