@@ -26,7 +26,6 @@ class MoeFamily:
     jitter_noise: bool = False  # the block multiplies its input by U(1-j, 1+j) in training (block.jitter_noise)
     returns_router_scores: bool = False  # the block returns (hidden_states, routing_weights)
     activation: str = SWIGLU
-    model_types: tuple[str, ...] = ()  # other model_types sharing the block class's module, for documentation
 
 
 FAMILIES: list[MoeFamily] = [
