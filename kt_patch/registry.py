@@ -44,6 +44,15 @@ FAMILIES: list[MoeFamily] = [
     MoeFamily("granitemoe", "GraniteMoeMoE", router="router"),
     MoeFamily("ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock", shared_expert="shared_experts"),
     MoeFamily("hunyuan_v1_moe", "HunYuanMoEV1Moe", shared_expert="shared_mlp"),
+    MoeFamily("dots1", "Dots1MoE", shared_expert="shared_experts"),
+    MoeFamily("glm4_moe_lite", "Glm4MoeLiteMoE", shared_expert="shared_experts"),
+    MoeFamily("exaone_moe", "ExaoneMoeSparseMoEBlock", shared_expert="shared_experts"),
+    MoeFamily("solar_open", "SolarOpenMoE", shared_expert="shared_experts"),
+    MoeFamily("qwen3_5_moe", "Qwen3_5MoeSparseMoeBlock", shared_expert="shared_expert",
+              shared_expert_gate="shared_expert_gate"),
+    MoeFamily("flex_olmo", "FlexOlmoSparseMoeBlock"),
+    MoeFamily("mellum", "MellumSparseMoeBlock"),
+    MoeFamily("jamba", "JambaSparseMoeBlock", router="router"),
 ]
 
 _BY_BLOCK_CLASS = {family.block_class: family for family in FAMILIES}

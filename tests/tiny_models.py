@@ -56,7 +56,31 @@ FAMILIES: dict[str, dict] = {
                          num_hidden_layers=3, moe_layer_start_index=1),
     "hunyuan_v1_moe": dict(num_experts=8, moe_topk=2, moe_intermediate_size=32, num_shared_expert=1,
                            use_mixed_mlp_moe=True),
+    # DeepSeek-V3 look-alikes and other families sharing the skeleton
+    "dots1": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                  num_hidden_layers=3, first_k_dense_replace=1, n_group=2, topk_group=1),
+    "glm4_moe_lite": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                          num_hidden_layers=3, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16,
+                          qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8, n_group=2, topk_group=1),
+    "exaone_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, num_shared_experts=1,
+                       num_hidden_layers=3, first_k_dense_replace=1, n_group=2, topk_group=1),
+    "solar_open": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                       n_group=2, topk_group=1),
+    "qwen3_5_moe_text": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                             shared_expert_intermediate_size=48, linear_num_key_heads=2, linear_num_value_heads=4,
+                             linear_key_head_dim=16, linear_value_head_dim=16,
+                             layer_types=["linear_attention", "full_attention"]),
+    "flex_olmo": dict(num_experts=8, num_experts_per_tok=2, intermediate_size=32),
+    "mellum": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32),
+    "jamba": dict(num_experts=8, num_experts_per_tok=2, intermediate_size=32, expert_layer_period=1,
+                  expert_layer_offset=0, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8, mamba_dt_rank=8,
+                  use_mamba_kernels=False),
 }
+
+
+def family_name(model_type: str) -> str:
+    """The registry name of a model_type (text halves of multimodal models share their parent's name)."""
+    return model_type.removesuffix("_text")
 
 
 def config(model_type: str, **overrides):
