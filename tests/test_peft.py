@@ -242,7 +242,8 @@ def test_lora_experts_train_and_save_with_the_adapter(checkpoints, tmp_path):
     assert rel(after, before) > 1e-4
 
 
-def test_trainer_with_accumulation_and_clipping_matches_stock(checkpoints, tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_trainer_with_accumulation_and_clipping_matches_stock(checkpoints, tmp_path, checkpointing):
     from transformers import Trainer, TrainingArguments
 
     results = []
@@ -253,7 +254,7 @@ def test_trainer_with_accumulation_and_clipping_matches_stock(checkpoints, tmp_p
         args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2,
                                  gradient_accumulation_steps=2, max_grad_norm=0.05, max_steps=4, learning_rate=1e-2,
                                  logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0,
-                                 disable_tqdm=True)
+                                 disable_tqdm=True, activation_checkpointing=checkpointing)
         trainer = Trainer(model=model, args=args, train_dataset=rows)
         trainer.train()
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
