@@ -14,6 +14,8 @@ BACKEND_FLAGS = {
     "csrc/backends/avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
     "csrc/backends/avx512_bf16.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16",
                                       "-mfma", "-mavx2"],
+    "csrc/backends/amx_bf16.cpp": ["-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bw", "-mavx512vl",
+                                   "-mavx512dq", "-mavx512bf16", "-mfma", "-mavx2"],
 } if X86 else {}
 
 

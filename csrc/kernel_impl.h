@@ -96,20 +96,22 @@ struct Core {
   static void gemm(const T* A, size_t lda, int M, int K, const T* B, size_t bstride, int nblocks, float* C,
                    size_t ldc, bool acc) {
     const int kpairs = K / P;
+    // A backend with matrix tiles computes the whole 16-row blocks; the vector micro-kernel does the rest.
+    const int tiled = Ops::gemm_tiles(A, lda, M, K, B, bstride, nblocks, C, ldc, acc);
     for (int nb = 0; nb < nblocks; nb += Ops::NV) {
       const int nv = imin(Ops::NV, nblocks - nb);
-      for (int m = 0; m < M; m += Ops::MR)
+      for (int m = tiled; m < M; m += Ops::MR)
         micro_cols(nv, imin(Ops::MR, M - m), A + m * lda, lda, B + nb * bstride, bstride, kpairs,
                    C + m * ldc + nb * kPanel, ldc, acc);
     }
   }
 
   // ------------------------------------------------------------------------------------------- packing
-  static size_t packed_size(int N, int K) { return round_up(N, kPanel) * round_up(K, kPanel); }
+  static size_t packed_size(int N, int K) { return round_up(N, kPad) * round_up(K, kPad); }
 
   template <class S>
   static void pack_from(const S* src, ptrdiff_t sn, ptrdiff_t sk, int N, int K, T* dst) {
-    const int Np = static_cast<int>(round_up(N, kPanel)), Kp = static_cast<int>(round_up(K, kPanel));
+    const int Np = static_cast<int>(round_up(N, kPad)), Kp = static_cast<int>(round_up(K, kPad));
     for (int nb = 0; nb < Np / kPanel; ++nb)
       for (int kp = 0; kp < Kp / P; ++kp) {
         T* out = dst + (static_cast<size_t>(nb) * (Kp / P) + kp) * kPanel * P;

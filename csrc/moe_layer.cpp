@@ -4,12 +4,19 @@
 #include <map>
 #include <mutex>
 
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace kt {
 
 const Backend* backend_scalar();
 #if defined(__x86_64__)
 const Backend* backend_avx2();
 const Backend* backend_avx512_bf16();
+const Backend* backend_amx_bf16();
 #endif
 
 namespace {
@@ -20,14 +27,30 @@ struct IsaEntry {
   bool (*cpu_runs)();
 };
 
+#if defined(__x86_64__)
+bool cpu_avx512_bf16() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+}
+
+// AMX needs the CPU feature bits and, on Linux, the process's permission to use the tile state.
+bool cpu_amx_bf16() {
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    if (!cpu_avx512_bf16() || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool tile = d & (1u << 24), bf16 = d & (1u << 22);
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return tile && bf16 && syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+#endif
+
 // Best first.
 const IsaEntry kIsas[] = {
 #if defined(__x86_64__)
-    {"avx512_bf16", backend_avx512_bf16,
-     [] {
-       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
-     }},
+    {"amx_bf16", backend_amx_bf16, cpu_amx_bf16},
+    {"avx512_bf16", backend_avx512_bf16, cpu_avx512_bf16},
     {"avx2", backend_avx2, [] { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }},
 #endif
     {"scalar", backend_scalar, [] { return true; }},
@@ -94,8 +117,8 @@ MoELayer::MoELayer(std::string name, int experts, int hidden, int intermediate, 
   if (threads < 1) fail("threads must be >= 1");
   backend_ = select_backend(isa);
   exec_ = shared_executor(threads);
-  Hp_ = static_cast<int>(round_up(H_, kPanel));
-  Ip_ = static_cast<int>(round_up(I_, kPanel));
+  Hp_ = static_cast<int>(round_up(H_, kPad));
+  Ip_ = static_cast<int>(round_up(I_, kPad));
   gu_stride_ = static_cast<size_t>(Ip_) * Hp_;
   d_stride_ = static_cast<size_t>(Hp_) * Ip_;
   const size_t es = dtype_size(compute_);
@@ -193,8 +216,8 @@ class LayerJob : public Job {
     plan_.io = ctx_->io;
     plan_.gu = ctx_->gu;
     plan_.dn = ctx_->dn;
-    plan_.r1p = static_cast<int>(round_up(plan_.gu.rank, kPanel));
-    plan_.r2p = static_cast<int>(round_up(plan_.dn.rank, kPanel));
+    plan_.r1p = static_cast<int>(round_up(plan_.gu.rank, kPad));
+    plan_.r2p = static_cast<int>(round_up(plan_.dn.rank, kPad));
     plan_.offsets = ctx_->offsets.data();
     plan_.row_src = ctx_->row_src.data();
     plan_.row_weight = ctx_->row_weight.data();

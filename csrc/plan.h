@@ -29,9 +29,10 @@ static inline size_t round_up(size_t v, size_t m) { return (v + m - 1) / m * m; 
 // Packed matrices: a logical W[N][K] (output n, reduction k) is stored as 16-column panels, each panel K/P rows of
 // 16 columns x P consecutive k ("VNNI" for bf16, P = 2; plain for fp32, P = 1): element (n, k) lives at
 //   ((n / 16) * (Kp / P) + k / P) * 16 * P + (n % 16) * P + k % P
-// with N padded to a multiple of 16 and K to Kp (a multiple of 16) with zeros. A GEMM reads one panel as 16
-// output columns; AMX tiles use the same panel format.
+// with N padded to Np and K to Kp (multiples of kPad) with zeros. A GEMM reads one panel as 16 output columns;
+// 16 of its rows (32 values of k) are one AMX B tile as they lie.
 constexpr int kPanel = 16;
+constexpr int kPad = 32;  // N and K are padded to this: whole 32-deep reduction steps (one AMX tile of K)
 
 // The LoRA factors of one PEFT ParamWrapper on fused experts: A [E*r, in] (expert-major rows), B [out, E*r]
 // (rank-major columns: col = j*E + e). They are read where they are, never copied.
@@ -52,7 +53,7 @@ struct LoraGrad {
 // One pass of one layer. Rows are (token, slot) pairs grouped by expert: rows offsets[e] .. offsets[e+1] belong to
 // expert e, and row r came from slot row_src[r] = t * k + j.
 struct Plan {
-  int E = 0, H = 0, I = 0, Hp = 0, Ip = 0;  // Hp, Ip: H and I padded to multiples of 16
+  int E = 0, H = 0, I = 0, Hp = 0, Ip = 0;  // Hp, Ip: H and I padded to multiples of kPad
   int ldh = 0, ldi = 0;  // row strides of the activation rows: Hp, Ip plus 64 bytes, so rows never sit 4 KiB apart
                          // (which maps the MR rows a GEMM reads together onto one cache set)
   int T = 0, k = 0;
@@ -88,7 +89,7 @@ struct Plan {
   float* ad = nullptr;
   void* ag_s = nullptr;  // [R][r1p]
   void* ad_s = nullptr;  // [R][r2p]
-  int r1p = 0, r2p = 0;  // ranks padded to 16
+  int r1p = 0, r2p = 0;  // ranks padded to kPad
   float* gu_Bt = nullptr;  // the B factors expert-major: [E][r][out] fp32
   float* dn_Bt = nullptr;
   float* gu_Gt = nullptr;  // their gradients, same layout, for the experts that had rows (backward)

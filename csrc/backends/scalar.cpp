@@ -5,6 +5,7 @@
 //   load_b(const T*)   one packed panel row: 16 columns x P values of the reduction dimension
 //   load_a(const T*)   P consecutive values of one A row, broadcast
 //   madd(V, b, a)      V[c] += sum_p a[p] * b[c][p]
+//   gemm_tiles(...)    rows a matrix-tile unit computes itself (whole 16-row blocks), returning how many; 0 if none
 #include "../plan.h"
 
 namespace {
@@ -49,6 +50,10 @@ struct Ops {
   static V madd(V c, const V& b, float a) {
     for (int i = 0; i < kPanel; ++i) c.v[i] += a * b.v[i];
     return c;
+  }
+  template <class T>
+  static int gemm_tiles(const T*, size_t, int, int, const T*, size_t, int, float*, size_t, bool) {
+    return 0;
   }
 };
 
