@@ -49,7 +49,7 @@ class BuildPy(build_py):
 sources = ["csrc/binding.cpp", "csrc/moe_layer.cpp", "csrc/thread_pool.cpp", "csrc/backends/scalar.cpp",
            *BACKEND_FLAGS]
 setup(
-    ext_modules=[Pybind11Extension("kt_patch._C", sources, cxx_std=17, extra_compile_args=["-O3"],
+    ext_modules=[Pybind11Extension("kt_patch._C", sources, cxx_std=17, extra_compile_args=["-O3", "-fno-trapping-math", "-fno-math-errno"],
                                    define_macros=[("NDEBUG", "1")])],
     cmdclass={"build_ext": BuildExt, "build_py": BuildPy},
 )

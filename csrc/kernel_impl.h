@@ -460,8 +460,11 @@ struct Core {
     for (int r = 0; r < rows.count; ++r) {
       const size_t row = static_cast<size_t>(rows.begin + r), o = row * p.ldi;
       const float* dz = p.dZp + row * p.Ip;
+      float lanes[kPanel] = {};  // 16 partial sums: a reduction the compiler vectorises without reassociating
+      for (int i = 0; i < p.Ip; i += kPanel)
+        for (int l = 0; l < kPanel; ++l) lanes[l] += dz[i + l] * Elem<T>::to(Z[o + i + l]);
       float dwr = 0.f;
-      for (int i = 0; i < p.I; ++i) dwr += dz[i] * Elem<T>::to(Z[o + i]);
+      for (int l = 0; l < kPanel; ++l) dwr += lanes[l];
       p.dw[p.row_src[row]] = dwr;
       const float w = p.row_weight[row];
       for (int i = 0; i < p.Ip; ++i) {

@@ -14,11 +14,17 @@ using bf16 = uint16_t;
 
 enum class DType : int { bf16 = 0, f32 = 1 };
 
-static inline float bf16_to_f32(bf16 v) { return __builtin_bit_cast(float, static_cast<uint32_t>(v) << 16); }
+static inline float bf16_to_f32(bf16 v) {
+  const uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
 
 // Round to nearest even; NaN stays NaN (quieted). Branch-free so that loops over it vectorise.
 static inline bf16 f32_to_bf16(float f) {
-  const uint32_t u = __builtin_bit_cast(uint32_t, f);
+  uint32_t u;  // memcpy, not bit_cast: GCC 12 vectorises loops over the former only
+  std::memcpy(&u, &f, 4);
   const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   const uint32_t quiet_nan = (u >> 16) | 0x40u;
   return static_cast<bf16>((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
