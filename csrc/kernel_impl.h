@@ -7,7 +7,7 @@
 //   G = X Wg^T + s1 (X Agu^T) Bg^T      U = X Wu^T + s1 (X Agu^T) Bu^T      Z = silu(G) * U
 //   D = Z Wd^T + s2 (Z Ad^T) Bd^T       y[t] = sum_j w[t,j] D[row(t,j)]
 // Backward, with dY the rows of dy:  dZ' = dY Wd + s2 (dY Bd) Ad,  dw = <dZ', Z>,  dZ = w dZ',
-//   dG = dZ U silu'(G),  dU = dZ silu(G),  dX = dG Wg + dU Wu + s1 (dG Bg + dU Bu) Agu,  plus the LoRA factor grads.
+//   dG = dZ dz/dg,  dU = dZ dz/du  (the derivatives saved by the forward),  dX = dG Wg + dU Wu + s1 (dG Bg + dU Bu) Agu,  plus the LoRA factor grads.
 
 // --------------------------------------------------------------------------------------------- element types
 template <class T> struct Elem;
@@ -268,11 +268,16 @@ struct Core {
     const int out = gu ? 2 * p.I : p.H, o0 = 16 * (gu ? static_cast<int>(item) : static_cast<int>(item) - gu_blocks);
     float* Bt = gu ? p.gu_Bt : p.dn_Bt;
     const int cols = p.E * l.rank, o1 = imin(out, o0 + 16);
+    const bool interleaved = gu && p.gu_interleaved;
     for (int c = 0; c < cols; ++c) {
       float* dst = Bt + (static_cast<size_t>(c % p.E) * l.rank + c / p.E) * out;
-      for (int o = o0; o < o1; ++o) dst[o] = load_io(l.B, l.dtype, static_cast<size_t>(o) * cols + c);
+      for (int o = o0; o < o1; ++o)
+        dst[interleaved ? gate_up_row(p, o) : o] = load_io(l.B, l.dtype, static_cast<size_t>(o) * cols + c);
     }
   }
+
+  // Row of the gate-block-then-up-block order for row o of an interleaved (gate, up, gate, up, ...) gate_up.
+  static int gate_up_row(const Plan& p, int o) { return (o & 1) ? p.I + o / 2 : o / 2; }
 
   // The reverse for the B gradients of the experts that had rows: grad[o][j*E + e] += Gt[e][j][o].
   static void lora_grad_b_to_peft(const Plan& p, size_t item) {
@@ -283,11 +288,12 @@ struct Core {
     const float* Gt = gu ? p.gu_Gt : p.dn_Gt;
     float* grad = gu ? p.gu_grad.B : p.dn_grad.B;
     const int cols = p.E * rank, o1 = imin(out, o0 + 16);
+    const bool interleaved = gu && p.gu_interleaved;
     for (int c = 0; c < cols; ++c) {
       const int e = c % p.E;
       if (p.offsets[e + 1] == p.offsets[e]) continue;
       const float* src = Gt + (static_cast<size_t>(e) * rank + c / p.E) * out;
-      for (int o = o0; o < o1; ++o) grad[static_cast<size_t>(o) * cols + c] += src[o];
+      for (int o = o0; o < o1; ++o) grad[static_cast<size_t>(o) * cols + c] += src[interleaved ? gate_up_row(p, o) : o];
     }
   }
 
@@ -327,8 +333,8 @@ struct Core {
     float* cg = scratch_f32(p, worker, 0);
     float* cu = cg + kRowChunk * p.col_block;
     T* Z = static_cast<T*>(p.Z);
-    T* G = static_cast<T*>(p.G);
-    T* U = static_cast<T*>(p.U);
+    T* zg = static_cast<T*>(p.dz_dg);
+    T* zu = static_cast<T*>(p.dz_du);
     const int ld = p.col_block;
     for (int r0 = 0; r0 < rows.count; r0 += kRowChunk) {
       const int m = imin(kRowChunk, rows.count - r0);
@@ -339,15 +345,42 @@ struct Core {
         gemm(ag_s + row * p.r1p, p.r1p, m, p.r1p, lg, lstride, nblocks, cg, ld, true);
         gemm(ag_s + row * p.r1p, p.r1p, m, p.r1p, lu, lstride, nblocks, cu, ld, true);
       }
+      const float* bg = p.gu_bias ? p.gu_bias + static_cast<size_t>(rows.e) * 2 * p.Ip + c0 : nullptr;
       for (int r = 0; r < m; ++r) {
         const size_t o = (row + r) * p.ldi + c0;
-        const float* g = cg + r * ld;
-        const float* u = cu + r * ld;
-        for (int c = 0; c < ncols; ++c) Z[o + c] = Elem<T>::from(g[c] / (1.f + fast_exp(-g[c])) * u[c]);
+        float* g = cg + r * ld;
+        float* u = cu + r * ld;
+        if (bg)
+          for (int c = 0; c < ncols; ++c) {
+            g[c] += bg[c];
+            u[c] += bg[p.Ip + c];
+          }
+        // z and, for the backward, its exact fp32 derivatives (clamp masks decided on fp32 values, not on rounded
+        // saved pre-activations, which would flip them near the limits).
+        if (p.act == Activation::swiglu) {
+          for (int c = 0; c < ncols; ++c) {
+            const float s = 1.f / (1.f + fast_exp(-g[c]));
+            const float silu = g[c] * s;
+            Z[o + c] = Elem<T>::from(silu * u[c]);
+            g[c] = u[c] * s * (1.f + g[c] * (1.f - s));
+            u[c] = silu;
+          }
+        } else {
+          const float alpha = p.alpha, limit = p.limit;
+          for (int c = 0; c < ncols; ++c) {
+            const float gc = g[c] < limit ? g[c] : limit;
+            const float uc = u[c] < -limit ? -limit : (u[c] > limit ? limit : u[c]);
+            const float s = 1.f / (1.f + fast_exp(-alpha * gc));
+            Z[o + c] = Elem<T>::from((uc + 1.f) * gc * s);
+            const float du = u[c] >= -limit && u[c] <= limit ? gc * s : 0.f;  // clamps pass the gradient inside
+            g[c] = g[c] <= limit ? (uc + 1.f) * s * (1.f + alpha * gc * (1.f - s)) : 0.f;  // their closed interval
+            u[c] = du;
+          }
+        }
         if (p.save)
           for (int c = 0; c < ncols; ++c) {
-            G[o + c] = Elem<T>::from(g[c]);
-            U[o + c] = Elem<T>::from(u[c]);
+            zg[o + c] = Elem<T>::from(g[c]);
+            zu[o + c] = Elem<T>::from(u[c]);
           }
       }
     }
@@ -382,11 +415,16 @@ struct Core {
       const size_t row = static_cast<size_t>(rows.begin + r0);
       gemm(Z + row * p.ldi, p.ldi, m, p.Ip, wd, wstride, nblocks, c, ld, false);
       if (ld_pk) gemm(ad_s + row * p.r2p, p.r2p, m, p.r2p, ld_pk, lstride, nblocks, c, ld, true);
+      const float* bd = p.d_bias ? p.d_bias + static_cast<size_t>(rows.e) * p.Hp + c0 : nullptr;
       for (int r = 0; r < m; ++r) {
         const float w = p.row_weight[row + r];
         float* out = p.rows_out + static_cast<size_t>(p.row_src[row + r]) * p.Hp + c0;
         const float* src = c + r * ld;
-        for (int j = 0; j < ncols; ++j) out[j] = w * src[j];
+        if (bd) {
+          for (int j = 0; j < ncols; ++j) out[j] = w * (src[j] + bd[j]);
+        } else {
+          for (int j = 0; j < ncols; ++j) out[j] = w * src[j];
+        }
       }
     }
   }
@@ -453,8 +491,8 @@ struct Core {
 
   static void bwd_activation(const Plan& p, const Rows& rows, int worker) {
     const T* Z = static_cast<const T*>(p.Z);
-    const T* G = static_cast<const T*>(p.G);
-    const T* U = static_cast<const T*>(p.U);
+    const T* zg = static_cast<const T*>(p.dz_dg);
+    const T* zu = static_cast<const T*>(p.dz_du);
     T* dG = static_cast<T*>(p.dG);
     T* dU = static_cast<T*>(p.dU);
     for (int r = 0; r < rows.count; ++r) {
@@ -463,16 +501,20 @@ struct Core {
       float lanes[kPanel] = {};  // 16 partial sums: a reduction the compiler vectorises without reassociating
       for (int i = 0; i < p.Ip; i += kPanel)
         for (int l = 0; l < kPanel; ++l) lanes[l] += dz[i + l] * Elem<T>::to(Z[o + i + l]);
+      if (p.d_bias) {  // the down bias is part of the expert output the routing weight scales
+        const float* bd = p.d_bias + static_cast<size_t>(rows.e) * p.Hp;
+        const T* dy = static_cast<const T*>(p.dY) + row * p.ldh;
+        for (int h = 0; h < p.Hp; h += kPanel)
+          for (int l = 0; l < kPanel; ++l) lanes[l] += Elem<T>::to(dy[h + l]) * bd[h + l];
+      }
       float dwr = 0.f;
       for (int l = 0; l < kPanel; ++l) dwr += lanes[l];
       p.dw[p.row_src[row]] = dwr;
       const float w = p.row_weight[row];
       for (int i = 0; i < p.Ip; ++i) {
-        const float g = Elem<T>::to(G[o + i]), u = Elem<T>::to(U[o + i]);
-        const float s = 1.f / (1.f + fast_exp(-g));
         const float d = w * dz[i];
-        dG[o + i] = Elem<T>::from(d * u * s * (1.f + g * (1.f - s)));
-        dU[o + i] = Elem<T>::from(d * g * s);
+        dG[o + i] = Elem<T>::from(d * Elem<T>::to(zg[o + i]));
+        dU[o + i] = Elem<T>::from(d * Elem<T>::to(zu[o + i]));
       }
     }
     const int e = rows.e;

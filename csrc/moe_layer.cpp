@@ -110,8 +110,9 @@ int64_t ForwardContext::live() { return g_live_contexts.load(); }
 
 // ------------------------------------------------------------------------------------------------- the layer
 MoELayer::MoELayer(std::string name, int experts, int hidden, int intermediate, const void* gate_up, const void* down,
-                   DType weight_dtype, const std::string& isa, int threads)
-    : name_(std::move(name)), E_(experts), H_(hidden), I_(intermediate), compute_(weight_dtype) {
+                   DType weight_dtype, const std::string& isa, int threads, const ExpertActivation& activation)
+    : name_(std::move(name)), E_(experts), H_(hidden), I_(intermediate), compute_(weight_dtype),
+      activation_(activation) {
   if (E_ < 1 || H_ < 1 || I_ < 1) fail("experts, hidden and intermediate sizes must be positive");
   if (!gate_up || !down) fail("expert weights are missing");
   if (threads < 1) fail("threads must be >= 1");
@@ -125,6 +126,22 @@ MoELayer::MoELayer(std::string name, int experts, int hidden, int intermediate, 
   wg_.reserve(E_ * gu_stride_ * es);
   wu_.reserve(E_ * gu_stride_ * es);
   wd_.reserve(E_ * d_stride_ * es);
+  if (activation.gate_up_bias) {
+    float* b = static_cast<float*>(gu_bias_.reserve(sizeof(float) * E_ * 2 * Ip_));
+    std::fill(b, b + static_cast<size_t>(E_) * 2 * Ip_, 0.f);
+    for (int e = 0; e < E_; ++e)
+      for (int half = 0; half < 2; ++half)
+        std::copy_n(activation.gate_up_bias + (static_cast<size_t>(e) * 2 + half) * I_, I_,
+                    b + (static_cast<size_t>(e) * 2 + half) * Ip_);
+    activation_.gate_up_bias = b;
+  }
+  if (activation.down_bias) {
+    float* b = static_cast<float*>(d_bias_.reserve(sizeof(float) * E_ * Hp_));
+    std::fill(b, b + static_cast<size_t>(E_) * Hp_, 0.f);
+    for (int e = 0; e < E_; ++e)
+      std::copy_n(activation.down_bias + static_cast<size_t>(e) * H_, H_, b + static_cast<size_t>(e) * Hp_);
+    activation_.down_bias = b;
+  }
 
   // Pack all experts on the pool, one item per expert and projection.
   struct PackJob : Job {
@@ -203,6 +220,12 @@ Plan MoELayer::base_plan() const {
   p.wd = wd_.data();
   p.w_gu_stride = gu_stride_;
   p.w_d_stride = d_stride_;
+  p.act = activation_.act;
+  p.alpha = activation_.alpha;
+  p.limit = activation_.limit;
+  p.gu_bias = activation_.gate_up_bias;
+  p.d_bias = activation_.down_bias;
+  p.gu_interleaved = activation_.gate_up_lora_interleaved;
   return p;
 }
 
@@ -283,8 +306,8 @@ class ForwardJob : public LayerJob {
         p.ag = static_cast<float*>((p.save ? c.ag : ex_.ag).reserve(R * p.r1p * 4));
         p.ad = static_cast<float*>((p.save ? c.ad : ex_.ad).reserve(R * p.r2p * 4));
         if (p.save) {
-          p.G = c.G.reserve(R * p.ldi * s);
-          p.U = c.U.reserve(R * p.ldi * s);
+          p.dz_dg = c.dz_dg.reserve(R * p.ldi * s);
+          p.dz_du = c.dz_du.reserve(R * p.ldi * s);
         }
         p.ag_s = ex_.ag_s.reserve(R * p.r1p * s);
         p.ad_s = ex_.ad_s.reserve(R * p.r2p * s);
@@ -323,8 +346,8 @@ class BackwardJob : public LayerJob {
     ForwardContext& c = *ctx_;
     plan_.X = c.X.data();
     plan_.Z = c.Z.data();
-    plan_.G = c.G.data();
-    plan_.U = c.U.data();
+    plan_.dz_dg = c.dz_dg.data();
+    plan_.dz_du = c.dz_du.data();
     plan_.ag = static_cast<float*>(c.ag.data());
     plan_.ad = static_cast<float*>(c.ad.data());
   }

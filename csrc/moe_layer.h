@@ -56,7 +56,17 @@ struct ForwardContext {
   std::vector<int64_t> offsets;
   std::vector<int32_t> row_src, active;
   std::vector<float> row_weight;
-  Buffer X, G, U, Z, ag, ad;
+  Buffer X, Z, dz_dg, dz_du, ag, ad;
+};
+
+// The activation variant and the frozen biases (fp32, transformers' order: gate_up [E][2I] gate then up, down
+// [E][H]), both optional.
+struct ExpertActivation {
+  Activation act = Activation::swiglu;
+  float alpha = 0.f, limit = 0.f;
+  const float* gate_up_bias = nullptr;
+  const float* down_bias = nullptr;
+  bool gate_up_lora_interleaved = false;
 };
 
 struct LoraArgs {
@@ -70,7 +80,7 @@ struct LoraGradArgs {
 class MoELayer {
  public:
   MoELayer(std::string name, int experts, int hidden, int intermediate, const void* gate_up, const void* down,
-           DType weight_dtype, const std::string& isa, int threads);
+           DType weight_dtype, const std::string& isa, int threads, const ExpertActivation& activation = {});
 
   // A started job and, for a forward with save, the context its backward needs (valid once the job is done).
   struct Submitted {
@@ -110,6 +120,8 @@ class MoELayer {
   const Backend* backend_;
   std::shared_ptr<Executor> exec_;
   Buffer wg_, wu_, wd_;
+  ExpertActivation activation_;
+  Buffer gu_bias_, d_bias_;  // padded copies of the biases
   size_t gu_stride_ = 0, d_stride_ = 0;
 };
 

@@ -14,6 +14,11 @@ using bf16 = uint16_t;
 
 enum class DType : int { bf16 = 0, f32 = 1 };
 
+// The expert's gated activation z(g, u) of the gate and up projections:
+//   swiglu   z = silu(g) * u
+//   gpt_oss  z = (clamp(u, -limit, limit) + 1) * gc * sigmoid(alpha * gc),  gc = min(g, limit)   (GPT-OSS)
+enum class Activation : int { swiglu = 0, gpt_oss = 1 };
+
 static inline float bf16_to_f32(bf16 v) {
   const uint32_t u = static_cast<uint32_t>(v) << 16;
   float f;
@@ -68,6 +73,11 @@ struct Plan {
   const void* wu = nullptr;
   const void* wd = nullptr;
   size_t w_gu_stride = 0, w_d_stride = 0;  // elements per expert
+  Activation act = Activation::swiglu;
+  float alpha = 0.f, limit = 0.f;          // gpt_oss activation constants
+  const float* gu_bias = nullptr;          // optional [E][2 * Ip]: gate bias, then up bias
+  const float* d_bias = nullptr;           // optional [E][Hp]
+  bool gu_interleaved = false;             // gate_up LoRA B rows alternate gate, up (GPT-OSS) instead of gate block, up block
 
   const int64_t* offsets = nullptr;  // [E + 1]
   const int32_t* row_src = nullptr;  // [R]
@@ -81,12 +91,12 @@ struct Plan {
   void* dx = nullptr;
   float* dw = nullptr;
 
-  // Activations, expert-major rows, compute type; X: [R][ldh], G, U, Z: [R][ldi].
+  // Activations, expert-major rows, compute type; X: [R][ldh], Z and its derivatives by gate and up: [R][ldi].
   void* X = nullptr;
-  void* G = nullptr;
-  void* U = nullptr;
   void* Z = nullptr;
-  bool save = false;  // forward keeps G and U for the backward
+  void* dz_dg = nullptr;
+  void* dz_du = nullptr;
+  bool save = false;  // forward keeps dz_dg and dz_du for the backward
 
   // LoRA (rank 0: none). ag = X A_gu^T, ad = Z A_d^T, unscaled fp32 [R][r]; their scaled copies in compute type.
   LoraRef gu, dn;

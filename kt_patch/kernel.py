@@ -23,6 +23,7 @@ from . import _C
 from . import options as _options
 
 LORA_GRAD_NAMES = ("gate_up_A", "gate_up_B", "down_A", "down_B")
+ACTIVATIONS = ("swiglu", "gpt_oss_swiglu")  # silu(gate) * up; GPT-OSS's clamped (up + 1) * gate * sigmoid(alpha gate)
 _DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
 
@@ -34,6 +35,12 @@ def supported_isas() -> list[str]:
 def live_contexts() -> int:
     """Forward contexts (activation caches kept for a backward) alive in the process."""
     return int(_C.live_contexts())
+
+
+def _gate_then_up(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Interleaved (gate, up, gate, up, ...) along dim -> all gates, then all ups."""
+    pairs = t.unflatten(dim, (-1, 2))
+    return torch.cat((pairs.select(dim + 1, 0), pairs.select(dim + 1, 1)), dim)
 
 
 class _Pending:
@@ -53,28 +60,49 @@ class ExpertKernel:
 
     ``gate_up_proj`` [E, 2I, H] (gate rows first) and ``down_proj`` [E, H, I] are the transformers 5.x fused expert
     weights, bf16 (fast path) or fp32 (exact path). They are copied into kernel memory; the caller may free them.
+    GPT-OSS stores its experts ``transposed`` (gate_up [E, H, 2I], down [E, I, H], applied as ``x @ W``) with gate
+    and up ``interleaved`` along 2I, adds biases (``gate_up_bias`` [E, 2I], ``down_bias`` [E, H]) and uses
+    ``activation="gpt_oss_swiglu"`` with its ``alpha`` and ``limit``; LoRA factors then follow that layout too.
     """
 
     def __init__(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, *, name: str = "moe",
-                 isa: Optional[str] = None, threads: Optional[int] = None):
+                 isa: Optional[str] = None, threads: Optional[int] = None, activation: str = "swiglu",
+                 alpha: float = 1.702, limit: float = 7.0, gate_up_bias: Optional[torch.Tensor] = None,
+                 down_bias: Optional[torch.Tensor] = None, transposed: bool = False, interleaved: bool = False):
         if gate_up_proj.dim() != 3 or down_proj.dim() != 3:
             raise ValueError(f"{name}: expert weights must be 3-D, got gate_up_proj {tuple(gate_up_proj.shape)} "
                              f"and down_proj {tuple(down_proj.shape)}")
-        E, two_i, H = gate_up_proj.shape
-        if two_i % 2 or down_proj.shape != (E, H, two_i // 2):
-            raise ValueError(f"{name}: expected gate_up_proj [E, 2I, H] and down_proj [E, H, I], got "
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"{name}: activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}")
+        gu, dn = gate_up_proj.detach().to("cpu"), down_proj.detach().to("cpu")
+        if transposed:
+            gu, dn = gu.transpose(1, 2), dn.transpose(1, 2)
+        E, two_i, H = gu.shape
+        if two_i % 2 or dn.shape != (E, H, two_i // 2):
+            layout = "[E, H, 2I] and [E, I, H]" if transposed else "[E, 2I, H] and [E, H, I]"
+            raise ValueError(f"{name}: expected gate_up_proj and down_proj {layout}, got "
                              f"{tuple(gate_up_proj.shape)} and {tuple(down_proj.shape)}")
         if gate_up_proj.dtype != down_proj.dtype or gate_up_proj.dtype not in _DTYPES:
             raise ValueError(f"{name}: expert weights must both be bfloat16 or float32, got {gate_up_proj.dtype} "
                              f"and {down_proj.dtype}")
+        for bias, shape, what in ((gate_up_bias, (E, two_i), "gate_up_bias"), (down_bias, (E, H), "down_bias")):
+            if bias is not None and tuple(bias.shape) != shape:
+                raise ValueError(f"{name}: {what} must be {list(shape)}, got {tuple(bias.shape)}")
         opts = None if isa is not None and threads is not None else _options.resolve()
         self.name = name
         self.num_experts, self.hidden_size, self.intermediate_size = E, H, two_i // 2
         self.dtype = gate_up_proj.dtype
-        gu = gate_up_proj.detach().to("cpu").contiguous()
-        dn = down_proj.detach().to("cpu").contiguous()
+        self._layout = (transposed, interleaved)
+        gu = _gate_then_up(gu, 1) if interleaved else gu
+        gu_bias = None if gate_up_bias is None else gate_up_bias.detach().to("cpu", torch.float32)
+        gu_bias = _gate_then_up(gu_bias, 1) if interleaved and gu_bias is not None else gu_bias
+        biases = [None if b is None else b.contiguous() for b in
+                  (gu_bias, None if down_bias is None else down_bias.detach().to("cpu", torch.float32))]
+        gu, dn = gu.contiguous(), dn.contiguous()
         self._layer = _C.MoELayer(name, E, H, self.intermediate_size, gu.data_ptr(), dn.data_ptr(),
-                                  _DTYPES[self.dtype], isa or opts.isa, threads or opts.threads)
+                                  _DTYPES[self.dtype], isa or opts.isa, threads or opts.threads, activation,
+                                  float(alpha), float(limit), *(0 if b is None else b.data_ptr() for b in biases),
+                                  bool(interleaved))
         self._lora = {"gate_up": None, "down": None}
 
     @property
@@ -90,11 +118,16 @@ class ExpertKernel:
         return self._layer.weight_bytes
 
     def export_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The frozen weights back in the transformers layout (for saving a base checkpoint)."""
+        """The frozen weights back in the layout they were given in (for saving a base checkpoint)."""
         E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
         gate_up = torch.empty(E, 2 * I, H, dtype=self.dtype)
         down = torch.empty(E, H, I, dtype=self.dtype)
         self._layer.export_weights(gate_up.data_ptr(), down.data_ptr())
+        transposed, interleaved = self._layout
+        if interleaved:
+            gate_up = torch.stack((gate_up[:, :I], gate_up[:, I:]), dim=2).reshape(E, 2 * I, H)
+        if transposed:
+            gate_up, down = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
         return gate_up, down
 
     # ------------------------------------------------------------------------------------------------ LoRA

@@ -32,6 +32,28 @@ def moe_forward(x, ids, w, gate_up, down, lora_gu=None, lora_dn=None):
     return y
 
 
+def gpt_oss_forward(x, ids, w, gate_up, down, lora_gu=None, lora_dn=None, *, gate_up_bias, down_bias, alpha, limit):
+    """GPT-OSS experts as transformers writes them: gate_up [E, H, 2I] with gate/up interleaved, down [E, I, H],
+    biases, clamped activation; LoRA as PEFT applies it to transposed experts (B rows follow the 2I columns)."""
+    E = gate_up.shape[0]
+    y = torch.zeros_like(x)
+    for e in range(E):
+        tok, slot = torch.nonzero(ids == e, as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        xe = x[tok]
+        gu = xe @ gate_up[e] + gate_up_bias[e]
+        if lora_gu is not None:
+            gu = gu + lora_delta(xe, *lora_gu, e, E)
+        gate, up = gu[:, ::2].clamp(max=limit), gu[:, 1::2].clamp(min=-limit, max=limit)
+        z = (up + 1) * gate * torch.sigmoid(gate * alpha)
+        d = z @ down[e] + down_bias[e]
+        if lora_dn is not None:
+            d = d + lora_delta(z, *lora_dn, e, E)
+        y = y.index_add(0, tok, d * w[tok, slot].unsqueeze(1))
+    return y
+
+
 def random_layer(E, H, I, r_gu, r_dn, dtype, seed):
     g = torch.Generator().manual_seed(seed)
 
@@ -56,13 +78,14 @@ def random_batch(T, H, E, k, dtype, seed, distinct=True):
     return x, ids, w, dy
 
 
-def reference_grads(x, ids, w, dy, weights, lora_gu, lora_dn):
+def reference_grads(x, ids, w, dy, weights, lora_gu, lora_dn, forward=moe_forward, **extra):
     """fp32 outputs and gradients: y, dx, dw and the LoRA factor grads."""
     f32 = lambda t: t.detach().float().clone().requires_grad_(True)
     xr, wr = f32(x), f32(w)
     gu = tuple(f32(t) for t in lora_gu[:2]) + (lora_gu[2],) if lora_gu else None
     dn = tuple(f32(t) for t in lora_dn[:2]) + (lora_dn[2],) if lora_dn else None
-    y = moe_forward(xr, ids, wr, weights[0].float(), weights[1].float(), gu, dn)
+    extra = {k: v.float() if torch.is_tensor(v) else v for k, v in extra.items()}
+    y = forward(xr, ids, wr, weights[0].float(), weights[1].float(), gu, dn, **extra)
     y.backward(dy.float())
     out = {"y": y.detach(), "dx": xr.grad, "dw": wr.grad}
     for name, lora in (("gate_up", gu), ("down", dn)):

@@ -11,7 +11,7 @@ import torch
 from kt_patch import _C
 from kt_patch.autograd import expert_forward
 from kt_patch.kernel import ExpertKernel, live_contexts, supported_isas
-from moe_reference import random_batch, random_layer, reference_grads, rel_l2
+from moe_reference import gpt_oss_forward, random_batch, random_layer, reference_grads, rel_l2
 
 ISAS = supported_isas()
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -50,6 +50,31 @@ def test_matches_fp32_reference(isa, dtype, T, k, ranks):
     got = run_kernel(kernel, x, ids, w, dy, lora_gu, lora_dn)
     assert got["y"].dtype == dtype and got["dx"].dtype == dtype
     assert_close(got, reference_grads(x, ids, w, dy, weights, lora_gu, lora_dn), TOL[dtype], f"{isa} T={T} k={k}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T,k", [(7, 2), (300, 4)])
+def test_gpt_oss_experts_match_transformers_layout(isa, dtype, T, k):
+    """Transposed, interleaved, biased experts with the clamped activation. In fp32 the limit is low enough that
+    the clamps bind for many values; in bf16 it is GPT-OSS's 7, where they do not: a clamp is discontinuous, and
+    bf16 rounding moves values across it, so a bound clamp has no bf16 error budget against an fp32 reference."""
+    E, H, I, alpha = 8, 72, 40, 1.702
+    limit = 1.5 if dtype == torch.float32 else 7.0
+    (gate_up, down), lora_gu, lora_dn = random_layer(E, H, I, 8, 4, dtype, seed("gptoss", isa, T))
+    gate_up, down = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()  # [E,H,2I], [E,I,H]
+    g = torch.Generator().manual_seed(seed("gptoss-bias", isa, T))
+    biases = {"gate_up_bias": torch.randn(E, 2 * I, generator=g).to(dtype),
+              "down_bias": (torch.randn(E, H, generator=g) * 0.1).to(dtype)}
+    x, ids, w, dy = random_batch(T, H, E, k, dtype, seed("gptossx", isa, T))
+    kernel = ExpertKernel(gate_up, down, isa=isa, threads=2, activation="gpt_oss_swiglu", alpha=alpha, limit=limit,
+                          transposed=True, interleaved=True, **biases)
+    got = run_kernel(kernel, x, ids, w, dy, lora_gu, lora_dn)
+    ref = reference_grads(x, ids, w, dy, (gate_up, down), lora_gu, lora_dn, gpt_oss_forward, alpha=alpha,
+                          limit=limit, **biases)
+    assert_close(got, ref, TOL[dtype], f"gpt-oss {isa}")
+    exported = kernel.export_weights()
+    assert torch.equal(exported[0], gate_up) and torch.equal(exported[1], down)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -217,7 +242,7 @@ def test_bad_inputs_raise_clear_errors(kernel, change, message):
 
 
 def test_bad_weights_and_lora_raise(kernel):
-    with pytest.raises(ValueError, match=r"gate_up_proj \[E, 2I, H\]"):
+    with pytest.raises(ValueError, match=r"expected gate_up_proj and down_proj \[E, 2I, H\] and \[E, H, I\]"):
         ExpertKernel(torch.randn(4, 31, 8), torch.randn(4, 8, 15))
     with pytest.raises(ValueError, match="bfloat16 or float32"):
         ExpertKernel(torch.randn(4, 32, 8).half(), torch.randn(4, 8, 16).half())
