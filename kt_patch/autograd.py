@@ -4,51 +4,132 @@ Gradients come back the ordinary way: to the hidden states, to the routing weigh
 ``dL/dw[t,j] = <dL/dy[t], expert_j(x[t])>``, so a trainable router learns) and to the LoRA factor tensors, which
 torch's AccumulateGrad adds into ``.grad`` — so micro-batch accumulation, ``zero_grad``, clipping and any optimizer
 behave as for any parameter. The kernel computes every gradient in fp32.
+
+Activation checkpointing (the phase comes from :mod:`kt_patch.integrations.checkpointing`), by option
+``checkpoint_policy``:
+
+* ``recompute`` (default): the first forward of a checkpointed region keeps no activation cache; the recompute runs
+  the experts again and keeps the cache for the backward. Least host memory; the experts run twice per step.
+* ``retain``: the first forward keeps its cache and output in the checkpoint region; the recompute hands them back
+  without running the experts. The experts run once per step; the caches of all checkpointed layers are alive
+  between the forward and the backward.
+
+Where the cache lives. Every node saves one small *token* tensor through autograd's saved tensors. With non-reentrant
+checkpointing the backward runs on the first forward's node but reads the saved tensors of the recompute, so the
+recompute's cache rides on its token; saving a token also makes an early-stopping recompute run up to this layer.
+Outside checkpointing the cache is also held by the node itself. Either way it dies with the autograd graph (a
+forward without backward, an exception mid-step) and is released as soon as the backward has used it.
+
+LoRA dropout on routed experts does not arise: PEFT's ``ParamWrapper`` (the only LoRA PEFT puts on fused experts)
+rejects ``lora_dropout != 0`` itself, so there is no mask to repeat across the first forward and the recompute.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
+from .integrations import checkpointing
+from .integrations.checkpointing import Phase
 from .kernel import ExpertKernel
 
 LoraTuple = Optional[tuple]  # (A, B, scaling) in PEFT ParamWrapper layout
+_CACHE_ATTRIBUTE = "kt_activation_cache"
+
+
+def _new_token(cache=None) -> torch.Tensor:
+    token = torch.empty(0)
+    setattr(token, _CACHE_ATTRIBUTE, cache)
+    return token
 
 
 class _ExpertFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, kernel: ExpertKernel, x, topk_ids, topk_weights, gu_scaling, dn_scaling, gu_A, gu_B, dn_A, dn_B):
-        kernel.set_lora(None if gu_A is None else (gu_A.detach(), gu_B.detach(), gu_scaling),
-                        None if dn_A is None else (dn_A.detach(), dn_B.detach(), dn_scaling))
-        needs_backward = any(ctx.needs_input_grad)
-        x_cpu = x.detach().to("cpu", kernel.dtype if x.dtype not in (torch.float32, torch.bfloat16) else x.dtype)
-        y, kctx = kernel.forward(x_cpu.contiguous(), topk_ids, topk_weights, save_for_backward=needs_backward)
+    def forward(ctx, kernel: ExpertKernel, plan: "_Plan", x, topk_ids, topk_weights, gu_scaling, dn_scaling, gu_A,
+                gu_B, dn_A, dn_B):
+        x_meta, w_meta = (x.device, x.dtype), (topk_weights.device, topk_weights.dtype)
+        kept = plan.kept_for_recompute(kernel, x.shape[0])
+        if kept is not None:
+            y, kctx = kept
+        else:
+            kernel.set_lora(None if gu_A is None else (gu_A.detach(), gu_B.detach(), gu_scaling),
+                            None if dn_A is None else (dn_A.detach(), dn_B.detach(), dn_scaling))
+            x_cpu = x.detach().to("cpu", kernel.dtype if x.dtype not in (torch.float32, torch.bfloat16) else x.dtype)
+            y, kctx = kernel.forward(x_cpu.contiguous(), topk_ids, topk_weights,
+                                     save_for_backward=plan.keeps_cache(any(ctx.needs_input_grad)))
+            plan.ran_kernel()
+        out = y.to(*x_meta)
+        if plan.region is not None and plan.phase is Phase.FIRST_FORWARD:
+            plan.region.keep(kernel, y, kctx)
+            if kctx is not None and out.data_ptr() == y.data_ptr():
+                out = out.clone()  # the output the region keeps must not be the tensor the model goes on with
+            kctx = None  # owned by the region until the recompute takes it
         ctx.kernel, ctx.kctx = kernel, kctx
-        ctx.x_meta = (x.device, x.dtype)
-        ctx.w_meta = (topk_weights.device, topk_weights.dtype)
+        ctx.save_for_backward(_new_token(kctx if plan.phase is Phase.RECOMPUTE else None))
+        ctx.x_meta, ctx.w_meta = x_meta, w_meta
         ctx.lora_meta = [None if t is None else t.dtype for t in (gu_A, gu_B, dn_A, dn_B)]
-        return y.to(x.device, x.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, dy):
-        kctx, ctx.kctx = ctx.kctx, None  # the activations go now, not when the graph object is collected
+        (token,) = ctx.saved_tensors  # under non-reentrant checkpointing this runs the recompute if not done yet
+        # the activations go now, not when the graph object is collected
+        kctx = ctx.kctx if ctx.kctx is not None else getattr(token, _CACHE_ATTRIBUTE, None)
+        ctx.kctx = None
+        setattr(token, _CACHE_ATTRIBUTE, None)
         if kctx is None:
-            raise RuntimeError(f"{ctx.kernel.name}: the expert activations were already used by a backward; "
-                               "kt_patch expert nodes do not support retain_graph=True")
+            raise RuntimeError(f"{ctx.kernel.name}: no expert activations for this backward: they were already "
+                               "used by a backward (kt_patch expert nodes do not support retain_graph=True), or a "
+                               "checkpoint recompute did not run this layer")
         grads = kctx.new_lora_grads()
         dx, dw = ctx.kernel.backward(kctx, dy.detach().to("cpu", kctx.dtype).contiguous(), grads)
         lora_out = []
         for key, dtype in zip(("gate_up_A", "gate_up_B", "down_A", "down_B"), ctx.lora_meta):
             lora_out.append(None if dtype is None else grads[key].to(dtype))
-        return (None, dx.to(*ctx.x_meta), None, dw.to(*ctx.w_meta), None, None, *lora_out)
+        return (None, None, dx.to(*ctx.x_meta), None, dw.to(*ctx.w_meta), None, None, *lora_out)
+
+
+class _Plan:
+    """What one expert call does in its checkpointing phase (decided before autograd turns grad mode off)."""
+
+    def __init__(self, phase: Phase, region, policy: str, on_kernel_run: Optional[Callable[[], None]]):
+        self.phase, self.region, self.policy = phase, region, policy
+        self._on_kernel_run = on_kernel_run
+
+    def keeps_cache(self, needs_backward: bool) -> bool:
+        if self.phase is Phase.FIRST_FORWARD:
+            # Only a region can hand a kept cache to the recompute; the reentrant first forward runs under no_grad,
+            # so whether a backward will come is unknown here: the region's lifetime bounds what it keeps.
+            return self.policy == "retain" and self.region is not None
+        return needs_backward
+
+    def kept_for_recompute(self, kernel, tokens: int):
+        if self.phase is Phase.RECOMPUTE and self.region is not None:
+            return self.region.take_kept(kernel, tokens)
+        return None
+
+    def ran_kernel(self) -> None:
+        if self._on_kernel_run is not None:
+            self._on_kernel_run()
 
 
 def expert_forward(kernel: ExpertKernel, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                   gate_up: LoraTuple = None, down: LoraTuple = None) -> torch.Tensor:
+                   gate_up: LoraTuple = None, down: LoraTuple = None, *, policy: Optional[str] = None,
+                   on_kernel_run: Optional[Callable[[], None]] = None) -> torch.Tensor:
     """``y[T,H] = sum_j w[t,j] expert_{ids[t,j]}(x[t])`` on the kernel, differentiable in x, topk_weights and the
-    LoRA factors. ``gate_up`` / ``down`` are ``(A, B, scaling)`` of PEFT's ParamWrapper on fused experts."""
+    LoRA factors. ``gate_up`` / ``down`` are ``(A, B, scaling)`` of PEFT's ParamWrapper on fused experts.
+
+    ``policy`` is the checkpoint policy (default: the ``checkpoint_policy`` option); ``on_kernel_run`` is called each
+    time the experts actually run in the kernel (not when a retained output is handed to a recompute).
+    """
+    if policy is None:
+        from . import current_options
+
+        options = current_options()
+        policy = options.checkpoint_policy if options is not None else "recompute"
+    phase, region = checkpointing.current_phase(kernel.name, policy)
+    plan = _Plan(phase, region, policy, on_kernel_run)
     gu = gate_up or (None, None, 0.0)
     dn = down or (None, None, 0.0)
-    return _ExpertFunction.apply(kernel, x, topk_ids, topk_weights, float(gu[2]), float(dn[2]), gu[0], gu[1], dn[0],
-                                 dn[1])
+    return _ExpertFunction.apply(kernel, plan, x, topk_ids, topk_weights, float(gu[2]), float(dn[2]), gu[0], gu[1],
+                                 dn[0], dn[1])

@@ -82,6 +82,14 @@ class KtMoeLayer(nn.Module):
 
     On construction the stock experts' weights are replaced by placeholders (the kernel already holds a copy), which
     frees them; ``release_expert_weights`` puts them back.
+
+    Public attributes:
+
+    * ``checkpoint_policy``: ``"recompute"`` or ``"retain"`` (see :mod:`kt_patch.autograd`), from the
+      ``checkpoint_policy`` option in force when the layer was built; may be changed at any time.
+    * ``expert_runs``: how many times this layer's routed experts have run in the CPU kernel (forward passes: plain,
+      checkpointed first forward and recompute; a retained output handed to a recompute does not count). Assign 0 to
+      restart the count.
     """
 
     def __init__(self, block: nn.Module, family: MoeFamily, kernel, lora_experts: LoraExperts | None = None):
@@ -95,6 +103,8 @@ class KtMoeLayer(nn.Module):
         self.training = block.training
         self.family = family
         self.kernel = kernel
+        self.checkpoint_policy = _configured_checkpoint_policy()
+        self.expert_runs = 0
         if lora_experts is not None:
             self.lora_experts = lora_experts
         experts = getattr(block, family.experts)
@@ -130,13 +140,17 @@ class KtMoeLayer(nn.Module):
             side.wait_stream(torch.cuda.current_stream(tokens.device))
         with torch.cuda.stream(side):  # no-op for None
             dense = self._dense_experts(tokens)
-        output = expert_forward(self.kernel, tokens, expert_ids, routing_weights, *self.expert_lora())
+        output = expert_forward(self.kernel, tokens, expert_ids, routing_weights, *self.expert_lora(),
+                                policy=self.checkpoint_policy, on_kernel_run=self._count_expert_run)
         if side is not None:
             torch.cuda.current_stream(tokens.device).wait_stream(side)
         if dense is not None:
             output = output + dense
         output = output.reshape(shape)
         return (output, routing_weights) if self.family.returns_router_scores else output
+
+    def _count_expert_run(self) -> None:
+        self.expert_runs += 1
 
     def load_expert_weights(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> None:
         """Replace the routed expert weights: a new kernel from them, same name, dtype, ISA and threads."""
@@ -186,6 +200,14 @@ class KtMoeLayer(nn.Module):
         k = self.kernel
         return (f"family={self.family.name}, experts={k.num_experts}, hidden={k.hidden_size}, "
                 f"intermediate={k.intermediate_size}, dtype={k.dtype}, isa={k.isa} (routed experts in the CPU kernel)")
+
+
+def _configured_checkpoint_policy() -> str:
+    from . import current_options
+    from .options import resolve
+
+    options = current_options()
+    return (options if options is not None else resolve()).checkpoint_policy
 
 
 def route_state_dict_through_kernel(layer: KtMoeLayer, experts: nn.Module) -> list:

@@ -3,9 +3,15 @@
 Wrapping ``PreTrainedModel.from_pretrained`` catches the Auto classes and direct class calls alike; Auto
 ``from_config`` goes through ``PreTrainedModel._from_config``. Composite models build their sub-models through the
 same entry points while they are being constructed (weights not loaded yet), so only the outermost call patches.
+
+Gradient checkpointing: ``PreTrainedModel._set_gradient_checkpointing`` (where ``gradient_checkpointing_enable`` and
+``activation_checkpointing_enable`` land) gives a patched model's layers a checkpoint function that tells its MoE
+layers which pass they run in; ``torch.utils.checkpoint.checkpoint`` is wrapped alongside, since transformers has
+imported it by then (see :mod:`kt_patch.integrations.checkpointing`).
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 
@@ -18,8 +24,25 @@ _PLACEMENT_POLICIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def install(modeling_utils, patches) -> None:
+    import torch.utils.checkpoint
+
+    from . import checkpointing
+
     patches.wrap(modeling_utils.PreTrainedModel, "from_pretrained", _patch_loaded_model)
     patches.wrap(modeling_utils.PreTrainedModel, "_from_config", _patch_built_model)
+    patches.wrap(modeling_utils.PreTrainedModel, "_set_gradient_checkpointing", _set_gradient_checkpointing)
+    checkpointing.install_torch_hook(torch.utils.checkpoint, patches)
+
+
+def _set_gradient_checkpointing(wrapped, instance, args, kwargs):
+    from .checkpointing import wrap_model_checkpoint_function
+
+    arguments = inspect.signature(wrapped).bind(*args, **kwargs)
+    arguments.apply_defaults()
+    if arguments.arguments.get("enable") and "gradient_checkpointing_func" in arguments.arguments:
+        arguments.arguments["gradient_checkpointing_func"] = wrap_model_checkpoint_function(
+            instance, arguments.arguments["gradient_checkpointing_func"])
+    return wrapped(*arguments.args, **arguments.kwargs)
 
 
 def _single_device(device_map) -> torch.device | None:
