@@ -47,10 +47,8 @@ def patch_model(model: nn.Module, options: Options) -> PatchSummary | None:
 
     from . import kernel as kernel_module
 
-    # Kernels that predate the GPT-OSS variant declare nothing: they compute SwiGLU only.
-    activations = getattr(kernel_module, "ACTIVATIONS", (registry.SWIGLU,))
     for name, block, family in blocks:
-        reason = registry.unsupported_reason(block, family, activations)
+        reason = registry.unsupported_reason(block, family, kernel_module.ACTIVATIONS)
         if reason is not None:
             logger.warning("kt_patch: %s left untouched: %s (at %s)", model_name, reason, name)
             return None
@@ -74,17 +72,23 @@ def _replace_blocks(model, blocks, options: Options, kernel_class) -> PatchSumma
             experts = getattr(block, family.experts)
             weight_bytes = sum(getattr(experts, w).numel() * getattr(experts, w).element_size() for w in EXPERT_WEIGHTS)
             kernel = kernel_class(*(getattr(experts, w).detach().to("cpu") for w in EXPERT_WEIGHTS), name=name,
-                                  isa=None if options.isa == "auto" else options.isa, threads=options.threads)
+                                  isa=None if options.isa == "auto" else options.isa, threads=options.threads,
+                                  **registry.kernel_arguments(experts, family))
             layer = KtMoeLayer(block, family, kernel, _lora_experts(block, family, kernel, options))
-            swapped.append((parent, child_name, block, layer))
+            frozen = [p for p in experts.parameters() if p.requires_grad]
+            swapped.append((parent, child_name, block, layer, frozen))
+            for param in frozen:  # the kernel computes with frozen copies (GPT-OSS biases too)
+                param.requires_grad_(False)
             setattr(parent, child_name, layer)
             summary.layers += 1
             summary.experts += kernel.num_experts
             summary.host_bytes += weight_bytes
             summary.isa, summary.threads = kernel.isa, kernel.threads
     except BaseException:
-        for parent, child_name, block, layer in reversed(swapped):
+        for parent, child_name, block, layer, frozen in reversed(swapped):
             layer.release_expert_weights()
+            for param in frozen:
+                param.requires_grad_(True)
             setattr(parent, child_name, block)
         raise
     return summary

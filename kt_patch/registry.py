@@ -58,6 +58,15 @@ FAMILIES: list[MoeFamily] = [
 _BY_BLOCK_CLASS = {family.block_class: family for family in FAMILIES}
 
 
+def kernel_arguments(experts: nn.Module, family: MoeFamily) -> dict:
+    """What ExpertKernel needs beyond the two weights to compute this family's experts."""
+    if family.activation == GPT_OSS_SWIGLU:
+        return dict(activation=GPT_OSS_SWIGLU, alpha=experts.alpha, limit=experts.limit, transposed=True,
+                    interleaved=True, gate_up_bias=experts.gate_up_proj_bias.detach(),
+                    down_bias=experts.down_proj_bias.detach())
+    return {}
+
+
 def register(family: MoeFamily) -> None:
     """Add (or replace) a family; takes effect for models loaded afterwards."""
     FAMILIES[:] = [f for f in FAMILIES if f.block_class != family.block_class] + [family]
@@ -89,6 +98,14 @@ def unsupported_reason(block: nn.Module, family: MoeFamily, activations: tuple[s
     gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
     if not isinstance(gate_up, nn.Parameter) or not isinstance(down, nn.Parameter):
         return f"{type(experts).__name__} has no fused gate_up_proj / down_proj parameters"
+    if family.activation == GPT_OSS_SWIGLU:
+        E, H, two_i = gate_up.shape if gate_up.dim() == 3 else (0, 0, 0)
+        if not (getattr(experts, "is_transposed", False) and getattr(experts, "has_bias", False)):
+            return f"{type(experts).__name__} is not stored transposed with biases, as GPT-OSS experts are"
+        if down.shape != (E, two_i // 2, H) or getattr(experts, "gate_up_proj_bias", None) is None \
+                or getattr(experts, "down_proj_bias", None) is None:
+            return (f"{type(experts).__name__} has gate_up_proj {tuple(gate_up.shape)} and down_proj "
+                    f"{tuple(down.shape)} (with biases), not [E, H, 2I] and [E, I, H]")
     if family.activation == SWIGLU:
         if getattr(experts, "is_transposed", False) or getattr(experts, "has_bias", False):
             return f"{type(experts).__name__} stores transposed or biased experts"
