@@ -142,14 +142,19 @@ def lora_config(model_type: str, variant: str = "parameters"):
 
 def train(checkpoint: str, model_type: str, out_dir: str, *, dtype=torch.float32, steps: int = 10,
           variant: str = "parameters"):
-    """Fine-tune LoRA with AdamW on fixed random tokens; saves the adapter and returns losses, step-2 LoRA gradients
-    and the trained model's logits on fixed evaluation tokens."""
+    """Fine-tune LoRA with AdamW on fixed random tokens; saves the adapter and returns losses, the first step's LoRA
+    gradients and the trained model's logits on fixed evaluation tokens.
+
+    LoRA starts random (``init_lora_weights=False``) so that every factor, A included, has a gradient at the first
+    step; later steps' gradients are not compared, since AdamW's first update moves elements whose gradient is near
+    zero by about lr * sign(grad), which amplifies float rounding differences into visible ones."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype),
-                           lora_config(model_type, variant))
+    config = lora_config(model_type, variant)
+    config.init_lora_weights = False
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype), config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     data = torch.Generator().manual_seed(1)
     losses, grads = [], {}
@@ -157,7 +162,7 @@ def train(checkpoint: str, model_type: str, out_dir: str, *, dtype=torch.float32
         ids = torch.randint(3, COMMON["vocab_size"], (2, 16), generator=data)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        if step == 1:
+        if step == 0:
             grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
         optimizer.step()
         optimizer.zero_grad()
