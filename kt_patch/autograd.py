@@ -25,7 +25,7 @@ rejects ``lora_dropout != 0`` itself, so there is no mask to repeat across the f
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -33,7 +33,7 @@ from .integrations import checkpointing
 from .integrations.checkpointing import Phase
 from .kernel import ExpertKernel
 
-LoraTuple = Optional[tuple]  # (A, B, scaling) in PEFT ParamWrapper layout
+LoraTuple = tuple | None  # (A, B, scaling) in PEFT ParamWrapper layout
 _CACHE_ATTRIBUTE = "kt_activation_cache"
 
 
@@ -45,7 +45,7 @@ def _new_token(cache=None) -> torch.Tensor:
 
 class _ExpertFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, kernel: ExpertKernel, plan: "_Plan", x, topk_ids, topk_weights, gu_scaling, dn_scaling, gu_A,
+    def forward(ctx, kernel: ExpertKernel, plan: _Plan, x, topk_ids, topk_weights, gu_scaling, dn_scaling, gu_A,
                 gu_B, dn_A, dn_B):
         x_meta, w_meta = (x.device, x.dtype), (topk_weights.device, topk_weights.dtype)
         kept = plan.kept_for_recompute(kernel, x.shape[0])
@@ -92,7 +92,7 @@ class _ExpertFunction(torch.autograd.Function):
 class _Plan:
     """What one expert call does in its checkpointing phase (decided before autograd turns grad mode off)."""
 
-    def __init__(self, phase: Phase, region, policy: str, on_kernel_run: Optional[Callable[[], None]]):
+    def __init__(self, phase: Phase, region, policy: str, on_kernel_run: Callable[[], None] | None):
         self.phase, self.region, self.policy = phase, region, policy
         self._on_kernel_run = on_kernel_run
 
@@ -114,8 +114,8 @@ class _Plan:
 
 
 def expert_forward(kernel: ExpertKernel, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                   gate_up: LoraTuple = None, down: LoraTuple = None, *, policy: Optional[str] = None,
-                   on_kernel_run: Optional[Callable[[], None]] = None) -> torch.Tensor:
+                   gate_up: LoraTuple = None, down: LoraTuple = None, *, policy: str | None = None,
+                   on_kernel_run: Callable[[], None] | None = None) -> torch.Tensor:
     """``y[T,H] = sum_j w[t,j] expert_{ids[t,j]}(x[t])`` on the kernel, differentiable in x, topk_weights and the
     LoRA factors. ``gate_up`` / ``down`` are ``(A, B, scaling)`` of PEFT's ParamWrapper on fused experts.
 

@@ -1,0 +1,244 @@
+"""Activation checkpointing on patched models: phases, the two policies, and no cache left behind.
+
+Every mode (HF non-reentrant and reentrant, torch.utils.checkpoint called directly, and a checkpoint function bound
+before kt_patch was enabled, which only the fallback signal sees) × every policy gives the LoRA gradients of a run
+without checkpointing; the layer's ``expert_runs`` counter shows how often the CPU experts ran and
+``kt_patch.kernel.live_contexts()`` how many activation caches are alive.
+"""
+import functools
+import gc
+
+import psutil
+import pytest
+import torch
+import torch.utils.checkpoint
+
+import kt_patch
+import tiny_models
+from kt_patch.integrations.checkpointing import CheckpointPhaseError
+from kt_patch.kernel import live_contexts
+from kt_patch.layer import KtMoeLayer
+
+FAMILIES = ["qwen3_moe", "deepseek_v3", "gpt_oss"]
+POLICIES = ["recompute", "retain"]
+MODES = ["hf_non_reentrant", "hf_reentrant", "torch_non_reentrant", "torch_reentrant", "fallback_non_reentrant",
+         "fallback_reentrant"]
+
+
+@pytest.fixture(autouse=True)
+def kt_enabled():
+    kt_patch.enable(threads=2)
+    yield
+    kt_patch.disable()
+    gc.collect()
+    assert live_contexts() == 0
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def patched_peft_model(model_type, **overrides):
+    from peft import get_peft_model
+
+    config = tiny_models.lora_config(model_type)
+    config.init_lora_weights = False  # random B too, so that every LoRA factor has a non-zero gradient
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_models.build(model_type, **overrides), config)
+    model.train()
+    return model
+
+
+def moe_layers(model):
+    layers = [m for m in model.modules() if isinstance(m, KtMoeLayer)]
+    assert layers
+    return layers
+
+
+def set_policy(model, policy):
+    for layer in moe_layers(model):
+        layer.checkpoint_policy = policy
+        layer.expert_runs = 0
+
+
+def set_checkpointing(model, mode):
+    """Checkpoint every decoder layer the way ``mode`` says (``None``: no checkpointing)."""
+    base = model.get_base_model()
+    base.activation_checkpointing_disable()
+    if mode is None:
+        return
+    reentrant = mode.endswith("_reentrant") and not mode.endswith("non_reentrant")
+    if mode == "hf_non_reentrant":
+        base.activation_checkpointing_enable()
+        return
+    if mode == "hf_reentrant":
+        with pytest.warns(FutureWarning):
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        return
+    if mode.startswith("torch_"):
+        def checkpoint(function, *args):  # looks torch.utils.checkpoint.checkpoint up at every call, as users do
+            return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=reentrant)
+    else:  # bound before kt_patch wrapped it: only the fallback signal sees these regions
+        unwrapped = torch.utils.checkpoint.checkpoint.__wrapped__
+        checkpoint = functools.partial(unwrapped, use_reentrant=reentrant)
+    for module in base.modules():  # what a user hand-rolling checkpointing on the decoder layers does
+        if hasattr(module, "gradient_checkpointing"):
+            module.gradient_checkpointing = True
+            module._gradient_checkpointing_func = checkpoint
+    if reentrant:
+        base.enable_input_require_grads()
+
+
+def lora_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    caches_before_backward = live_contexts()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return grads, caches_before_backward
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_every_mode_and_policy_gives_the_gradients_of_no_checkpointing(model_type):
+    model = patched_peft_model(model_type)
+    layers = moe_layers(model)
+    ids = torch.randint(3, 128, (2, 13), generator=torch.Generator().manual_seed(0))
+    reference, caches = lora_grads(model, ids)
+    assert caches == len(layers)  # plain training: each layer keeps its cache for the backward
+    assert all(layer.expert_runs == 1 for layer in layers)
+    assert len([n for n in reference if ".experts." in n]) == 4 * len(layers)
+    assert all(g.norm() > 0 for g in reference.values())
+    for mode in MODES:
+        set_checkpointing(model, mode)
+        for policy in POLICIES:
+            set_policy(model, policy)
+            grads, caches = lora_grads(model, ids)
+            case = f"{model_type} {mode} {policy}"
+            assert sorted(grads) == sorted(reference), case
+            for name, grad in reference.items():
+                assert rel(grads[name], grad) <= 1e-5, f"{case}: {name}"
+            retains = policy == "retain" and not mode.startswith("fallback")
+            # recompute: the first forward keeps nothing and the experts run again; retain: they run once
+            assert caches == (len(layers) if retains else 0), case
+            assert [layer.expert_runs for layer in layers] == [1 if retains else 2] * len(layers), case
+            assert live_contexts() == 0, case
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_twenty_steps_leave_no_cache_and_host_memory_flat(policy):
+    # 8 x 64 tokens and wider experts, so that one step's expert caches are large next to allocator noise:
+    # per layer the kernel keeps about T*k*3*I fp32 values (gate, up, product) plus x, i.e. ~3.4 MB here.
+    model = patched_peft_model("qwen3_moe", moe_intermediate_size=256)
+    set_checkpointing(model, "hf_non_reentrant")
+    set_policy(model, policy)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    data = torch.Generator().manual_seed(3)
+    process = psutil.Process()
+    rss = []
+    for step in range(20):
+        ids = torch.randint(3, 128, (8, 64), generator=data)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        assert live_contexts() == 0, step
+        rss.append(process.memory_info().rss)
+    # From step 5 on (optimizer state and allocator pools exist), RSS stays flat: a leak of one step's caches would
+    # add ~7 MB a step, ~100 MB over these 15 steps; 16 MB leaves room for glibc arena trimming jitter.
+    assert rss[-1] - rss[4] < 16 * 2**20, [r >> 20 for r in rss]
+    assert all(layer.expert_runs == 20 * (1 if policy == "retain" else 2) for layer in moe_layers(model))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("mode", ["hf_non_reentrant", "hf_reentrant"])
+def test_evaluation_and_generation_between_steps_leave_nothing_behind(policy, mode):
+    model = patched_peft_model("qwen3_moe")
+    set_checkpointing(model, mode)
+    set_policy(model, policy)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(4))
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert live_contexts() == 0
+        # evaluation inside the training loop: a forward with autograd recording and no backward
+        loss = model(input_ids=ids, labels=ids).loss
+        assert loss.requires_grad
+        del loss
+        assert live_contexts() == 0
+        with torch.no_grad():
+            model.eval()
+            assert model(input_ids=ids).logits.shape == (2, 16, 128)
+            model.generate(input_ids=ids[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
+            model.train()
+        assert live_contexts() == 0
+        # in training mode under no_grad, as some evaluation loops do (HF does not checkpoint then)
+        with torch.no_grad():
+            model(input_ids=ids)
+        assert live_contexts() == 0
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("mode", ["hf_non_reentrant", "hf_reentrant"])
+def test_exception_mid_step_leaves_nothing_behind(policy, mode):
+    model = patched_peft_model("qwen3_moe")
+    set_checkpointing(model, mode)
+    set_policy(model, policy)
+    ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(5))
+    last_layer = model.get_base_model().model.layers[-1]
+
+    def fail(module, args):
+        raise Boom
+
+    hook = last_layer.register_forward_pre_hook(fail)  # in the forward, after the first layer ran its experts
+    with pytest.raises(Boom):
+        model(input_ids=ids, labels=ids)
+    hook.remove()
+    assert live_contexts() == 0
+
+    # in the backward, once the last layer's experts have run theirs and before the first layer's
+    first_attention_lora = next(p for n, p in model.named_parameters() if "layers.0.self_attn.o_proj.lora_B" in n)
+    hook = first_attention_lora.register_hook(lambda grad: (_ for _ in ()).throw(Boom()))
+    loss = model(input_ids=ids, labels=ids).loss
+    with pytest.raises(Boom):
+        loss.backward()
+    hook.remove()
+    del loss
+    gc.collect()
+    assert live_contexts() == 0
+    model(input_ids=ids, labels=ids).loss.backward()  # and the next step trains normally
+    assert live_contexts() == 0
+
+
+def foreign_hooks():
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
+
+
+def test_a_foreign_saved_tensors_hook_is_a_clear_error():
+    model = patched_peft_model("qwen3_moe")
+    ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(6))
+    with foreign_hooks(), pytest.raises(CheckpointPhaseError, match="saved-tensors hook"):
+        model(input_ids=ids, labels=ids)
+    assert live_contexts() == 0
+
+
+@pytest.mark.parametrize("mode", ["hf_non_reentrant", "fallback_non_reentrant"])
+def test_a_foreign_hook_inside_a_checkpointed_region_is_a_clear_error(mode):
+    model = patched_peft_model("qwen3_moe")
+    set_checkpointing(model, mode)
+    moe = moe_layers(model)[0]
+    forward = moe.forward
+
+    def forward_under_foreign_hook(*args, **kwargs):
+        with foreign_hooks():
+            return forward(*args, **kwargs)
+
+    moe.forward = forward_under_foreign_hook
+    ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(7))
+    with pytest.raises(CheckpointPhaseError, match="saved-tensors hook"):
+        model(input_ids=ids, labels=ids)
+    assert live_contexts() == 0
