@@ -242,3 +242,13 @@ def test_a_foreign_hook_inside_a_checkpointed_region_is_a_clear_error(mode):
     with pytest.raises(CheckpointPhaseError, match="saved-tensors hook"):
         model(input_ids=ids, labels=ids)
     assert live_contexts() == 0
+
+
+def test_lora_dropout_on_routed_experts_is_refused_by_peft():
+    # So there is no dropout mask to repeat in the recompute: PEFT's ParamWrapper (LoRA on fused experts) refuses it.
+    from peft import LoraConfig, get_peft_model
+
+    for targets in (dict(target_parameters=["experts.gate_up_proj", "experts.down_proj"]),
+                    dict(target_modules=["gate_proj", "up_proj", "down_proj"])):
+        with pytest.raises(ValueError, match="lora_dropout"):
+            get_peft_model(tiny_models.build("qwen3_moe"), LoraConfig(r=4, lora_dropout=0.1, **targets))
