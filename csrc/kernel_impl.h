@@ -141,6 +141,7 @@ struct Core {
         const uint64_t* src = reinterpret_cast<const uint64_t*>(W + (static_cast<size_t>(nb) * (Kp / P) + k0 / P) *
                                                                         kPanel * P);
         uint64_t* out = reinterpret_cast<uint64_t*>(dst + static_cast<size_t>(nb) * (kPanel / P) * kPanel * P);
+        if (Ops::transpose_words(src, out)) continue;
         for (int q = 0; q < 8; ++q)
           for (int kp = 0; kp < 8; ++kp) {
             const uint64_t w = src[kp * 8 + q];

@@ -59,6 +59,7 @@ struct Ops {
   static int gemm_tiles(const T*, size_t, int, int, const T*, size_t, int, float*, size_t, bool) {
     return 0;
   }
+  static bool transpose_words(const uint64_t*, uint64_t*) { return false; }
 };
 
 #include "../kernel_impl.h"

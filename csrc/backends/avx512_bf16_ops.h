@@ -21,4 +21,28 @@ struct Avx512Bf16Ops {
   static int gemm_tiles(const T*, size_t, int, int, const T*, size_t, int, float*, size_t, bool) {
     return 0;
   }
+  static bool transpose_words(const uint64_t* src, uint64_t* out) {
+    __m512i r[8], t[8], u[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm512_loadu_si512(src + 8 * i);
+    for (int i = 0; i < 8; i += 2) {  // pairs of rows, 64-bit interleave within 128-bit lanes
+      t[i] = _mm512_unpacklo_epi64(r[i], r[i + 1]);
+      t[i + 1] = _mm512_unpackhi_epi64(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {  // then 128-bit lanes of two row pairs
+      u[i] = _mm512_shuffle_i64x2(t[i], t[i + 2], 0x88);
+      u[i + 1] = _mm512_shuffle_i64x2(t[i], t[i + 2], 0xdd);
+      u[i + 2] = _mm512_shuffle_i64x2(t[i + 1], t[i + 3], 0x88);
+      u[i + 3] = _mm512_shuffle_i64x2(t[i + 1], t[i + 3], 0xdd);
+    }
+    // u[0..3] hold rows 0-3 of columns {0,4}, {2,6}, {1,5}, {3,7}; u[4..7] the same for rows 4-7.
+    const __m512i swap_middle = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15));
+    static constexpr int kColumn[4][2] = {{0, 4}, {2, 6}, {1, 5}, {3, 7}};
+    for (int i = 0; i < 4; ++i) {
+      _mm512_storeu_si512(out + 8 * kColumn[i][0],
+                          _mm512_shuffle_epi8(_mm512_shuffle_i64x2(u[i], u[i + 4], 0x88), swap_middle));
+      _mm512_storeu_si512(out + 8 * kColumn[i][1],
+                          _mm512_shuffle_epi8(_mm512_shuffle_i64x2(u[i], u[i + 4], 0xdd), swap_middle));
+    }
+    return true;
+  }
 };

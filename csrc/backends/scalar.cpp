@@ -6,6 +6,8 @@
 //   load_a(const T*)   P consecutive values of one A row, broadcast
 //   madd(V, b, a)      V[c] += sum_p a[p] * b[c][p]
 //   gemm_tiles(...)    rows a matrix-tile unit computes itself (whole 16-row blocks), returning how many; 0 if none
+//   transpose_words(src, out)   out[q][kp] = src[kp][q] for 8 x 8 64-bit words, middle 16-bit halves swapped in
+//                      each (the backward's transposed bf16 panels); false: use the portable loop
 #include "../plan.h"
 
 namespace {
@@ -55,6 +57,7 @@ struct Ops {
   static int gemm_tiles(const T*, size_t, int, int, const T*, size_t, int, float*, size_t, bool) {
     return 0;
   }
+  static bool transpose_words(const uint64_t*, uint64_t*) { return false; }
 };
 
 #include "../kernel_impl.h"
