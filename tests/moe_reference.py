@@ -11,47 +11,47 @@ def lora_delta(x, A, B, scaling, e, E):
     return scaling * (x @ A_e.T) @ B_e.T
 
 
-def moe_forward(x, ids, w, gate_up, down, lora_gu=None, lora_dn=None):
-    """y[t] = sum_j w[t,j] expert_{ids[t,j]}(x[t]) with SwiGLU experts, all in the dtype of the inputs."""
-    E, two_i, _ = gate_up.shape
-    I = two_i // 2
+def routed_sum(x, ids, w, E, expert):
+    """y[t] = sum_j w[t,j] expert(e = ids[t,j], x[t]), with expert(e, rows) evaluated on all rows routed to e."""
     y = torch.zeros_like(x)
     for e in range(E):
         tok, slot = torch.nonzero(ids == e, as_tuple=True)
-        if tok.numel() == 0:
-            continue
-        xe = x[tok]
+        if tok.numel():
+            y = y.index_add(0, tok, expert(e, x[tok]) * w[tok, slot].unsqueeze(1))
+    return y
+
+
+def moe_forward(x, ids, w, gate_up, down, lora_gu=None, lora_dn=None):
+    """SwiGLU experts in the transformers layout (gate_up [E, 2I, H], down [E, H, I]), in the inputs' dtype."""
+    E, two_i, _ = gate_up.shape
+    I = two_i // 2
+
+    def expert(e, xe):
         gu = xe @ gate_up[e].T
         if lora_gu is not None:
             gu = gu + lora_delta(xe, *lora_gu, e, E)
         z = F.silu(gu[:, :I]) * gu[:, I:]
         d = z @ down[e].T
-        if lora_dn is not None:
-            d = d + lora_delta(z, *lora_dn, e, E)
-        y = y.index_add(0, tok, d * w[tok, slot].unsqueeze(1))
-    return y
+        return d if lora_dn is None else d + lora_delta(z, *lora_dn, e, E)
+
+    return routed_sum(x, ids, w, E, expert)
 
 
 def gpt_oss_forward(x, ids, w, gate_up, down, lora_gu=None, lora_dn=None, *, gate_up_bias, down_bias, alpha, limit):
     """GPT-OSS experts as transformers writes them: gate_up [E, H, 2I] with gate/up interleaved, down [E, I, H],
     biases, clamped activation; LoRA as PEFT applies it to transposed experts (B rows follow the 2I columns)."""
     E = gate_up.shape[0]
-    y = torch.zeros_like(x)
-    for e in range(E):
-        tok, slot = torch.nonzero(ids == e, as_tuple=True)
-        if tok.numel() == 0:
-            continue
-        xe = x[tok]
+
+    def expert(e, xe):
         gu = xe @ gate_up[e] + gate_up_bias[e]
         if lora_gu is not None:
             gu = gu + lora_delta(xe, *lora_gu, e, E)
         gate, up = gu[:, ::2].clamp(max=limit), gu[:, 1::2].clamp(min=-limit, max=limit)
         z = (up + 1) * gate * torch.sigmoid(gate * alpha)
         d = z @ down[e] + down_bias[e]
-        if lora_dn is not None:
-            d = d + lora_delta(z, *lora_dn, e, E)
-        y = y.index_add(0, tok, d * w[tok, slot].unsqueeze(1))
-    return y
+        return d if lora_dn is None else d + lora_delta(z, *lora_dn, e, E)
+
+    return routed_sum(x, ids, w, E, expert)
 
 
 def random_layer(E, H, I, r_gu, r_dn, dtype, seed):

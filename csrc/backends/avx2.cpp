@@ -5,8 +5,9 @@
 
 namespace {
 using namespace kt;
+#include "portable_extras.h"
 
-struct Ops {
+struct Ops : PortableExtras {
   static constexpr int MR = 4, NV = 1;
   struct V {
     __m256 lo, hi;
@@ -55,11 +56,6 @@ struct Ops {
     c.hi = _mm256_fmadd_ps(a, b.hi, c.hi);
     return c;
   }
-  template <class T>
-  static int gemm_tiles(const T*, size_t, int, int, const T*, size_t, int, float*, size_t, bool) {
-    return 0;
-  }
-  static bool transpose_words(const uint64_t*, uint64_t*) { return false; }
 };
 
 #include "../kernel_impl.h"

@@ -1,6 +1,6 @@
 // The AVX-512 BF16 vector operations (see scalar.cpp for the contract), shared by the avx512_bf16 and amx_bf16
-// backends; include inside the backend's anonymous namespace.
-struct Avx512Bf16Ops {
+// backends; include inside the backend's anonymous namespace, after portable_extras.h.
+struct Avx512Bf16Ops : PortableExtras {
   static constexpr int MR = 12, NV = 2;
   using V = __m512;
 
@@ -17,10 +17,6 @@ struct Avx512Bf16Ops {
   static __m512 load_a(const float* p) { return _mm512_set1_ps(*p); }
   static V madd(V c, __m512bh b, __m512bh a) { return _mm512_dpbf16_ps(c, a, b); }
   static V madd(V c, __m512 b, __m512 a) { return _mm512_fmadd_ps(a, b, c); }
-  template <class T>
-  static int gemm_tiles(const T*, size_t, int, int, const T*, size_t, int, float*, size_t, bool) {
-    return 0;
-  }
   static bool transpose_words(const uint64_t* src, uint64_t* out) {
     __m512i r[8], t[8], u[8];
     for (int i = 0; i < 8; ++i) r[i] = _mm512_loadu_si512(src + 8 * i);

@@ -12,8 +12,9 @@
 
 namespace {
 using namespace kt;
+#include "portable_extras.h"
 
-struct Ops {
+struct Ops : PortableExtras {
   static constexpr int MR = 4, NV = 1;
   struct V {
     float v[kPanel];
@@ -53,11 +54,6 @@ struct Ops {
     for (int i = 0; i < kPanel; ++i) c.v[i] += a * b.v[i];
     return c;
   }
-  template <class T>
-  static int gemm_tiles(const T*, size_t, int, int, const T*, size_t, int, float*, size_t, bool) {
-    return 0;
-  }
-  static bool transpose_words(const uint64_t*, uint64_t*) { return false; }
 };
 
 #include "../kernel_impl.h"

@@ -1,0 +1,9 @@
+// The optional parts of a backend's Ops (see scalar.cpp), for backends that have neither matrix tiles nor a
+// faster transpose; include inside the backend's anonymous namespace and derive Ops from it.
+struct PortableExtras {
+  template <class T>
+  static int gemm_tiles(const T*, size_t, int, int, const T*, size_t, int, float*, size_t, bool) {
+    return 0;
+  }
+  static bool transpose_words(const uint64_t*, uint64_t*) { return false; }
+};
