@@ -149,6 +149,18 @@ class KtMoeLayer(nn.Module):
         output = output.reshape(shape)
         return (output, routing_weights) if self.family.returns_router_scores else output
 
+    @property
+    def checkpoint_policy(self) -> str:
+        return self._checkpoint_policy
+
+    @checkpoint_policy.setter
+    def checkpoint_policy(self, policy: str) -> None:
+        from .options import CHECKPOINT_POLICIES
+
+        if policy not in CHECKPOINT_POLICIES:
+            raise ValueError(f"checkpoint_policy must be one of {', '.join(CHECKPOINT_POLICIES)}; got {policy!r}")
+        self._checkpoint_policy = policy
+
     def _count_expert_run(self) -> None:
         self.expert_runs += 1
 

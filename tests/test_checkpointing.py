@@ -108,6 +108,8 @@ def test_every_mode_and_policy_gives_the_gradients_of_no_checkpointing(model_typ
     assert all(layer.expert_runs == 1 for layer in layers)
     assert len([n for n in reference if ".experts." in n]) == 4 * len(layers)
     assert all(g.norm() > 0 for g in reference.values())
+    with pytest.raises(ValueError, match="checkpoint_policy"):
+        layers[0].checkpoint_policy = "sometimes"
     for mode in MODES:
         set_checkpointing(model, mode)
         for policy in POLICIES:
