@@ -254,3 +254,17 @@ def test_lora_dropout_on_routed_experts_is_refused_by_peft():
                     dict(target_modules=["gate_proj", "up_proj", "down_proj"])):
         with pytest.raises(ValueError, match="lora_dropout"):
             get_peft_model(tiny_models.build("qwen3_moe"), LoraConfig(r=4, lora_dropout=0.1, **targets))
+
+
+def test_a_checkpoint_function_that_does_not_checkpoint_is_a_plain_forward():
+    model = patched_peft_model("qwen3_moe")
+    layers = moe_layers(model)
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(8))
+    reference, _ = lora_grads(model, ids)
+    # HF hands kt_patch's signal to whatever function the user gives; this one just runs the layer
+    model.get_base_model()._set_gradient_checkpointing(enable=True,
+                                                       gradient_checkpointing_func=lambda fn, *args: fn(*args))
+    set_policy(model, "recompute")
+    grads, caches = lora_grads(model, ids)
+    assert caches == len(layers) and [layer.expert_runs for layer in layers] == [1] * len(layers)
+    assert all(rel(grads[name], grad) <= 1e-5 for name, grad in reference.items())

@@ -160,11 +160,14 @@ def _warn_once(key: str, message: str, *args) -> None:
         logger.warning(message, *args)
 
 
+_HOOKS_UNREADABLE = "<saved-tensors hooks not readable in this torch>"
+
+
 def _top_saved_tensors_hook() -> str | None:
-    """``module.qualname`` of the innermost saved-tensors pack hook; None when there is none; '?' if unknowable."""
+    """``module.qualname`` of the innermost saved-tensors pack hook, None when there is none."""
     top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     if top_hooks is None:
-        return "?"
+        return _HOOKS_UNREADABLE
     hooks = top_hooks(False)
     if hooks is None:
         return None
@@ -200,23 +203,26 @@ def current_phase(layer_name: str, policy: str) -> tuple[Phase, CheckpointRegion
     grad = torch.is_grad_enabled()
     if stack:
         region, phase = stack[-1]
-        if grad:  # the reentrant first forward runs under no_grad and saves nothing: no hook matters there
-            hook = _top_saved_tensors_hook()
-            if hook not in (None, "?") and not hook.startswith(_CHECKPOINT_HOOKS[phase]):
-                raise _foreign_hook_error(layer_name, hook)
+        if not grad:  # the reentrant first forward: nothing is saved, so no hook matters
+            return phase, region
+        hook = _top_saved_tensors_hook()
+        if hook is None and phase is Phase.FIRST_FORWARD:
+            return Phase.PLAIN, None  # a checkpoint function that runs the region as it is: nothing is recomputed
+        if hook not in (None, _HOOKS_UNREADABLE) and not hook.startswith(_CHECKPOINT_HOOKS[phase]):
+            raise _foreign_hook_error(layer_name, hook)
         return phase, region
     if not grad:
         return Phase.INFERENCE, None
     hook = _top_saved_tensors_hook()
-    if _backward_running():
-        if hook is not None and hook != "?" and not hook.startswith(_CHECKPOINT_HOOKS[Phase.RECOMPUTE]):
+    if hook == _HOOKS_UNREADABLE:
+        _warn_once("no-hook-api", "kt_patch: this torch does not expose its saved-tensors hooks; checkpointed "
+                                  "regions are seen only through kt_patch's own checkpoint signal")
+        return (Phase.RECOMPUTE if _backward_running() else Phase.PLAIN), None
+    if _backward_running() or (hook is not None and hook.startswith(_CHECKPOINT_HOOKS[Phase.RECOMPUTE])):
+        if hook is not None and not hook.startswith(_CHECKPOINT_HOOKS[Phase.RECOMPUTE]):
             raise _foreign_hook_error(layer_name, hook)
         phase = Phase.RECOMPUTE
     elif hook is None:
-        return Phase.PLAIN, None
-    elif hook == "?":
-        _warn_once("no-hook-api", "kt_patch: this torch does not expose its saved-tensors hooks; checkpointed "
-                                  "regions are seen only through kt_patch's own checkpoint signal")
         return Phase.PLAIN, None
     elif hook.startswith(_CHECKPOINT_HOOKS[Phase.FIRST_FORWARD]):
         phase = Phase.FIRST_FORWARD
