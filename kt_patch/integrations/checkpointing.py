@@ -15,6 +15,8 @@ call is the first forward, every later call a recompute. Two hooks put it there,
 
 The region is owned by torch's checkpoint machinery (the non-reentrant frame's recompute function, the reentrant
 node's ``run_function``), so whatever a region keeps lives exactly as long as the autograd graph that may use it.
+A first call that records autograd without torch.utils.checkpoint's hook was not checkpointed (a checkpoint function
+that just calls its argument): it is a plain forward. Nested checkpointed regions are untested.
 
 Fallback, for checkpoint functions bound before ``kt_patch.enable()`` (``from torch.utils.checkpoint import
 checkpoint``): torch's private autograd state, read only where it exists. A backward is executing
