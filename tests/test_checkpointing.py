@@ -268,3 +268,21 @@ def test_a_checkpoint_function_that_does_not_checkpoint_is_a_plain_forward():
     grads, caches = lora_grads(model, ids)
     assert caches == len(layers) and [layer.expert_runs for layer in layers] == [1] * len(layers)
     assert all(rel(grads[name], grad) <= 1e-5 for name, grad in reference.items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_checkpointing_with_the_model_on_the_gpu():
+    # The backward, and so the recompute, runs on the autograd engine's device thread there.
+    model = patched_peft_model("qwen3_moe").to("cuda")
+    layers = moe_layers(model)
+    ids = torch.randint(3, 128, (2, 13), generator=torch.Generator().manual_seed(9)).cuda()
+    reference, _ = lora_grads(model, ids)
+    for mode in ("hf_non_reentrant", "hf_reentrant"):
+        set_checkpointing(model, mode)
+        for policy in POLICIES:
+            set_policy(model, policy)
+            grads, caches = lora_grads(model, ids)
+            assert caches == (len(layers) if policy == "retain" else 0), (mode, policy)
+            assert [layer.expert_runs for layer in layers] == [1 if policy == "retain" else 2] * len(layers)
+            assert all(rel(grads[n], g) <= 1e-5 for n, g in reference.items()), (mode, policy)
+            assert live_contexts() == 0
