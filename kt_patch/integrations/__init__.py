@@ -9,12 +9,14 @@ import sys
 
 import wrapt
 
+from . import checkpointing
 from . import peft as peft_integration
 from . import transformers as transformers_integration
 
 # target module -> function(module, patches) that wraps what kt_patch needs in it
 _HOOKS = {
     "transformers.modeling_utils": transformers_integration.install,
+    "torch.utils.checkpoint": checkpointing.install_torch_hook,
     "peft.tuners.tuners_utils": peft_integration.install_tuner_hook,
     "peft.peft_model": peft_integration.install_save_hook,
     "peft.tuners.lora.layer": peft_integration.install_merge_hook,

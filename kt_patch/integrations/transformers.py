@@ -6,8 +6,8 @@ same entry points while they are being constructed (weights not loaded yet), so 
 
 Gradient checkpointing: ``PreTrainedModel._set_gradient_checkpointing`` (where ``gradient_checkpointing_enable`` and
 ``activation_checkpointing_enable`` land) gives a patched model's layers a checkpoint function that tells its MoE
-layers which pass they run in; ``torch.utils.checkpoint.checkpoint`` is wrapped alongside, since transformers has
-imported it by then (see :mod:`kt_patch.integrations.checkpointing`).
+layers which pass they run in (see :mod:`kt_patch.integrations.checkpointing`, which also wraps
+``torch.utils.checkpoint.checkpoint`` for direct calls).
 """
 from __future__ import annotations
 
@@ -24,14 +24,9 @@ _PLACEMENT_POLICIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def install(modeling_utils, patches) -> None:
-    import torch.utils.checkpoint
-
-    from . import checkpointing
-
     patches.wrap(modeling_utils.PreTrainedModel, "from_pretrained", _patch_loaded_model)
     patches.wrap(modeling_utils.PreTrainedModel, "_from_config", _patch_built_model)
     patches.wrap(modeling_utils.PreTrainedModel, "_set_gradient_checkpointing", _set_gradient_checkpointing)
-    checkpointing.install_torch_hook(torch.utils.checkpoint, patches)
 
 
 def _set_gradient_checkpointing(wrapped, instance, args, kwargs):
