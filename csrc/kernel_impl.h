@@ -267,14 +267,27 @@ struct Core {
     const bool gu = static_cast<int>(item) < gu_blocks;
     const LoraRef& l = gu ? p.gu : p.dn;
     const int out = gu ? 2 * p.I : p.H, o0 = 16 * (gu ? static_cast<int>(item) : static_cast<int>(item) - gu_blocks);
+    int rows[16];  // where each of the block's rows goes in Bt
+    const int n = imin(out, o0 + 16) - o0;
+    for (int o = 0; o < n; ++o) rows[o] = gu && p.gu_interleaved ? gate_up_row(p, o0 + o) : o0 + o;
     float* Bt = gu ? p.gu_Bt : p.dn_Bt;
-    const int cols = p.E * l.rank, o1 = imin(out, o0 + 16);
-    const bool interleaved = gu && p.gu_interleaved;
-    for (int c = 0; c < cols; ++c) {
-      float* dst = Bt + (static_cast<size_t>(c % p.E) * l.rank + c / p.E) * out;
-      for (int o = o0; o < o1; ++o)
-        dst[interleaved ? gate_up_row(p, o) : o] = load_io(l.B, l.dtype, static_cast<size_t>(o) * cols + c);
-    }
+    if (l.dtype == DType::bf16)
+      copy_b_block(static_cast<const bf16*>(l.B), p.E, l.rank, out, o0, n, rows, Bt);
+    else
+      copy_b_block(static_cast<const float*>(l.B), p.E, l.rank, out, o0, n, rows, Bt);
+  }
+
+  // Bt[e][j][rows[o]] = B[o0 + o][j*E + e] for the n rows of one block: reads walk along B's rows, each write run
+  // fills one expert's 16 consecutive entries.
+  template <class S>
+  static void copy_b_block(const S* B, int E, int rank, int out, int o0, int n, const int* rows, float* Bt) {
+    const size_t cols = static_cast<size_t>(E) * rank;
+    for (int j = 0; j < rank; ++j)
+      for (int e = 0; e < E; ++e) {
+        const S* src = B + static_cast<size_t>(o0) * cols + static_cast<size_t>(j) * E + e;
+        float* dst = Bt + (static_cast<size_t>(e) * rank + j) * out;
+        for (int o = 0; o < n; ++o) dst[rows[o]] = Elem<S>::to(src[o * cols]);
+      }
   }
 
   // Row of the gate-block-then-up-block order for row o of an interleaved (gate, up, gate, up, ...) gate_up.
@@ -286,16 +299,19 @@ struct Core {
     const bool gu = static_cast<int>(item) < gu_blocks;
     const int rank = gu ? p.gu.rank : p.dn.rank;
     const int out = gu ? 2 * p.I : p.H, o0 = 16 * (gu ? static_cast<int>(item) : static_cast<int>(item) - gu_blocks);
+    const int n = imin(out, o0 + 16) - o0;
+    int rows[16];
+    for (int o = 0; o < n; ++o) rows[o] = gu && p.gu_interleaved ? gate_up_row(p, o0 + o) : o0 + o;
     const float* Gt = gu ? p.gu_Gt : p.dn_Gt;
-    float* grad = gu ? p.gu_grad.B : p.dn_grad.B;
-    const int cols = p.E * rank, o1 = imin(out, o0 + 16);
-    const bool interleaved = gu && p.gu_interleaved;
-    for (int c = 0; c < cols; ++c) {
-      const int e = c % p.E;
-      if (p.offsets[e + 1] == p.offsets[e]) continue;
-      const float* src = Gt + (static_cast<size_t>(e) * rank + c / p.E) * out;
-      for (int o = o0; o < o1; ++o) grad[static_cast<size_t>(o) * cols + c] += src[interleaved ? gate_up_row(p, o) : o];
-    }
+    const size_t cols = static_cast<size_t>(p.E) * rank;
+    float* grad = (gu ? p.gu_grad.B : p.dn_grad.B) + static_cast<size_t>(o0) * cols;
+    for (int j = 0; j < rank; ++j)
+      for (int e = 0; e < p.E; ++e) {
+        if (p.offsets[e + 1] == p.offsets[e]) continue;
+        const float* src = Gt + (static_cast<size_t>(e) * rank + j) * out;
+        float* dst = grad + static_cast<size_t>(j) * p.E + e;
+        for (int o = 0; o < n; ++o) dst[o * cols] += src[rows[o]];
+      }
   }
 
   static void fwd_gather(const Plan& p, const Rows& rows, int worker) {
