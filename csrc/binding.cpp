@@ -61,7 +61,6 @@ struct Pending {
     });
     return submitted.context ? py::cast(submitted.context) : py::none();
   }
-  bool done() { return submitted.job->done(); }
 };
 
 }  // namespace
@@ -83,7 +82,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("tokens", &ForwardContext::T)
       .def_readonly("top_k", &ForwardContext::k);
 
-  py::class_<Pending>(m, "Pending").def("wait", &Pending::wait).def("done", &Pending::done);
+  py::class_<Pending>(m, "Pending").def("wait", &Pending::wait);
 
   py::class_<MoELayer, std::shared_ptr<MoELayer>>(m, "MoELayer")
       .def(py::init([](const std::string& name, int E, int H, int I, uintptr_t gate_up, uintptr_t down,

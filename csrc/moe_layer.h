@@ -111,7 +111,7 @@ class MoELayer {
   friend class ForwardJob;
   friend class BackwardJob;
   [[noreturn]] void fail(const std::string& what) const { throw std::invalid_argument(name_ + ": " + what); }
-  void check_lora(const LoraRef& l, int in, int out, const char* which) const;
+  void check_lora(const LoraRef& l, const char* which) const;
   Plan base_plan() const;
 
   std::string name_;

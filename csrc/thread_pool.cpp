@@ -40,11 +40,6 @@ void Job::wait() {
   if (error_) std::rethrow_exception(error_);
 }
 
-bool Job::done() {
-  std::lock_guard<std::mutex> lock(mu_);
-  return done_;
-}
-
 ThreadPool::ThreadPool(int threads) {
   if (threads < 1) threads = 1;
   for (int i = 0; i < threads; ++i) workers_.emplace_back([this, i] { worker_main(i); });

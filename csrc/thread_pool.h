@@ -30,7 +30,6 @@ class Job {
   virtual const char* phase_name(int) const { return nullptr; }
 
   void wait();  // blocks until the pool has run the job; rethrows its error
-  bool done();
 
  private:
   friend class ThreadPool;

@@ -22,7 +22,6 @@ import torch
 from . import _C
 from . import options as _options
 
-LORA_GRAD_NAMES = ("gate_up_A", "gate_up_B", "down_A", "down_B")
 ACTIVATIONS = ("swiglu", "gpt_oss_swiglu")  # silu(gate) * up; GPT-OSS's clamped (up + 1) * gate * sigmoid(alpha gate)
 _DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
@@ -161,9 +160,6 @@ class ExpertKernel:
             return (0, 0, "f32", 0, 0.0)
         A, B, scaling, rank = entry
         return (A.data_ptr(), B.data_ptr(), _DTYPES[A.dtype], rank, scaling)
-
-    def lora_ranks(self) -> tuple[int, int]:
-        return tuple(0 if self._lora[w] is None else self._lora[w][3] for w in ("gate_up", "down"))
 
     # ------------------------------------------------------------------------------------------------ compute
     def _check_tokens(self, x, what="x"):
