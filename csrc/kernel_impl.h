@@ -236,8 +236,15 @@ struct Core {
     }
   }
 
-  // Number of column blocks and the (expert, block) of a column-block item.
-  static int col_blocks(const Plan& p, int cols) { return (cols + p.col_block - 1) / p.col_block; }
+  // The expert rows and column block of an item of a phase split by (active expert, block of `cols`).
+  struct BlockItem {
+    Rows rows;
+    int block;
+  };
+  static BlockItem block_item(const Plan& p, size_t item, int cols) {
+    const size_t blocks = static_cast<size_t>((cols + p.col_block - 1) / p.col_block);
+    return {expert_rows(p, p.items[item / blocks]), static_cast<int>(item % blocks)};
+  }
 
   // ------------------------------------------------------------------------------------------- forward
   // Phases: 0 LoRA B factors to expert-major, 1 gather X (+ X Agu^T) per expert, 2 gate/up + activation per
@@ -247,13 +254,13 @@ struct Core {
       case 0: return lora_b_to_expert_major(p, item);
       case 1: return fwd_gather(p, expert_rows(p, p.items[item]), worker);
       case 2: {
-        const int nb = col_blocks(p, p.Ip);
-        return fwd_gate_up(p, expert_rows(p, p.items[item / nb]), static_cast<int>(item % nb), worker);
+        const BlockItem b = block_item(p, item, p.Ip);
+        return fwd_gate_up(p, b.rows, b.block, worker);
       }
       case 3: return fwd_down_lora(p, expert_rows(p, p.items[item]), worker);
       case 4: {
-        const int nb = col_blocks(p, p.Hp);
-        return fwd_down(p, expert_rows(p, p.items[item / nb]), static_cast<int>(item % nb), worker);
+        const BlockItem b = block_item(p, item, p.Hp);
+        return fwd_down(p, b.rows, b.block, worker);
       }
       case 5: return reduce_slots(p, item, p.y, worker);
     }
@@ -455,13 +462,13 @@ struct Core {
       case 0: return lora_b_to_expert_major(p, item);
       case 1: return bwd_gather(p, expert_rows(p, p.items[item]), worker);
       case 2: {
-        const int nb = col_blocks(p, p.Ip);
-        return bwd_down(p, expert_rows(p, p.items[item / nb]), static_cast<int>(item % nb), worker);
+        const BlockItem b = block_item(p, item, p.Ip);
+        return bwd_down(p, b.rows, b.block, worker);
       }
       case 3: return bwd_activation(p, expert_rows(p, p.items[item]), worker);
       case 4: {
-        const int nb = col_blocks(p, p.Hp);
-        return bwd_gate_up(p, expert_rows(p, p.items[item / nb]), static_cast<int>(item % nb), worker);
+        const BlockItem b = block_item(p, item, p.Hp);
+        return bwd_gate_up(p, b.rows, b.block, worker);
       }
       case 5: return reduce_slots(p, item, p.dx, worker);
       case 6: return lora_grad_b_to_peft(p, item);

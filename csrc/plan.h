@@ -127,6 +127,15 @@ struct Plan {
   size_t scratch_bytes = 0;
 };
 
+// Defines kt::backend_<isa>() for a backend file, after its anonymous namespace that included kernel_impl.h.
+#define KT_DEFINE_BACKEND(isa)                                                                          \
+  namespace kt {                                                                                        \
+  const Backend* backend_##isa() {                                                                      \
+    static const Backend backend{#isa, backend_pack, backend_forward_item, backend_backward_item};      \
+    return &backend;                                                                                    \
+  }                                                                                                     \
+  }
+
 // What a backend provides: the same numeric core instantiated with its vector operations.
 struct Backend {
   const char* name;

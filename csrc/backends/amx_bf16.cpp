@@ -87,9 +87,4 @@ struct Ops : Avx512Bf16Ops {
 #include "../kernel_impl.h"
 }  // namespace
 
-namespace kt {
-const Backend* backend_amx_bf16() {
-  static const Backend backend{"amx_bf16", backend_pack, backend_forward_item, backend_backward_item};
-  return &backend;
-}
-}  // namespace kt
+KT_DEFINE_BACKEND(amx_bf16)

@@ -61,9 +61,4 @@ struct Ops : PortableExtras {
 #include "../kernel_impl.h"
 }  // namespace
 
-namespace kt {
-const Backend* backend_avx2() {
-  static const Backend backend{"avx2", backend_pack, backend_forward_item, backend_backward_item};
-  return &backend;
-}
-}  // namespace kt
+KT_DEFINE_BACKEND(avx2)

@@ -12,9 +12,4 @@ using Ops = Avx512Bf16Ops;
 #include "../kernel_impl.h"
 }  // namespace
 
-namespace kt {
-const Backend* backend_avx512_bf16() {
-  static const Backend backend{"avx512_bf16", backend_pack, backend_forward_item, backend_backward_item};
-  return &backend;
-}
-}  // namespace kt
+KT_DEFINE_BACKEND(avx512_bf16)

@@ -59,9 +59,4 @@ struct Ops : PortableExtras {
 #include "../kernel_impl.h"
 }  // namespace
 
-namespace kt {
-const Backend* backend_scalar() {
-  static const Backend backend{"scalar", backend_pack, backend_forward_item, backend_backward_item};
-  return &backend;
-}
-}  // namespace kt
+KT_DEFINE_BACKEND(scalar)
