@@ -108,21 +108,31 @@ struct Core {
 
   // ------------------------------------------------------------------------------------------- packing
   static size_t packed_size(int N, int K) { return round_up(N, kPad) * round_up(K, kPad); }
+  static int panels(int N) { return (N + kPanel - 1) / kPanel; }  // the panels a GEMM with N outputs computes
 
+  // Element (n, k) of a panel-packed [Np][Kp] matrix.
+  static size_t packed_index(int n, int k, int Kp) {
+    return (static_cast<size_t>(n / kPanel) * (Kp / P) + k / P) * kPanel * P + (n % kPanel) * P + k % P;
+  }
+
+  // Loops walk the source along its contiguous dimension: walking 16 rows at once, as the panel order would,
+  // touches rows a power of two apart, which share one cache set.
   template <class S>
   static void pack_from(const S* src, ptrdiff_t sn, ptrdiff_t sk, int N, int K, T* dst) {
-    const int Np = static_cast<int>(round_up(N, kPad)), Kp = static_cast<int>(round_up(K, kPad));
-    for (int nb = 0; nb < Np / kPanel; ++nb)
-      for (int kp = 0; kp < Kp / P; ++kp) {
-        T* out = dst + (static_cast<size_t>(nb) * (Kp / P) + kp) * kPanel * P;
-        for (int nn = 0; nn < kPanel; ++nn)
-          for (int pp = 0; pp < P; ++pp) {
-            const int n = nb * kPanel + nn, k = kp * P + pp;
-            float v = 0.f;
-            if (n < N && k < K) v = Elem<S>::to(src[n * sn + k * sk]);
-            out[nn * P + pp] = Elem<T>::from(v);
-          }
+    const int Kp = static_cast<int>(round_up(K, kPad));
+    std::memset(dst, 0, sizeof(T) * packed_size(N, K));  // the padding
+    if (sk == 1) {
+      for (int n = 0; n < N; ++n) {
+        const S* row = src + n * sn;
+        T* out = dst + packed_index(n, 0, Kp);
+        for (int k = 0; k < K; ++k) out[(k / P) * kPanel * P + k % P] = Elem<T>::from(Elem<S>::to(row[k]));
       }
+    } else {
+      for (int k = 0; k < K; ++k) {
+        const S* col = src + k * sk;
+        for (int n = 0; n < N; ++n) dst[packed_index(n, k, Kp)] = Elem<T>::from(Elem<S>::to(col[n * sn]));
+      }
+    }
   }
 
   static void pack(const void* src, DType st, ptrdiff_t sn, ptrdiff_t sk, int N, int K, T* dst) {
@@ -212,26 +222,32 @@ struct Core {
     }
   }
 
-  // acc[0:n] += c * row[0:n] (row in compute type).
-  static void axpy(float* acc, float c, const T* row, int n) {
-    for (int i = 0; i < n; ++i) acc[i] += c * Elem<T>::to(row[i]);
-  }
-
-  // For each j < rank: grad[j] += scale * sum_r coef[r][j] * rows[r], written through (grad + j*gj)[i*gi].
+  // grad[j][i] += scale * sum_r row_scale[r] * coef[r][j] * rows[r][i] for j < rank, i < n (grad rows gj apart).
+  // A block of J ranks x 16 columns of sums stays in registers while the rows stream past; rows are read in whole
+  // 16-column vectors (activation rows are padded past n), only the n columns are written.
   static void outer_grad(const float* coef, int ldcoef, const float* row_scale, const T* rows, size_t ldrows,
-                         int count, int rank, int n, float scale, float* grad, size_t gj, size_t gi, float* acc) {
-    for (int j = 0; j < rank; ++j) {
-      for (int i = 0; i < n; ++i) acc[i] = 0.f;
-      for (int r = 0; r < count; ++r) {
-        float c = coef[r * ldcoef + j] * scale;
-        if (row_scale) c *= row_scale[r];
-        axpy(acc, c, rows + r * ldrows, n);
-      }
-      float* g = grad + j * gj;
-      if (gi == 1) {
-        for (int i = 0; i < n; ++i) g[i] += acc[i];
-      } else {
-        for (int i = 0; i < n; ++i) g[i * gi] += acc[i];
+                         int count, int rank, int n, float scale, float* grad, size_t gj) {
+    constexpr int J = 4 * Ops::NV;
+    for (int j0 = 0; j0 < rank; j0 += J) {
+      const int nj = imin(J, rank - j0);
+      for (int i0 = 0; i0 < n; i0 += kPanel) {
+        float acc[J][kPanel] = {};
+        for (int r = 0; r < count; ++r) {
+          const float s = row_scale ? scale * row_scale[r] : scale;
+          const T* row = rows + r * ldrows + i0;
+          float v[kPanel];
+#pragma GCC unroll 16
+          for (int l = 0; l < kPanel; ++l) v[l] = Elem<T>::to(row[l]);
+#pragma GCC unroll 8
+          for (int jj = 0; jj < J; ++jj) {
+            const float c = jj < nj ? s * coef[r * ldcoef + j0 + jj] : 0.f;
+#pragma GCC unroll 16
+            for (int l = 0; l < kPanel; ++l) acc[jj][l] += c * v[l];
+          }
+        }
+        const int ni = imin(kPanel, n - i0);
+        for (int jj = 0; jj < nj; ++jj)
+          for (int l = 0; l < ni; ++l) grad[(j0 + jj) * gj + i0 + l] += acc[jj][l];
       }
     }
   }
@@ -284,17 +300,25 @@ struct Core {
       copy_b_block(static_cast<const float*>(l.B), p.E, l.rank, out, o0, n, rows, Bt);
   }
 
-  // Bt[e][j][rows[o]] = B[o0 + o][j*E + e] for the n rows of one block: reads walk along B's rows, each write run
-  // fills one expert's 16 consecutive entries.
+  // Bt[e][j][rows[o]] = B[o0 + o][j*E + e] for the n rows of one block, through 16 x 16 tiles: each source line
+  // and each destination run of 16 is touched once (walking the 16 rows element by element would keep 16 lines a
+  // power of two apart, one cache set, alive at once).
   template <class S>
   static void copy_b_block(const S* B, int E, int rank, int out, int o0, int n, const int* rows, float* Bt) {
-    const size_t cols = static_cast<size_t>(E) * rank;
-    for (int j = 0; j < rank; ++j)
-      for (int e = 0; e < E; ++e) {
-        const S* src = B + static_cast<size_t>(o0) * cols + static_cast<size_t>(j) * E + e;
-        float* dst = Bt + (static_cast<size_t>(e) * rank + j) * out;
-        for (int o = 0; o < n; ++o) dst[rows[o]] = Elem<S>::to(src[o * cols]);
+    const int cols = E * rank;
+    float tile[16][16];
+    for (int c0 = 0; c0 < cols; c0 += 16) {
+      const int nc = imin(16, cols - c0);
+      for (int o = 0; o < n; ++o) {
+        const S* src = B + static_cast<size_t>(o0 + o) * cols + c0;
+        for (int c = 0; c < nc; ++c) tile[c][o] = Elem<S>::to(src[c]);
       }
+      for (int c = 0; c < nc; ++c) {
+        const int j = (c0 + c) / E, e = (c0 + c) % E;
+        float* dst = Bt + (static_cast<size_t>(e) * rank + j) * out;
+        for (int o = 0; o < n; ++o) dst[rows[o]] = tile[c][o];
+      }
+    }
   }
 
   // Row of the gate-block-then-up-block order for row o of an interleaved (gate, up, gate, up, ...) gate_up.
@@ -310,15 +334,25 @@ struct Core {
     int rows[16];
     for (int o = 0; o < n; ++o) rows[o] = gu && p.gu_interleaved ? gate_up_row(p, o0 + o) : o0 + o;
     const float* Gt = gu ? p.gu_Gt : p.dn_Gt;
-    const size_t cols = static_cast<size_t>(p.E) * rank;
+    const int cols = p.E * rank;
     float* grad = (gu ? p.gu_grad.B : p.dn_grad.B) + static_cast<size_t>(o0) * cols;
-    for (int j = 0; j < rank; ++j)
-      for (int e = 0; e < p.E; ++e) {
-        if (p.offsets[e + 1] == p.offsets[e]) continue;
+    float tile[16][16];
+    for (int c0 = 0; c0 < cols; c0 += 16) {  // 16 x 16 tiles, as in copy_b_block
+      const int nc = imin(16, cols - c0);
+      bool any = false;
+      for (int c = 0; c < nc; ++c) {
+        const int j = (c0 + c) / p.E, e = (c0 + c) % p.E;
+        const bool had_rows = p.offsets[e + 1] != p.offsets[e];
+        any |= had_rows;
         const float* src = Gt + (static_cast<size_t>(e) * rank + j) * out;
-        float* dst = grad + static_cast<size_t>(j) * p.E + e;
-        for (int o = 0; o < n; ++o) dst[o * cols] += src[rows[o]];
+        for (int o = 0; o < n; ++o) tile[c][o] = had_rows ? src[rows[o]] : 0.f;
       }
+      if (!any) continue;
+      for (int o = 0; o < n; ++o) {
+        float* dst = grad + static_cast<size_t>(o) * cols + c0;
+        for (int c = 0; c < nc; ++c) dst[c] += tile[c][o];
+      }
+    }
   }
 
   static void fwd_gather(const Plan& p, const Rows& rows, int worker) {
@@ -333,7 +367,7 @@ struct Core {
     float* ag = p.ag + static_cast<size_t>(rows.begin) * p.r1p;
     for (int r0 = 0; r0 < rows.count; r0 += kRowChunk)
       gemm(X + static_cast<size_t>(rows.begin + r0) * p.ldh, p.ldh, imin(kRowChunk, rows.count - r0), p.Hp, pkA,
-           static_cast<size_t>(p.Hp) * kPanel, p.r1p / kPanel, ag + static_cast<size_t>(r0) * p.r1p, p.r1p, false);
+           static_cast<size_t>(p.Hp) * kPanel, panels(r1), ag + static_cast<size_t>(r0) * p.r1p, p.r1p, false);
     scale_rows(ag, rows.count, r1, p.r1p, p.gu.scaling, static_cast<T*>(p.ag_s) + static_cast<size_t>(rows.begin) * p.r1p);
     // Bg and Bu of this expert as [I][r1] operands for the gate/up items.
     T* pk = lora_pk(p, e);
@@ -419,7 +453,7 @@ struct Core {
     float* ad = p.ad + static_cast<size_t>(rows.begin) * p.r2p;
     for (int r0 = 0; r0 < rows.count; r0 += kRowChunk)
       gemm(Z + static_cast<size_t>(rows.begin + r0) * p.ldi, p.ldi, imin(kRowChunk, rows.count - r0), p.Ip, pkA,
-           static_cast<size_t>(p.Ip) * kPanel, p.r2p / kPanel, ad + static_cast<size_t>(r0) * p.r2p, p.r2p, false);
+           static_cast<size_t>(p.Ip) * kPanel, panels(r2), ad + static_cast<size_t>(r0) * p.r2p, p.r2p, false);
     scale_rows(ad, rows.count, r2, p.r2p, p.dn.scaling, static_cast<T*>(p.ad_s) + static_cast<size_t>(rows.begin) * p.r2p);
     pack(p.dn_Bt + static_cast<size_t>(e) * r2 * p.H, DType::f32, 1, p.H, p.H, r2, lora_pk(p, e));
   }
@@ -486,7 +520,7 @@ struct Core {
     float* bdy = p.lora_tmp + static_cast<size_t>(rows.begin) * p.r2p;
     for (int r0 = 0; r0 < rows.count; r0 += kRowChunk)
       gemm(dY + static_cast<size_t>(rows.begin + r0) * p.ldh, p.ldh, imin(kRowChunk, rows.count - r0), p.Hp, pk,
-           static_cast<size_t>(p.Hp) * kPanel, p.r2p / kPanel, bdy + static_cast<size_t>(r0) * p.r2p, p.r2p, false);
+           static_cast<size_t>(p.Hp) * kPanel, panels(r2), bdy + static_cast<size_t>(r0) * p.r2p, p.r2p, false);
     scale_rows(bdy, rows.count, r2, p.r2p, p.dn.scaling,
                static_cast<T*>(p.lora_tmp_s) + static_cast<size_t>(rows.begin) * p.r2p);
     // Ad^T as an [I][r2] operand for the dZ' items.
@@ -542,18 +576,17 @@ struct Core {
       }
     }
     const int e = rows.e;
-    float* acc = scratch_f32(p, worker, 2 * packed_size(p.Ip, p.r1p > 0 ? p.r1p : 1));
     const float* wrow = p.row_weight + rows.begin;
     if (const int r2 = p.dn.rank) {
       const float* bdy = p.lora_tmp + static_cast<size_t>(rows.begin) * p.r2p;
       const float* ad = p.ad + static_cast<size_t>(rows.begin) * p.r2p;
       // dAd[e*r2 + j][i] += s2 sum_r w_r bdy[r][j] Z[r][i];  dBd[h][j*E + e] (via Gt[e][j][h]) = s2 sum_r w_r ad[r][j] dY[r][h]
       outer_grad(bdy, p.r2p, wrow, Z + static_cast<size_t>(rows.begin) * p.ldi, p.ldi, rows.count, r2, p.I,
-                 p.dn.scaling, p.dn_grad.A + static_cast<size_t>(e) * r2 * p.I, p.I, 1, acc);
+                 p.dn.scaling, p.dn_grad.A + static_cast<size_t>(e) * r2 * p.I, p.I);
       float* Gt = p.dn_Gt + static_cast<size_t>(e) * r2 * p.H;
       std::memset(Gt, 0, sizeof(float) * r2 * p.H);
       outer_grad(ad, p.r2p, wrow, static_cast<const T*>(p.dY) + static_cast<size_t>(rows.begin) * p.ldh, p.ldh,
-                 rows.count, r2, p.H, p.dn.scaling, Gt, p.H, 1, acc);
+                 rows.count, r2, p.H, p.dn.scaling, Gt, p.H);
     }
     if (const int r1 = p.gu.rank) {
       // gbg = dG Bg + dU Bu (Bg^T, Bu^T as [r1][I] operands), then its scaled copy for the dX items.
@@ -567,21 +600,21 @@ struct Core {
       for (int r0 = 0; r0 < rows.count; r0 += kRowChunk) {
         const int m = imin(kRowChunk, rows.count - r0);
         const size_t row = static_cast<size_t>(rows.begin + r0);
-        gemm(dG + row * p.ldi, p.ldi, m, p.Ip, pkg, pstride, p.r1p / kPanel, gbg + r0 * p.r1p, p.r1p, false);
-        gemm(dU + row * p.ldi, p.ldi, m, p.Ip, pku, pstride, p.r1p / kPanel, gbg + r0 * p.r1p, p.r1p, true);
+        gemm(dG + row * p.ldi, p.ldi, m, p.Ip, pkg, pstride, panels(r1), gbg + r0 * p.r1p, p.r1p, false);
+        gemm(dU + row * p.ldi, p.ldi, m, p.Ip, pku, pstride, panels(r1), gbg + r0 * p.r1p, p.r1p, true);
       }
       scale_rows(gbg, rows.count, r1, p.r1p, p.gu.scaling,
                  static_cast<T*>(p.lora_tmp_s) + static_cast<size_t>(rows.begin) * p.r1p);
       const float* ag = p.ag + static_cast<size_t>(rows.begin) * p.r1p;
       // dAgu[e*r1 + j][h] += s1 sum_r gbg[r][j] X[r][h];  dBgu[o][j*E + e] (via Gt[e][j][o]) = s1 sum_r ag[r][j] dG|dU[r][o]
       outer_grad(gbg, p.r1p, nullptr, static_cast<const T*>(p.X) + static_cast<size_t>(rows.begin) * p.ldh, p.ldh,
-                 rows.count, r1, p.H, p.gu.scaling, p.gu_grad.A + static_cast<size_t>(e) * r1 * p.H, p.H, 1, acc);
+                 rows.count, r1, p.H, p.gu.scaling, p.gu_grad.A + static_cast<size_t>(e) * r1 * p.H, p.H);
       float* Gt = p.gu_Gt + static_cast<size_t>(e) * r1 * 2 * p.I;
       std::memset(Gt, 0, sizeof(float) * r1 * 2 * p.I);
       outer_grad(ag, p.r1p, nullptr, dG + static_cast<size_t>(rows.begin) * p.ldi, p.ldi, rows.count, r1, p.I,
-                 p.gu.scaling, Gt, 2 * p.I, 1, acc);
+                 p.gu.scaling, Gt, 2 * p.I);
       outer_grad(ag, p.r1p, nullptr, dU + static_cast<size_t>(rows.begin) * p.ldi, p.ldi, rows.count, r1, p.I,
-                 p.gu.scaling, Gt + p.I, 2 * p.I, 1, acc);
+                 p.gu.scaling, Gt + p.I, 2 * p.I);
       // Agu^T as an [H][r1] operand for the dX items.
       pack(static_cast<const char*>(p.gu.A) + elem_offset(p.gu.dtype, static_cast<size_t>(e) * r1 * p.H),
            p.gu.dtype, 1, p.H, p.H, r1, lora_pk(p, e));
