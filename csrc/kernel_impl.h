@@ -142,29 +142,75 @@ struct Core {
       pack_from(static_cast<const float*>(src), sn, sk, N, K, dst);
   }
 
-  // The panel of W^T for W's columns k0 .. k0+15, from W packed as [Np][Kp]: 16 output columns, reduction over n.
-  // For bf16, the 4 values of W rows n, n+1 x columns k, k+1 are one 64-bit word in both layouts, with the middle
-  // two values swapped: the panel is an 8 x 8 transpose of such words per 16 rows of W.
-  static void pack_transposed_panel(const T* W, int Np, int Kp, int k0, T* dst) {
+  // Rows n0 .. n0+15 (n0 = 16 nb) of the panel of W^T for W's columns k0 .. k0+15, from W packed as [Np][Kp]:
+  // 16 output columns, reduction over n. For bf16, the 4 values of W rows n, n+1 x columns k, k+1 are one 64-bit
+  // word in both layouts, with the middle two values swapped: the block is an 8 x 8 transpose of such words.
+  static void transposed_block(const T* W, int Kp, int k0, int nb, T* out) {
+    const T* src = W + (static_cast<size_t>(nb) * (Kp / P) + k0 / P) * kPanel * P;
     if constexpr (P == 2) {
-      for (int nb = 0; nb < Np / kPanel; ++nb) {
-        const uint64_t* src = reinterpret_cast<const uint64_t*>(W + (static_cast<size_t>(nb) * (Kp / P) + k0 / P) *
-                                                                        kPanel * P);
-        uint64_t* out = reinterpret_cast<uint64_t*>(dst + static_cast<size_t>(nb) * (kPanel / P) * kPanel * P);
-        if (Ops::transpose_words(src, out)) continue;
-        for (int q = 0; q < 8; ++q)
-          for (int kp = 0; kp < 8; ++kp) {
-            const uint64_t w = src[kp * 8 + q];
-            out[q * 8 + kp] = (w & 0xffff00000000ffffull) | ((w >> 16) & 0x00000000ffff0000ull) |
-                              ((w << 16) & 0x0000ffff00000000ull);
-          }
-      }
+      const uint64_t* s = reinterpret_cast<const uint64_t*>(src);
+      uint64_t* o = reinterpret_cast<uint64_t*>(out);
+      if (Ops::transpose_words(s, o)) return;
+      for (int q = 0; q < 8; ++q)
+        for (int kp = 0; kp < 8; ++kp) {
+          const uint64_t w = s[kp * 8 + q];
+          o[q * 8 + kp] = (w & 0xffff00000000ffffull) | ((w >> 16) & 0x00000000ffff0000ull) |
+                          ((w << 16) & 0x0000ffff00000000ull);
+        }
     } else {
-      for (int n = 0; n < Np; ++n)
-        for (int kk = 0; kk < kPanel; ++kk)
-          dst[static_cast<size_t>(n) * kPanel + kk] =
-              W[(static_cast<size_t>(n / kPanel) * Kp + k0 + kk) * kPanel + n % kPanel];
+      for (int kk = 0; kk < kPanel; ++kk)
+        for (int nn = 0; nn < kPanel; ++nn) out[nn * kPanel + kk] = src[kk * kPanel + nn];
     }
+  }
+
+  // The whole panel: W's columns k0 .. k0+15 as the B operand of a GEMM reducing over W's Np rows.
+  static void pack_transposed_panel(const T* W, int Np, int Kp, int k0, T* dst) {
+    for (int nb = 0; nb < Np / kPanel; ++nb)
+      transposed_block(W, Kp, k0, nb, dst + static_cast<size_t>(nb) * kPanel * kPanel);
+  }
+
+  // C[M][16] = sum_s A_s[M][Np] W_s[Np][k0:k0+16] over one or two sources (W_s packed as [Np][Kp]), for few rows:
+  // each 16 x 16 block of W^T is transposed right before the multiply-adds that use it, so it stays in L1 and the
+  // shuffles overlap the arithmetic, instead of transposing whole panels first and streaming them back.
+  template <int M>
+  static void micro_transposed(const T* const* A, const T* const* W, int sources, size_t lda, int Np, int Kp, int k0,
+                               float* C, size_t ldc) {
+    typename Ops::V c[M];
+    for (int m = 0; m < M; ++m) c[m] = Ops::zero();
+    alignas(64) T block[kPanel * kPanel];
+    for (int s = 0; s < sources; ++s)
+      for (int nb = 0; nb < Np / kPanel; ++nb) {
+        transposed_block(W[s], Kp, k0, nb, block);
+        const T* a = A[s] + nb * kPanel;
+        for (int kp = 0; kp < kPanel / P; ++kp) {
+          const auto b = Ops::load_b(block + kp * kPanel * P);
+#pragma GCC unroll 16
+          for (int m = 0; m < M; ++m) c[m] = Ops::madd(c[m], b, Ops::load_a(a + m * lda + kp * P));
+        }
+      }
+    for (int m = 0; m < M; ++m) Ops::store(C + m * ldc, c[m]);
+  }
+
+  template <int M = Ops::MR>
+  static void micro_transposed_rows(int rows, const T* const* A, const T* const* W, int sources, size_t lda, int Np,
+                                    int Kp, int k0, float* C, size_t ldc) {
+    if constexpr (M > 0) {
+      if (rows == M) return micro_transposed<M>(A, W, sources, lda, Np, Kp, k0, C, ldc);
+      micro_transposed_rows<M - 1>(rows, A, W, sources, lda, Np, Kp, k0, C, ldc);
+    }
+  }
+
+  // C[M][16 nblocks] = sum_s A_s W_s^T for W_s's columns c0 .. c0 + 16 nblocks, block-wise transposing (above).
+  // Worth it for few rows; many rows amortise whole transposed panels over a plain GEMM.
+  static constexpr int kFusedTransposeRows = 2 * Ops::MR;
+  static void gemm_transposed(const T* const* A, const T* const* W, int sources, size_t lda, int M, int Np, int Kp,
+                              int c0, int nblocks, float* C, size_t ldc) {
+    for (int b = 0; b < nblocks; ++b)
+      for (int m = 0; m < M; m += Ops::MR) {
+        const T* a[2] = {A[0] + m * lda, sources > 1 ? A[1] + m * lda : nullptr};
+        micro_transposed_rows(imin(Ops::MR, M - m), a, W, sources, lda, Np, Kp, c0 + b * kPanel,
+                              C + m * ldc + b * kPanel, ldc);
+      }
   }
 
   // ------------------------------------------------------------------------------------------- helpers
@@ -231,23 +277,26 @@ struct Core {
     for (int j0 = 0; j0 < rank; j0 += J) {
       const int nj = imin(J, rank - j0);
       for (int i0 = 0; i0 < n; i0 += kPanel) {
-        float acc[J][kPanel] = {};
+        typename Ops::V acc[J];
+        for (int jj = 0; jj < J; ++jj) acc[jj] = Ops::zero();
         for (int r = 0; r < count; ++r) {
           const float s = row_scale ? scale * row_scale[r] : scale;
           const T* row = rows + r * ldrows + i0;
           float v[kPanel];
-#pragma GCC unroll 16
           for (int l = 0; l < kPanel; ++l) v[l] = Elem<T>::to(row[l]);
-#pragma GCC unroll 8
+          const auto b = Ops::load_b(static_cast<const float*>(v));
           for (int jj = 0; jj < J; ++jj) {
             const float c = jj < nj ? s * coef[r * ldcoef + j0 + jj] : 0.f;
-#pragma GCC unroll 16
-            for (int l = 0; l < kPanel; ++l) acc[jj][l] += c * v[l];
+            acc[jj] = Ops::madd(acc[jj], b, Ops::load_a(&c));
           }
         }
         const int ni = imin(kPanel, n - i0);
-        for (int jj = 0; jj < nj; ++jj)
-          for (int l = 0; l < ni; ++l) grad[(j0 + jj) * gj + i0 + l] += acc[jj][l];
+        for (int jj = 0; jj < nj; ++jj) {
+          float sums[kPanel];
+          Ops::store(sums, acc[jj]);
+          float* g = grad + (j0 + jj) * gj + i0;
+          for (int l = 0; l < ni; ++l) g[l] += sums[l];
+        }
       }
     }
   }
@@ -300,25 +349,17 @@ struct Core {
       copy_b_block(static_cast<const float*>(l.B), p.E, l.rank, out, o0, n, rows, Bt);
   }
 
-  // Bt[e][j][rows[o]] = B[o0 + o][j*E + e] for the n rows of one block, through 16 x 16 tiles: each source line
-  // and each destination run of 16 is touched once (walking the 16 rows element by element would keep 16 lines a
-  // power of two apart, one cache set, alive at once).
+  // Bt[e][j][rows[o]] = B[o0 + o][j*E + e] for the n rows of one block: reads walk along B's rows, each write run
+  // fills one expert's 16 consecutive entries.
   template <class S>
   static void copy_b_block(const S* B, int E, int rank, int out, int o0, int n, const int* rows, float* Bt) {
-    const int cols = E * rank;
-    float tile[16][16];
-    for (int c0 = 0; c0 < cols; c0 += 16) {
-      const int nc = imin(16, cols - c0);
-      for (int o = 0; o < n; ++o) {
-        const S* src = B + static_cast<size_t>(o0 + o) * cols + c0;
-        for (int c = 0; c < nc; ++c) tile[c][o] = Elem<S>::to(src[c]);
-      }
-      for (int c = 0; c < nc; ++c) {
-        const int j = (c0 + c) / E, e = (c0 + c) % E;
+    const size_t cols = static_cast<size_t>(E) * rank;
+    for (int j = 0; j < rank; ++j)
+      for (int e = 0; e < E; ++e) {
+        const S* src = B + static_cast<size_t>(o0) * cols + static_cast<size_t>(j) * E + e;
         float* dst = Bt + (static_cast<size_t>(e) * rank + j) * out;
-        for (int o = 0; o < n; ++o) dst[rows[o]] = tile[c][o];
+        for (int o = 0; o < n; ++o) dst[rows[o]] = Elem<S>::to(src[o * cols]);
       }
-    }
   }
 
   // Row of the gate-block-then-up-block order for row o of an interleaved (gate, up, gate, up, ...) gate_up.
@@ -334,25 +375,15 @@ struct Core {
     int rows[16];
     for (int o = 0; o < n; ++o) rows[o] = gu && p.gu_interleaved ? gate_up_row(p, o0 + o) : o0 + o;
     const float* Gt = gu ? p.gu_Gt : p.dn_Gt;
-    const int cols = p.E * rank;
+    const size_t cols = static_cast<size_t>(p.E) * rank;
     float* grad = (gu ? p.gu_grad.B : p.dn_grad.B) + static_cast<size_t>(o0) * cols;
-    float tile[16][16];
-    for (int c0 = 0; c0 < cols; c0 += 16) {  // 16 x 16 tiles, as in copy_b_block
-      const int nc = imin(16, cols - c0);
-      bool any = false;
-      for (int c = 0; c < nc; ++c) {
-        const int j = (c0 + c) / p.E, e = (c0 + c) % p.E;
-        const bool had_rows = p.offsets[e + 1] != p.offsets[e];
-        any |= had_rows;
+    for (int j = 0; j < rank; ++j)
+      for (int e = 0; e < p.E; ++e) {
+        if (p.offsets[e + 1] == p.offsets[e]) continue;
         const float* src = Gt + (static_cast<size_t>(e) * rank + j) * out;
-        for (int o = 0; o < n; ++o) tile[c][o] = had_rows ? src[rows[o]] : 0.f;
+        float* dst = grad + static_cast<size_t>(j) * p.E + e;
+        for (int o = 0; o < n; ++o) dst[o * cols] += src[rows[o]];
       }
-      if (!any) continue;
-      for (int o = 0; o < n; ++o) {
-        float* dst = grad + static_cast<size_t>(o) * cols + c0;
-        for (int c = 0; c < nc; ++c) dst[c] += tile[c][o];
-      }
-    }
   }
 
   static void fwd_gather(const Plan& p, const Rows& rows, int worker) {
@@ -531,18 +562,24 @@ struct Core {
   static void bwd_down(const Plan& p, const Rows& rows, int block, int worker) {
     const int c0 = block * p.col_block, ncols = imin(p.col_block, p.Ip - c0), nblocks = ncols / kPanel;
     const T* wd = w_ptr(p.wd, p.w_d_stride, rows.e);
-    const size_t pstride = static_cast<size_t>(p.Hp) * kPanel;
-    T* panels = scratch_T(p, worker);
-    for (int b = 0; b < nblocks; ++b) pack_transposed_panel(wd, p.Hp, p.Ip, c0 + b * kPanel, panels + b * pstride);
     const size_t lstride = static_cast<size_t>(p.r2p) * kPanel;
     const T* la = p.dn.rank ? lora_pk(p, rows.e) + (c0 / kPanel) * lstride : nullptr;
-    const T* dY = static_cast<const T*>(p.dY);
+    const T* dY = static_cast<const T*>(p.dY) + static_cast<size_t>(rows.begin) * p.ldh;
     const T* bdy_s = static_cast<const T*>(p.lora_tmp_s);
+    const bool fused = rows.count < kFusedTransposeRows;
+    const size_t pstride = static_cast<size_t>(p.Hp) * kPanel;
+    T* panels = scratch_T(p, worker);
+    if (!fused)
+      for (int b = 0; b < nblocks; ++b) pack_transposed_panel(wd, p.Hp, p.Ip, c0 + b * kPanel, panels + b * pstride);
     for (int r0 = 0; r0 < rows.count; r0 += kRowChunk) {
       const int m = imin(kRowChunk, rows.count - r0);
       const size_t row = static_cast<size_t>(rows.begin + r0);
       float* c = p.dZp + row * p.Ip + c0;
-      gemm(dY + row * p.ldh, p.ldh, m, p.Hp, panels, pstride, nblocks, c, p.Ip, false);
+      const T* a = dY + r0 * p.ldh;
+      if (fused)
+        gemm_transposed(&a, &wd, 1, p.ldh, m, p.Hp, p.Ip, c0, nblocks, c, p.Ip);
+      else
+        gemm(a, p.ldh, m, p.Hp, panels, pstride, nblocks, c, p.Ip, false);
       if (la) gemm(bdy_s + row * p.r2p, p.r2p, m, p.r2p, la, lstride, nblocks, c, p.Ip, true);
     }
   }
@@ -623,27 +660,31 @@ struct Core {
 
   static void bwd_gate_up(const Plan& p, const Rows& rows, int block, int worker) {
     const int c0 = block * p.col_block, ncols = imin(p.col_block, p.Hp - c0), nblocks = ncols / kPanel;
+    const T* w[2] = {w_ptr(p.wg, p.w_gu_stride, rows.e), w_ptr(p.wu, p.w_gu_stride, rows.e)};
+    const T* d[2] = {static_cast<const T*>(p.dG) + static_cast<size_t>(rows.begin) * p.ldi,
+                     static_cast<const T*>(p.dU) + static_cast<size_t>(rows.begin) * p.ldi};
+    const bool fused = rows.count < kFusedTransposeRows;
     const size_t pstride = static_cast<size_t>(p.Ip) * kPanel;
-    T* pg = scratch_T(p, worker);
-    T* pu = pg + nblocks * pstride;
-    const T* wg = w_ptr(p.wg, p.w_gu_stride, rows.e);
-    const T* wu = w_ptr(p.wu, p.w_gu_stride, rows.e);
-    for (int b = 0; b < nblocks; ++b) {
-      pack_transposed_panel(wg, p.Ip, p.Hp, c0 + b * kPanel, pg + b * pstride);
-      pack_transposed_panel(wu, p.Ip, p.Hp, c0 + b * kPanel, pu + b * pstride);
-    }
+    T* panels = scratch_T(p, worker);  // gate's, then up's
+    if (!fused)
+      for (int s = 0; s < 2; ++s)
+        for (int b = 0; b < nblocks; ++b)
+          pack_transposed_panel(w[s], p.Ip, p.Hp, c0 + b * kPanel, panels + (s * nblocks + b) * pstride);
     const size_t lstride = static_cast<size_t>(p.r1p) * kPanel;
     const T* la = p.gu.rank ? lora_pk(p, rows.e) + (c0 / kPanel) * lstride : nullptr;
-    const T* dG = static_cast<const T*>(p.dG);
-    const T* dU = static_cast<const T*>(p.dU);
     const T* gbg_s = static_cast<const T*>(p.lora_tmp_s);
     float* c = scratch_f32(p, worker, 2 * static_cast<size_t>(nblocks) * pstride);
     const int ld = p.col_block;
     for (int r0 = 0; r0 < rows.count; r0 += kRowChunk) {
       const int m = imin(kRowChunk, rows.count - r0);
       const size_t row = static_cast<size_t>(rows.begin + r0);
-      gemm(dG + row * p.ldi, p.ldi, m, p.Ip, pg, pstride, nblocks, c, ld, false);
-      gemm(dU + row * p.ldi, p.ldi, m, p.Ip, pu, pstride, nblocks, c, ld, true);
+      const T* a[2] = {d[0] + r0 * p.ldi, d[1] + r0 * p.ldi};
+      if (fused) {
+        gemm_transposed(a, w, 2, p.ldi, m, p.Ip, p.Hp, c0, nblocks, c, ld);
+      } else {
+        gemm(a[0], p.ldi, m, p.Ip, panels, pstride, nblocks, c, ld, false);
+        gemm(a[1], p.ldi, m, p.Ip, panels + nblocks * pstride, pstride, nblocks, c, ld, true);
+      }
       if (la) gemm(gbg_s + row * p.r1p, p.r1p, m, p.r1p, la, lstride, nblocks, c, ld, true);
       for (int r = 0; r < m; ++r)
         std::memcpy(p.rows_out + static_cast<size_t>(p.row_src[row + r]) * p.Hp + c0, c + r * ld,
