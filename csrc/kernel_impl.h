@@ -142,11 +142,28 @@ struct Core {
       pack_from(static_cast<const float*>(src), sn, sk, N, K, dst);
   }
 
-  // Rows n0 .. n0+15 (n0 = 16 nb) of the panel of W^T for W's columns k0 .. k0+15, from W packed as [Np][Kp]:
-  // 16 output columns, reduction over n. For bf16, the 4 values of W rows n, n+1 x columns k, k+1 are one 64-bit
-  // word in both layouts, with the middle two values swapped: the block is an 8 x 8 transpose of such words.
-  static void transposed_block(const T* W, int Kp, int k0, int nb, T* out) {
-    const T* src = W + (static_cast<size_t>(nb) * (Kp / P) + k0 / P) * kPanel * P;
+  // The panels of W^T for W's columns k0 .. k0 + 16 nblocks, from W packed as [Np][Kp]: 16 output columns each
+  // (pstride elements apart), reduction over n. For bf16, the 4 values of W rows n, n+1 x columns k, k+1 are one
+  // 64-bit word in both layouts, with the middle two values swapped: each 16 rows of a panel are an 8 x 8 transpose
+  // of such words. The walk goes down W's panels, each time reading the 16 nblocks contiguous bytes of the columns
+  // and prefetching those a few panels ahead: the runs are short and far apart, too far for the hardware prefetcher.
+  static void pack_transposed_panels(const T* W, int Np, int Kp, int k0, int nblocks, size_t pstride, T* dst) {
+    constexpr int kAhead = 4;                 // panels of W
+    const size_t wstride = static_cast<size_t>(Kp) * kPanel;  // elements from one panel of W to the next
+    const size_t run = static_cast<size_t>(nblocks) * kPanel * kPanel * sizeof(T);  // bytes read per panel
+    const T* base = W + static_cast<size_t>(k0) * kPanel;
+    for (int nb = 0; nb < Np / kPanel; ++nb) {
+      if (nb + kAhead < Np / kPanel) {
+        const char* ahead = reinterpret_cast<const char*>(base + (nb + kAhead) * wstride);
+        for (size_t off = 0; off < run; off += 64) __builtin_prefetch(ahead + off);
+      }
+      for (int b = 0; b < nblocks; ++b)
+        transposed_block(base + nb * wstride + b * kPanel * kPanel, dst + b * pstride + nb * kPanel * kPanel);
+    }
+  }
+
+  // 16 rows of W (one panel) x 16 of its columns (src), transposed into the 16 x 16 block of W^T's panel at out.
+  static void transposed_block(const T* src, T* out) {
     if constexpr (P == 2) {
       const uint64_t* s = reinterpret_cast<const uint64_t*>(src);
       uint64_t* o = reinterpret_cast<uint64_t*>(out);
@@ -161,56 +178,6 @@ struct Core {
       for (int kk = 0; kk < kPanel; ++kk)
         for (int nn = 0; nn < kPanel; ++nn) out[nn * kPanel + kk] = src[kk * kPanel + nn];
     }
-  }
-
-  // The whole panel: W's columns k0 .. k0+15 as the B operand of a GEMM reducing over W's Np rows.
-  static void pack_transposed_panel(const T* W, int Np, int Kp, int k0, T* dst) {
-    for (int nb = 0; nb < Np / kPanel; ++nb)
-      transposed_block(W, Kp, k0, nb, dst + static_cast<size_t>(nb) * kPanel * kPanel);
-  }
-
-  // C[M][16] = sum_s A_s[M][Np] W_s[Np][k0:k0+16] over one or two sources (W_s packed as [Np][Kp]), for few rows:
-  // each 16 x 16 block of W^T is transposed right before the multiply-adds that use it, so it stays in L1 and the
-  // shuffles overlap the arithmetic, instead of transposing whole panels first and streaming them back.
-  template <int M>
-  static void micro_transposed(const T* const* A, const T* const* W, int sources, size_t lda, int Np, int Kp, int k0,
-                               float* C, size_t ldc) {
-    typename Ops::V c[M];
-    for (int m = 0; m < M; ++m) c[m] = Ops::zero();
-    alignas(64) T block[kPanel * kPanel];
-    for (int s = 0; s < sources; ++s)
-      for (int nb = 0; nb < Np / kPanel; ++nb) {
-        transposed_block(W[s], Kp, k0, nb, block);
-        const T* a = A[s] + nb * kPanel;
-        for (int kp = 0; kp < kPanel / P; ++kp) {
-          const auto b = Ops::load_b(block + kp * kPanel * P);
-#pragma GCC unroll 16
-          for (int m = 0; m < M; ++m) c[m] = Ops::madd(c[m], b, Ops::load_a(a + m * lda + kp * P));
-        }
-      }
-    for (int m = 0; m < M; ++m) Ops::store(C + m * ldc, c[m]);
-  }
-
-  template <int M = Ops::MR>
-  static void micro_transposed_rows(int rows, const T* const* A, const T* const* W, int sources, size_t lda, int Np,
-                                    int Kp, int k0, float* C, size_t ldc) {
-    if constexpr (M > 0) {
-      if (rows == M) return micro_transposed<M>(A, W, sources, lda, Np, Kp, k0, C, ldc);
-      micro_transposed_rows<M - 1>(rows, A, W, sources, lda, Np, Kp, k0, C, ldc);
-    }
-  }
-
-  // C[M][16 nblocks] = sum_s A_s W_s^T for W_s's columns c0 .. c0 + 16 nblocks, block-wise transposing (above).
-  // Worth it for few rows; many rows amortise whole transposed panels over a plain GEMM.
-  static constexpr int kFusedTransposeRows = 2 * Ops::MR;
-  static void gemm_transposed(const T* const* A, const T* const* W, int sources, size_t lda, int M, int Np, int Kp,
-                              int c0, int nblocks, float* C, size_t ldc) {
-    for (int b = 0; b < nblocks; ++b)
-      for (int m = 0; m < M; m += Ops::MR) {
-        const T* a[2] = {A[0] + m * lda, sources > 1 ? A[1] + m * lda : nullptr};
-        micro_transposed_rows(imin(Ops::MR, M - m), a, W, sources, lda, Np, Kp, c0 + b * kPanel,
-                              C + m * ldc + b * kPanel, ldc);
-      }
   }
 
   // ------------------------------------------------------------------------------------------- helpers
@@ -562,24 +529,18 @@ struct Core {
   static void bwd_down(const Plan& p, const Rows& rows, int block, int worker) {
     const int c0 = block * p.col_block, ncols = imin(p.col_block, p.Ip - c0), nblocks = ncols / kPanel;
     const T* wd = w_ptr(p.wd, p.w_d_stride, rows.e);
-    const size_t lstride = static_cast<size_t>(p.r2p) * kPanel;
-    const T* la = p.dn.rank ? lora_pk(p, rows.e) + (c0 / kPanel) * lstride : nullptr;
-    const T* dY = static_cast<const T*>(p.dY) + static_cast<size_t>(rows.begin) * p.ldh;
-    const T* bdy_s = static_cast<const T*>(p.lora_tmp_s);
-    const bool fused = rows.count < kFusedTransposeRows;
     const size_t pstride = static_cast<size_t>(p.Hp) * kPanel;
     T* panels = scratch_T(p, worker);
-    if (!fused)
-      for (int b = 0; b < nblocks; ++b) pack_transposed_panel(wd, p.Hp, p.Ip, c0 + b * kPanel, panels + b * pstride);
+    pack_transposed_panels(wd, p.Hp, p.Ip, c0, nblocks, pstride, panels);
+    const size_t lstride = static_cast<size_t>(p.r2p) * kPanel;
+    const T* la = p.dn.rank ? lora_pk(p, rows.e) + (c0 / kPanel) * lstride : nullptr;
+    const T* dY = static_cast<const T*>(p.dY);
+    const T* bdy_s = static_cast<const T*>(p.lora_tmp_s);
     for (int r0 = 0; r0 < rows.count; r0 += kRowChunk) {
       const int m = imin(kRowChunk, rows.count - r0);
       const size_t row = static_cast<size_t>(rows.begin + r0);
       float* c = p.dZp + row * p.Ip + c0;
-      const T* a = dY + r0 * p.ldh;
-      if (fused)
-        gemm_transposed(&a, &wd, 1, p.ldh, m, p.Hp, p.Ip, c0, nblocks, c, p.Ip);
-      else
-        gemm(a, p.ldh, m, p.Hp, panels, pstride, nblocks, c, p.Ip, false);
+      gemm(dY + row * p.ldh, p.ldh, m, p.Hp, panels, pstride, nblocks, c, p.Ip, false);
       if (la) gemm(bdy_s + row * p.r2p, p.r2p, m, p.r2p, la, lstride, nblocks, c, p.Ip, true);
     }
   }
@@ -660,31 +621,25 @@ struct Core {
 
   static void bwd_gate_up(const Plan& p, const Rows& rows, int block, int worker) {
     const int c0 = block * p.col_block, ncols = imin(p.col_block, p.Hp - c0), nblocks = ncols / kPanel;
-    const T* w[2] = {w_ptr(p.wg, p.w_gu_stride, rows.e), w_ptr(p.wu, p.w_gu_stride, rows.e)};
-    const T* d[2] = {static_cast<const T*>(p.dG) + static_cast<size_t>(rows.begin) * p.ldi,
-                     static_cast<const T*>(p.dU) + static_cast<size_t>(rows.begin) * p.ldi};
-    const bool fused = rows.count < kFusedTransposeRows;
     const size_t pstride = static_cast<size_t>(p.Ip) * kPanel;
-    T* panels = scratch_T(p, worker);  // gate's, then up's
-    if (!fused)
-      for (int s = 0; s < 2; ++s)
-        for (int b = 0; b < nblocks; ++b)
-          pack_transposed_panel(w[s], p.Ip, p.Hp, c0 + b * kPanel, panels + (s * nblocks + b) * pstride);
+    T* pg = scratch_T(p, worker);
+    T* pu = pg + nblocks * pstride;
+    const T* wg = w_ptr(p.wg, p.w_gu_stride, rows.e);
+    const T* wu = w_ptr(p.wu, p.w_gu_stride, rows.e);
+    pack_transposed_panels(wg, p.Ip, p.Hp, c0, nblocks, pstride, pg);
+    pack_transposed_panels(wu, p.Ip, p.Hp, c0, nblocks, pstride, pu);
     const size_t lstride = static_cast<size_t>(p.r1p) * kPanel;
     const T* la = p.gu.rank ? lora_pk(p, rows.e) + (c0 / kPanel) * lstride : nullptr;
+    const T* dG = static_cast<const T*>(p.dG);
+    const T* dU = static_cast<const T*>(p.dU);
     const T* gbg_s = static_cast<const T*>(p.lora_tmp_s);
     float* c = scratch_f32(p, worker, 2 * static_cast<size_t>(nblocks) * pstride);
     const int ld = p.col_block;
     for (int r0 = 0; r0 < rows.count; r0 += kRowChunk) {
       const int m = imin(kRowChunk, rows.count - r0);
       const size_t row = static_cast<size_t>(rows.begin + r0);
-      const T* a[2] = {d[0] + r0 * p.ldi, d[1] + r0 * p.ldi};
-      if (fused) {
-        gemm_transposed(a, w, 2, p.ldi, m, p.Ip, p.Hp, c0, nblocks, c, ld);
-      } else {
-        gemm(a[0], p.ldi, m, p.Ip, panels, pstride, nblocks, c, ld, false);
-        gemm(a[1], p.ldi, m, p.Ip, panels + nblocks * pstride, pstride, nblocks, c, ld, true);
-      }
+      gemm(dG + row * p.ldi, p.ldi, m, p.Ip, pg, pstride, nblocks, c, ld, false);
+      gemm(dU + row * p.ldi, p.ldi, m, p.Ip, pu, pstride, nblocks, c, ld, true);
       if (la) gemm(gbg_s + row * p.r1p, p.r1p, m, p.r1p, la, lstride, nblocks, c, ld, true);
       for (int r = 0; r < m; ++r)
         std::memcpy(p.rows_out + static_cast<size_t>(p.row_src[row + r]) * p.Hp + c0, c + r * ld,
