@@ -50,15 +50,19 @@ struct Core {
 
   // ------------------------------------------------------------------------------------------- GEMM
   // C[M][16*nblocks] (+)= A[M][K] * B, B packed with K (a multiple of 16) rows per panel; bstride = elements from
-  // one 16-column panel to the next.
+  // one 16-column panel to the next. pf (or null): the panels to prefetch into L2 meanwhile, one line per panel and
+  // step, so that weights streamed from memory arrive before the next row block needs them.
   template <int M, int NV>
-  static void micro(const T* A, size_t lda, const T* B, size_t bstride, int kpairs, float* C, size_t ldc, bool acc) {
+  static void micro(const T* A, size_t lda, const T* B, size_t bstride, int kpairs, float* C, size_t ldc, bool acc,
+                    const T* pf) {
     typename Ops::V c[M][NV];
 #pragma GCC unroll 16
     for (int m = 0; m < M; ++m)
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) c[m][v] = acc ? Ops::load(C + m * ldc + v * kPanel) : Ops::zero();
     for (int kp = 0; kp < kpairs; ++kp) {
+      if (pf)
+        for (int v = 0; v < NV; ++v) __builtin_prefetch(pf + v * bstride + static_cast<size_t>(kp) * kPanel * P, 0, 2);
       decltype(Ops::load_b(B)) b[NV];
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) b[v] = Ops::load_b(B + v * bstride + static_cast<size_t>(kp) * kPanel * P);
@@ -77,19 +81,19 @@ struct Core {
 
   template <int NV, int M = Ops::MR>
   static void micro_rows(int rows, const T* A, size_t lda, const T* B, size_t bstride, int kpairs, float* C,
-                         size_t ldc, bool acc) {
+                         size_t ldc, bool acc, const T* pf) {
     if constexpr (M > 0) {
-      if (rows == M) return micro<M, NV>(A, lda, B, bstride, kpairs, C, ldc, acc);
-      micro_rows<NV, M - 1>(rows, A, lda, B, bstride, kpairs, C, ldc, acc);
+      if (rows == M) return micro<M, NV>(A, lda, B, bstride, kpairs, C, ldc, acc, pf);
+      micro_rows<NV, M - 1>(rows, A, lda, B, bstride, kpairs, C, ldc, acc, pf);
     }
   }
 
   template <int NV = Ops::NV>
   static void micro_cols(int nv, int rows, const T* A, size_t lda, const T* B, size_t bstride, int kpairs, float* C,
-                         size_t ldc, bool acc) {
+                         size_t ldc, bool acc, const T* pf) {
     if constexpr (NV > 0) {
-      if (nv == NV) return micro_rows<NV>(rows, A, lda, B, bstride, kpairs, C, ldc, acc);
-      micro_cols<NV - 1>(nv, rows, A, lda, B, bstride, kpairs, C, ldc, acc);
+      if (nv == NV) return micro_rows<NV>(rows, A, lda, B, bstride, kpairs, C, ldc, acc, pf);
+      micro_cols<NV - 1>(nv, rows, A, lda, B, bstride, kpairs, C, ldc, acc, pf);
     }
   }
 
@@ -100,9 +104,11 @@ struct Core {
     const int tiled = Ops::gemm_tiles(A, lda, M, K, B, bstride, nblocks, C, ldc, acc);
     for (int nb = 0; nb < nblocks; nb += Ops::NV) {
       const int nv = imin(Ops::NV, nblocks - nb);
+      // The first row block prefetches the next group of panels, when it is a whole one.
+      const T* pf = nb + 2 * Ops::NV <= nblocks ? B + (nb + Ops::NV) * bstride : nullptr;
       for (int m = tiled; m < M; m += Ops::MR)
         micro_cols(nv, imin(Ops::MR, M - m), A + m * lda, lda, B + nb * bstride, bstride, kpairs,
-                   C + m * ldc + nb * kPanel, ldc, acc);
+                   C + m * ldc + nb * kPanel, ldc, acc, m == tiled ? pf : nullptr);
     }
   }
 
