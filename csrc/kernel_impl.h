@@ -50,8 +50,7 @@ struct Core {
 
   // ------------------------------------------------------------------------------------------- GEMM
   // C[M][16*nblocks] (+)= A[M][K] * B, B packed with K (a multiple of 16) rows per panel; bstride = elements from
-  // one 16-column panel to the next. pf (or null): the panels to prefetch into L2 meanwhile, one line per panel and
-  // step, so that weights streamed from memory arrive before the next row block needs them.
+  // one 16-column panel to the next. pf (or null): panels to prefetch into L2 meanwhile, one line per panel and step.
   template <int M, int NV>
   static void micro(const T* A, size_t lda, const T* B, size_t bstride, int kpairs, float* C, size_t ldc, bool acc,
                     const T* pf) {
@@ -104,8 +103,9 @@ struct Core {
     const int tiled = Ops::gemm_tiles(A, lda, M, K, B, bstride, nblocks, C, ldc, acc);
     for (int nb = 0; nb < nblocks; nb += Ops::NV) {
       const int nv = imin(Ops::NV, nblocks - nb);
-      // The first row block prefetches the next group of panels, when it is a whole one.
-      const T* pf = nb + 2 * Ops::NV <= nblocks ? B + (nb + Ops::NV) * bstride : nullptr;
+      // With several row blocks, the first prefetches the next group of panels (when it is a whole one) for them
+      // to find in L2; a single row block does better leaving the streaming to the hardware prefetcher (measured).
+      const T* pf = M - tiled > Ops::MR && nb + 2 * Ops::NV <= nblocks ? B + (nb + Ops::NV) * bstride : nullptr;
       for (int m = tiled; m < M; m += Ops::MR)
         micro_cols(nv, imin(Ops::MR, M - m), A + m * lda, lda, B + nb * bstride, bstride, kpairs,
                    C + m * ldc + nb * kPanel, ldc, acc, m == tiled ? pf : nullptr);
@@ -133,10 +133,14 @@ struct Core {
         T* out = dst + packed_index(n, 0, Kp);
         for (int k = 0; k < K; ++k) out[(k / P) * kPanel * P + k % P] = Elem<T>::from(Elem<S>::to(row[k]));
       }
-    } else {
-      for (int k = 0; k < K; ++k) {
-        const S* col = src + k * sk;
-        for (int n = 0; n < N; ++n) dst[packed_index(n, k, Kp)] = Elem<T>::from(Elem<S>::to(col[n * sn]));
+    } else {  // each panel row takes 16 consecutive n of one k, contiguous when sn == 1
+      for (int n0 = 0; n0 < N; n0 += kPanel) {
+        const int nn = imin(kPanel, N - n0);
+        for (int k = 0; k < K; ++k) {
+          const S* col = src + k * sk + n0 * sn;
+          T* out = dst + packed_index(n0, k, Kp);
+          for (int i = 0; i < nn; ++i) out[i * P] = Elem<T>::from(Elem<S>::to(col[i * sn]));
+        }
       }
     }
   }

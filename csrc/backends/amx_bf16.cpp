@@ -21,7 +21,7 @@ struct Ops : Avx512Bf16Ops {
   // Tiles 0-3: C (2 x 2 blocks of 16 x 16 fp32), 4-5: A (16 rows x 32 bf16), 6-7: B (16 pair rows x 16 columns).
   template <int MT, int NT>
   static void tile_block(const bf16* A, size_t lda, const bf16* B, size_t bstride, int K, float* C, size_t ldc,
-                         bool acc, const bf16* pf) {
+                         bool acc) {
     const int sa = static_cast<int>(lda * 2), sc = static_cast<int>(ldc * 4);
     float* C1 = C + 16 * ldc;
     if (acc) {
@@ -36,10 +36,6 @@ struct Ops : Avx512Bf16Ops {
       if (MT > 1 && NT > 1) _tile_zero(3);
     }
     for (int k = 0; k < K; k += 32) {
-      if (pf)  // the next panels' lines for this step into L2: weights from memory are streamed ahead
-        for (int t = 0; t < NT; ++t)
-          for (int line = 0; line < 16; ++line)
-            __builtin_prefetch(pf + t * bstride + static_cast<size_t>(k) * kPanel + line * 32, 0, 2);
       _tile_loadd(4, A + k, sa);
       if (MT > 1) _tile_loadd(5, A + 16 * lda + k, sa);
       _tile_loadd(6, B + static_cast<size_t>(k) * kPanel, 64);
@@ -57,13 +53,11 @@ struct Ops : Avx512Bf16Ops {
 
   template <int MT>
   static void tile_row(const bf16* A, size_t lda, const bf16* B, size_t bstride, int K, int nblocks, float* C,
-                       size_t ldc, bool acc, bool prefetch) {
+                       size_t ldc, bool acc) {
     int nb = 0;
-    for (; nb + 2 <= nblocks; nb += 2) {
-      const bf16* pf = prefetch && nb + 4 <= nblocks ? B + (nb + 2) * bstride : nullptr;
-      tile_block<MT, 2>(A, lda, B + nb * bstride, bstride, K, C + nb * kPanel, ldc, acc, pf);
-    }
-    if (nb < nblocks) tile_block<MT, 1>(A, lda, B + nb * bstride, bstride, K, C + nb * kPanel, ldc, acc, nullptr);
+    for (; nb + 2 <= nblocks; nb += 2)
+      tile_block<MT, 2>(A, lda, B + nb * bstride, bstride, K, C + nb * kPanel, ldc, acc);
+    if (nb < nblocks) tile_block<MT, 1>(A, lda, B + nb * bstride, bstride, K, C + nb * kPanel, ldc, acc);
   }
 
   static int gemm_tiles(const bf16* A, size_t lda, int M, int K, const bf16* B, size_t bstride, int nblocks,
@@ -79,10 +73,9 @@ struct Ops : Avx512Bf16Ops {
     }();
     _tile_loadconfig(&config);
     int m = 0;
-    // The first row block reads B from memory, prefetching a panel pair ahead; later ones find it in L2.
-    for (; m + 32 <= M; m += 32) tile_row<2>(A + m * lda, lda, B, bstride, K, nblocks, C + m * ldc, ldc, acc, m == 0);
+    for (; m + 32 <= M; m += 32) tile_row<2>(A + m * lda, lda, B, bstride, K, nblocks, C + m * ldc, ldc, acc);
     if (m + 16 <= M) {
-      tile_row<1>(A + m * lda, lda, B, bstride, K, nblocks, C + m * ldc, ldc, acc, m == 0);
+      tile_row<1>(A + m * lda, lda, B, bstride, K, nblocks, C + m * ldc, ldc, acc);
       m += 16;
     }
     _tile_release();
