@@ -190,6 +190,66 @@ struct Core {
     }
   }
 
+  // C[M][16 NV] = sum_s A_s[M][Np] * (W_s^T panels for W_s's columns k0 .. k0 + 16 NV), for few rows: each 16 x 16
+  // block of the transposed panels is made right before the multiply-adds that use it, so it never leaves L1 and
+  // the shuffles overlap the arithmetic; W's next blocks are prefetched as in pack_transposed_panels.
+  template <int M, int NV>
+  static void micro_transposed(const T* const* A, const T* const* W, int sources, size_t lda, int Np, int Kp, int k0,
+                               float* C, size_t ldc) {
+    constexpr int kAhead = 4;
+    const size_t wstride = static_cast<size_t>(Kp) * kPanel;
+    typename Ops::V c[M][NV];
+    for (int m = 0; m < M; ++m)
+      for (int v = 0; v < NV; ++v) c[m][v] = Ops::zero();
+    alignas(64) T block[NV][kPanel * kPanel];
+    for (int s = 0; s < sources; ++s) {
+      const T* base = W[s] + static_cast<size_t>(k0) * kPanel;
+      for (int nb = 0; nb < Np / kPanel; ++nb) {
+        if (nb + kAhead < Np / kPanel) {
+          const char* ahead = reinterpret_cast<const char*>(base + (nb + kAhead) * wstride);
+          for (size_t off = 0; off < NV * kPanel * kPanel * sizeof(T); off += 64) __builtin_prefetch(ahead + off);
+        }
+        for (int v = 0; v < NV; ++v) transposed_block(base + nb * wstride + v * kPanel * kPanel, block[v]);
+        const T* a = A[s] + nb * kPanel;
+        for (int kp = 0; kp < kPanel / P; ++kp) {
+          decltype(Ops::load_b(block[0])) b[NV];
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) b[v] = Ops::load_b(block[v] + kp * kPanel * P);
+#pragma GCC unroll 16
+          for (int m = 0; m < M; ++m) {
+            const auto av = Ops::load_a(a + m * lda + kp * P);
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) c[m][v] = Ops::madd(c[m][v], b[v], av);
+          }
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int v = 0; v < NV; ++v) Ops::store(C + m * ldc + v * kPanel, c[m][v]);
+  }
+
+  template <int NV, int M = Ops::MR>
+  static void micro_transposed_rows(int rows, const T* const* A, const T* const* W, int sources, size_t lda, int Np,
+                                    int Kp, int k0, float* C, size_t ldc) {
+    if constexpr (M > 0) {
+      if (rows == M) return micro_transposed<M, NV>(A, W, sources, lda, Np, Kp, k0, C, ldc);
+      micro_transposed_rows<NV, M - 1>(rows, A, W, sources, lda, Np, Kp, k0, C, ldc);
+    }
+  }
+
+  // The backward's product with transposed weights for at most Ops::MR rows: C[M][16 nblocks] = sum_s A_s W_s^T,
+  // columns c0 .. of the W_s (one or two sources, accumulated).
+  static void gemm_transposed(const T* const* A, const T* const* W, int sources, size_t lda, int M, int Np, int Kp,
+                              int c0, int nblocks, float* C, size_t ldc) {
+    for (int nb = 0; nb < nblocks; nb += Ops::NV) {
+      const int k0 = c0 + nb * kPanel;
+      if (nblocks - nb >= Ops::NV)
+        micro_transposed_rows<Ops::NV>(M, A, W, sources, lda, Np, Kp, k0, C + nb * kPanel, ldc);
+      else
+        micro_transposed_rows<1>(M, A, W, sources, lda, Np, Kp, k0, C + nb * kPanel, ldc);
+    }
+  }
+
   // ------------------------------------------------------------------------------------------- helpers
   struct Rows {
     int e, begin, count;
@@ -540,8 +600,9 @@ struct Core {
     const int c0 = block * p.col_block, ncols = imin(p.col_block, p.Ip - c0), nblocks = ncols / kPanel;
     const T* wd = w_ptr(p.wd, p.w_d_stride, rows.e);
     const size_t pstride = static_cast<size_t>(p.Hp) * kPanel;
+    const bool few = rows.count <= Ops::MR;  // one row block: transpose block by block as it is used
     T* panels = scratch_T(p, worker);
-    pack_transposed_panels(wd, p.Hp, p.Ip, c0, nblocks, pstride, panels);
+    if (!few) pack_transposed_panels(wd, p.Hp, p.Ip, c0, nblocks, pstride, panels);
     const size_t lstride = static_cast<size_t>(p.r2p) * kPanel;
     const T* la = p.dn.rank ? lora_pk(p, rows.e) + (c0 / kPanel) * lstride : nullptr;
     const T* dY = static_cast<const T*>(p.dY);
@@ -550,7 +611,11 @@ struct Core {
       const int m = imin(kRowChunk, rows.count - r0);
       const size_t row = static_cast<size_t>(rows.begin + r0);
       float* c = p.dZp + row * p.Ip + c0;
-      gemm(dY + row * p.ldh, p.ldh, m, p.Hp, panels, pstride, nblocks, c, p.Ip, false);
+      const T* a = dY + row * p.ldh;
+      if (few)
+        gemm_transposed(&a, &wd, 1, p.ldh, m, p.Hp, p.Ip, c0, nblocks, c, p.Ip);
+      else
+        gemm(a, p.ldh, m, p.Hp, panels, pstride, nblocks, c, p.Ip, false);
       if (la) gemm(bdy_s + row * p.r2p, p.r2p, m, p.r2p, la, lstride, nblocks, c, p.Ip, true);
     }
   }
@@ -634,10 +699,12 @@ struct Core {
     const size_t pstride = static_cast<size_t>(p.Ip) * kPanel;
     T* pg = scratch_T(p, worker);
     T* pu = pg + nblocks * pstride;
-    const T* wg = w_ptr(p.wg, p.w_gu_stride, rows.e);
-    const T* wu = w_ptr(p.wu, p.w_gu_stride, rows.e);
-    pack_transposed_panels(wg, p.Ip, p.Hp, c0, nblocks, pstride, pg);
-    pack_transposed_panels(wu, p.Ip, p.Hp, c0, nblocks, pstride, pu);
+    const T* w[2] = {w_ptr(p.wg, p.w_gu_stride, rows.e), w_ptr(p.wu, p.w_gu_stride, rows.e)};
+    const bool few = rows.count <= Ops::MR;  // one row block: transpose block by block as it is used
+    if (!few) {
+      pack_transposed_panels(w[0], p.Ip, p.Hp, c0, nblocks, pstride, pg);
+      pack_transposed_panels(w[1], p.Ip, p.Hp, c0, nblocks, pstride, pu);
+    }
     const size_t lstride = static_cast<size_t>(p.r1p) * kPanel;
     const T* la = p.gu.rank ? lora_pk(p, rows.e) + (c0 / kPanel) * lstride : nullptr;
     const T* dG = static_cast<const T*>(p.dG);
@@ -648,8 +715,13 @@ struct Core {
     for (int r0 = 0; r0 < rows.count; r0 += kRowChunk) {
       const int m = imin(kRowChunk, rows.count - r0);
       const size_t row = static_cast<size_t>(rows.begin + r0);
-      gemm(dG + row * p.ldi, p.ldi, m, p.Ip, pg, pstride, nblocks, c, ld, false);
-      gemm(dU + row * p.ldi, p.ldi, m, p.Ip, pu, pstride, nblocks, c, ld, true);
+      const T* a[2] = {dG + row * p.ldi, dU + row * p.ldi};
+      if (few) {
+        gemm_transposed(a, w, 2, p.ldi, m, p.Ip, p.Hp, c0, nblocks, c, ld);
+      } else {
+        gemm(a[0], p.ldi, m, p.Ip, pg, pstride, nblocks, c, ld, false);
+        gemm(a[1], p.ldi, m, p.Ip, pu, pstride, nblocks, c, ld, true);
+      }
       if (la) gemm(gbg_s + row * p.r1p, p.r1p, m, p.r1p, la, lstride, nblocks, c, ld, true);
       for (int r = 0; r < m; ++r)
         std::memcpy(p.rows_out + static_cast<size_t>(p.row_src[row + r]) * p.Hp + c0, c + r * ld,
