@@ -585,12 +585,12 @@ struct Core {
     // bdy = dY Bd: Bd^T as a [r2][H] operand.
     T* pk = scratch_T(p, worker);
     pack(p.dn_Bt + static_cast<size_t>(e) * r2 * p.H, DType::f32, p.H, 1, r2, p.H, pk);
-    float* bdy = p.lora_tmp + static_cast<size_t>(rows.begin) * p.r2p;
+    float* bdy = p.bdy + static_cast<size_t>(rows.begin) * p.r2p;
     for (int r0 = 0; r0 < rows.count; r0 += kRowChunk)
       gemm(dY + static_cast<size_t>(rows.begin + r0) * p.ldh, p.ldh, imin(kRowChunk, rows.count - r0), p.Hp, pk,
            static_cast<size_t>(p.Hp) * kPanel, panels(r2), bdy + static_cast<size_t>(r0) * p.r2p, p.r2p, false);
     scale_rows(bdy, rows.count, r2, p.r2p, p.dn.scaling,
-               static_cast<T*>(p.lora_tmp_s) + static_cast<size_t>(rows.begin) * p.r2p);
+               static_cast<T*>(p.bdy_s) + static_cast<size_t>(rows.begin) * p.r2p);
     // Ad^T as an [I][r2] operand for the dZ' items.
     pack(static_cast<const char*>(p.dn.A) + elem_offset(p.dn.dtype, static_cast<size_t>(e) * r2 * p.I), p.dn.dtype,
          1, p.I, p.I, r2, lora_pk(p, e));
@@ -606,7 +606,7 @@ struct Core {
     const size_t lstride = static_cast<size_t>(p.r2p) * kPanel;
     const T* la = p.dn.rank ? lora_pk(p, rows.e) + (c0 / kPanel) * lstride : nullptr;
     const T* dY = static_cast<const T*>(p.dY);
-    const T* bdy_s = static_cast<const T*>(p.lora_tmp_s);
+    const T* bdy_s = static_cast<const T*>(p.bdy_s);
     for (int r0 = 0; r0 < rows.count; r0 += kRowChunk) {
       const int m = imin(kRowChunk, rows.count - r0);
       const size_t row = static_cast<size_t>(rows.begin + r0);
@@ -651,7 +651,7 @@ struct Core {
     const int e = rows.e;
     const float* wrow = p.row_weight + rows.begin;
     if (const int r2 = p.dn.rank) {
-      const float* bdy = p.lora_tmp + static_cast<size_t>(rows.begin) * p.r2p;
+      const float* bdy = p.bdy + static_cast<size_t>(rows.begin) * p.r2p;
       const float* ad = p.ad + static_cast<size_t>(rows.begin) * p.r2p;
       // dAd[e*r2 + j][i] += s2 sum_r w_r bdy[r][j] Z[r][i];  dBd[h][j*E + e] (via Gt[e][j][h]) = s2 sum_r w_r ad[r][j] dY[r][h]
       outer_grad(bdy, p.r2p, wrow, Z + static_cast<size_t>(rows.begin) * p.ldi, p.ldi, rows.count, r2, p.I,
@@ -668,7 +668,7 @@ struct Core {
       const float* Bt = p.gu_Bt + static_cast<size_t>(e) * r1 * 2 * p.I;
       pack(Bt, DType::f32, 2 * p.I, 1, r1, p.I, pkg);
       pack(Bt + p.I, DType::f32, 2 * p.I, 1, r1, p.I, pku);
-      float* gbg = p.lora_tmp + static_cast<size_t>(rows.begin) * p.r1p;
+      float* gbg = p.gbg + static_cast<size_t>(rows.begin) * p.r1p;
       const size_t pstride = static_cast<size_t>(p.Ip) * kPanel;
       for (int r0 = 0; r0 < rows.count; r0 += kRowChunk) {
         const int m = imin(kRowChunk, rows.count - r0);
@@ -677,7 +677,7 @@ struct Core {
         gemm(dU + row * p.ldi, p.ldi, m, p.Ip, pku, pstride, panels(r1), gbg + r0 * p.r1p, p.r1p, true);
       }
       scale_rows(gbg, rows.count, r1, p.r1p, p.gu.scaling,
-                 static_cast<T*>(p.lora_tmp_s) + static_cast<size_t>(rows.begin) * p.r1p);
+                 static_cast<T*>(p.gbg_s) + static_cast<size_t>(rows.begin) * p.r1p);
       const float* ag = p.ag + static_cast<size_t>(rows.begin) * p.r1p;
       // dAgu[e*r1 + j][h] += s1 sum_r gbg[r][j] X[r][h];  dBgu[o][j*E + e] (via Gt[e][j][o]) = s1 sum_r ag[r][j] dG|dU[r][o]
       outer_grad(gbg, p.r1p, nullptr, static_cast<const T*>(p.X) + static_cast<size_t>(rows.begin) * p.ldh, p.ldh,
@@ -709,7 +709,7 @@ struct Core {
     const T* la = p.gu.rank ? lora_pk(p, rows.e) + (c0 / kPanel) * lstride : nullptr;
     const T* dG = static_cast<const T*>(p.dG);
     const T* dU = static_cast<const T*>(p.dU);
-    const T* gbg_s = static_cast<const T*>(p.lora_tmp_s);
+    const T* gbg_s = static_cast<const T*>(p.gbg_s);
     float* c = scratch_f32(p, worker, 2 * static_cast<size_t>(nblocks) * pstride);
     const int ld = p.col_block;
     for (int r0 = 0; r0 < rows.count; r0 += kRowChunk) {

@@ -356,13 +356,15 @@ class BackwardJob : public LayerJob {
     switch (phase) {
       case 0: {
         reserve_common(ex_);
-        const size_t R = rows(), s = es(), rp = std::max(p.r1p, p.r2p);
+        const size_t R = rows(), s = es();
         p.dY = ex_.dY.reserve(R * p.ldh * s);
         p.dZp = static_cast<float*>(ex_.dZp.reserve(R * p.Ip * 4));
         p.dG = ex_.dG.reserve(R * p.ldi * s);
         p.dU = ex_.dU.reserve(R * p.ldi * s);
-        p.lora_tmp = static_cast<float*>(ex_.lora_tmp.reserve(R * rp * 4));
-        p.lora_tmp_s = ex_.lora_tmp_s.reserve(R * rp * s);
+        p.bdy = static_cast<float*>(ex_.bdy.reserve(R * p.r2p * 4));
+        p.bdy_s = ex_.bdy_s.reserve(R * p.r2p * s);
+        p.gbg = static_cast<float*>(ex_.gbg.reserve(R * p.r1p * 4));
+        p.gbg_s = ex_.gbg_s.reserve(R * p.r1p * s);
         p.gu_Gt = static_cast<float*>(ex_.gu_Gt.reserve(static_cast<size_t>(p.E) * p.gu.rank * 2 * p.I * 4));
         p.dn_Gt = static_cast<float*>(ex_.dn_Gt.reserve(static_cast<size_t>(p.E) * p.dn.rank * p.H * 4));
         return lora_row_blocks();

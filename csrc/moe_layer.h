@@ -37,7 +37,7 @@ class Buffer {
 struct Executor {
   explicit Executor(int threads) : pool(threads) {}
   ThreadPool pool;
-  Buffer rows_out, lora_pk, X, Z, ag, ad, ag_s, ad_s, dY, dZp, dG, dU, lora_tmp, lora_tmp_s, scratch, gu_Bt, dn_Bt,
+  Buffer rows_out, lora_pk, X, Z, ag, ad, ag_s, ad_s, dY, dZp, dG, dU, bdy, bdy_s, gbg, gbg_s, scratch, gu_Bt, dn_Bt,
       gu_Gt, dn_Gt;
 };
 std::shared_ptr<Executor> shared_executor(int threads);

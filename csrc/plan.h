@@ -118,8 +118,12 @@ struct Plan {
   float* dZp = nullptr;   // [R][Ip] dL/dz before the routing weight
   void* dG = nullptr;     // [R][ldi]
   void* dU = nullptr;
-  float* lora_tmp = nullptr;  // [R][r] fp32: bdy (backward down) / gbg (backward gate_up)
-  void* lora_tmp_s = nullptr;
+  // LoRA intermediates, unscaled fp32 and their scaled copies in compute type: bdy = dY Bd [R][r2p],
+  // gbg = dG Bg + dU Bu [R][r1p]. Apart, because phase 3 writes gbg while other experts still read their bdy.
+  float* bdy = nullptr;
+  void* bdy_s = nullptr;
+  float* gbg = nullptr;
+  void* gbg_s = nullptr;
 
   float* rows_out = nullptr;  // [T*k][Hp] fp32 per-slot outputs before the sum over slots
 
