@@ -54,6 +54,87 @@ def test_matches_fp32_reference(isa, dtype, T, k, ranks):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("E,H,I,T,k,ranks", [
+    (8, 72, 40, 48, 4, (64, 8)),      # large ranks, padded to different widths (r1p 64, r2p 32 and the reverse)
+    (8, 72, 40, 48, 4, (8, 64)),
+    (8, 72, 40, 48, 4, (128, 16)),
+    (8, 8, 40, 48, 3, (40, 12)),      # H below one panel and below both ranks
+    (8, 72, 4, 48, 3, (12, 40)),      # I below one panel and below both ranks
+    (4, 16, 200, 300, 2, (33, 65)),   # ranks above H; I over several column blocks with a tail; > 240 rows an expert
+    (4, 200, 16, 300, 2, (65, 33)),   # the same with H and I swapped
+])
+def test_shapes_and_ranks_match_fp32_reference(isa, dtype, E, H, I, T, k, ranks):
+    """Ranks far apart, ranks above H or I, H or I below one 16-column panel: every scratch, packed-operand and
+    row-buffer size depends on these."""
+    weights, lora_gu, lora_dn = random_layer(E, H, I, *ranks, dtype, seed("shape", isa, E, H, I, ranks))
+    x, ids, w, dy = random_batch(T, H, E, k, dtype, seed("shapex", isa, E, H, I, ranks))
+    got = run_kernel(ExpertKernel(*weights, isa=isa, threads=3), x, ids, w, dy, lora_gu, lora_dn)
+    assert_close(got, reference_grads(x, ids, w, dy, weights, lora_gu, lora_dn), TOL[dtype], f"{isa} {H}x{I} {ranks}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("x_dtype,w_dtype,lora_dtype", [
+    (torch.bfloat16, torch.float32, torch.float32), (torch.float32, torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16, torch.float32)],
+    ids=["x_bf16-w_fp32", "x_fp32-w_bf16", "lora_bf16-w_fp32", "lora_fp32-w_bf16"])
+def test_mixed_dtypes_match_fp32_reference(isa, x_dtype, w_dtype, lora_dtype):
+    """Activations, expert weights and LoRA factors each in their own dtype: the gather and the packing convert."""
+    E, H, I, T, k = 8, 40, 24, 37, 3
+    weights, lora_gu, lora_dn = random_layer(E, H, I, 12, 40, w_dtype, seed("mixed", isa, x_dtype, w_dtype))
+    lora_gu, lora_dn = ((A.to(lora_dtype), B.to(lora_dtype), s) for A, B, s in (lora_gu, lora_dn))
+    x, ids, w, dy = random_batch(T, H, E, k, x_dtype, seed("mixedx", isa, x_dtype, w_dtype))
+    got = run_kernel(ExpertKernel(*weights, isa=isa, threads=2), x, ids, w, dy, lora_gu, lora_dn)
+    assert got["y"].dtype == x_dtype and got["dx"].dtype == x_dtype
+    tol = TOL[torch.bfloat16 if torch.bfloat16 in (x_dtype, w_dtype) else torch.float32]  # bf16 LoRA values are exact
+    assert_close(got, reference_grads(x, ids, w, dy, weights, lora_gu, lora_dn), tol, f"{isa}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_stale_executor_memory_is_never_read(isa, dtype):
+    """Layers with one thread count share their scratch. A larger layer run on NaN first leaves NaN in all of it
+    (freshly mapped memory is zero, which hides reads of padding or rows a pass never wrote); the next layer's
+    results must not see any of it."""
+    threads = 3
+
+    def poison():
+        weights, lora_gu, lora_dn = random_layer(8, 136, 168, 72, 72, dtype, 11)
+        nan = lambda t: torch.full_like(t, float("nan"))
+        kernel = ExpertKernel(*map(nan, weights), isa=isa, threads=threads)
+        kernel.set_lora(*((nan(A), nan(B), s) for A, B, s in (lora_gu, lora_dn)))
+        x, ids, w, dy = random_batch(400, 136, 8, 4, dtype, 12)
+        y, ctx = kernel.forward(nan(x), ids, w, save_for_backward=True)
+        kernel.backward(ctx, nan(dy), ctx.new_lora_grads())
+        assert y.isnan().all()
+
+    E, H, I, T, k = 8, 72, 40, 64, 4
+    weights, lora_gu, lora_dn = random_layer(E, H, I, 40, 12, dtype, seed("stale", isa, dtype))
+    x, ids, w, dy = random_batch(T, H, E, k, dtype, seed("stalex", isa, dtype))
+    kernel = ExpertKernel(*weights, isa=isa, threads=threads)
+    kernel.set_lora(lora_gu, lora_dn)
+    poison()
+    y, ctx = kernel.forward(x, ids, w, save_for_backward=True)
+    poison()
+    grads = ctx.new_lora_grads()
+    dx, dw = kernel.backward(ctx, dy, grads)
+    got = {"y": y, "dx": dx, "dw": dw, **grads}
+    assert_close(got, reference_grads(x, ids, w, dy, weights, lora_gu, lora_dn), TOL[dtype], f"{isa}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_results_do_not_depend_on_thread_count(isa):
+    """Every work item is computed whole by one worker in a fixed order, so any thread count gives the same bits;
+    a difference means items of one phase write memory another item reads or writes."""
+    E, H, I, T, k = 8, 72, 40, 150, 4
+    weights, lora_gu, lora_dn = random_layer(E, H, I, 40, 12, torch.bfloat16, seed("threads", isa))
+    x, ids, w, dy = random_batch(T, H, E, k, torch.bfloat16, seed("threadsx", isa))
+    one, many = (run_kernel(ExpertKernel(*weights, isa=isa, threads=n), x, ids, w, dy, lora_gu, lora_dn)
+                 for n in (1, 5))
+    assert [n for n in one if not torch.equal(one[n], many[n])] == []
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("T,k", [(7, 2), (300, 4)])
 def test_gpt_oss_experts_match_transformers_layout(isa, dtype, T, k):
     """Transposed, interleaved, biased experts with the clamped activation. In fp32 the limit is low enough that
