@@ -78,21 +78,13 @@ struct Core {
       for (int v = 0; v < NV; ++v) Ops::store(C + m * ldc + v * kPanel, c[m][v]);
   }
 
-  template <int NV, int M = Ops::MR>
-  static void micro_rows(int rows, const T* A, size_t lda, const T* B, size_t bstride, int kpairs, float* C,
-                         size_t ldc, bool acc, const T* pf) {
-    if constexpr (M > 0) {
-      if (rows == M) return micro<M, NV>(A, lda, B, bstride, kpairs, C, ldc, acc, pf);
-      micro_rows<NV, M - 1>(rows, A, lda, B, bstride, kpairs, C, ldc, acc, pf);
-    }
-  }
-
-  template <int NV = Ops::NV>
-  static void micro_cols(int nv, int rows, const T* A, size_t lda, const T* B, size_t bstride, int kpairs, float* C,
-                         size_t ldc, bool acc, const T* pf) {
-    if constexpr (NV > 0) {
-      if (nv == NV) return micro_rows<NV>(rows, A, lda, B, bstride, kpairs, C, ldc, acc, pf);
-      micro_cols<NV - 1>(nv, rows, A, lda, B, bstride, kpairs, C, ldc, acc, pf);
+  // f(std::integral_constant<int, n>{}) for the run-time n in 1 .. N: register-blocked kernels are instantiated for
+  // every block size they may meet.
+  template <int N, class F>
+  static void with_size(int n, F&& f) {
+    if constexpr (N > 0) {
+      if (n == N) return f(std::integral_constant<int, N>{});
+      with_size<N - 1>(n, f);
     }
   }
 
@@ -107,8 +99,13 @@ struct Core {
       // to find in L2; a single row block does better leaving the streaming to the hardware prefetcher (measured).
       const T* pf = M - tiled > Ops::MR && nb + 2 * Ops::NV <= nblocks ? B + (nb + Ops::NV) * bstride : nullptr;
       for (int m = tiled; m < M; m += Ops::MR)
-        micro_cols(nv, imin(Ops::MR, M - m), A + m * lda, lda, B + nb * bstride, bstride, kpairs,
-                   C + m * ldc + nb * kPanel, ldc, acc, m == tiled ? pf : nullptr);
+        with_size<Ops::NV>(nv, [&](auto v) {
+          with_size<Ops::MR>(imin(Ops::MR, M - m), [&](auto rows) {
+            micro<decltype(rows)::value, decltype(v)::value>(A + m * lda, lda, B + nb * bstride, bstride, kpairs,
+                                                             C + m * ldc + nb * kPanel, ldc, acc,
+                                                             m == tiled ? pf : nullptr);
+          });
+        });
     }
   }
 
@@ -158,18 +155,23 @@ struct Core {
   // of such words. The walk goes down W's panels, each time reading the 16 nblocks contiguous bytes of the columns
   // and prefetching those a few panels ahead: the runs are short and far apart, too far for the hardware prefetcher.
   static void pack_transposed_panels(const T* W, int Np, int Kp, int k0, int nblocks, size_t pstride, T* dst) {
-    constexpr int kAhead = 4;                 // panels of W
     const size_t wstride = static_cast<size_t>(Kp) * kPanel;  // elements from one panel of W to the next
-    const size_t run = static_cast<size_t>(nblocks) * kPanel * kPanel * sizeof(T);  // bytes read per panel
     const T* base = W + static_cast<size_t>(k0) * kPanel;
     for (int nb = 0; nb < Np / kPanel; ++nb) {
-      if (nb + kAhead < Np / kPanel) {
-        const char* ahead = reinterpret_cast<const char*>(base + (nb + kAhead) * wstride);
-        for (size_t off = 0; off < run; off += 64) __builtin_prefetch(ahead + off);
-      }
+      prefetch_ahead(base, nb, Np / kPanel, wstride, nblocks);
       for (int b = 0; b < nblocks; ++b)
         transposed_block(base + nb * wstride + b * kPanel * kPanel, dst + b * pstride + nb * kPanel * kPanel);
     }
+  }
+
+  // The blocks columns x 16 rows that panel nb + 4 of W (of npanels, wstride elements apart) holds at base's
+  // columns, into the cache ahead of their use.
+  static void prefetch_ahead(const T* base, int nb, int npanels, size_t wstride, int blocks) {
+    constexpr int kAhead = 4;
+    if (nb + kAhead >= npanels) return;
+    const char* ahead = reinterpret_cast<const char*>(base + (nb + kAhead) * wstride);
+    for (size_t off = 0; off < static_cast<size_t>(blocks) * kPanel * kPanel * sizeof(T); off += 64)
+      __builtin_prefetch(ahead + off);
   }
 
   // 16 rows of W (one panel) x 16 of its columns (src), transposed into the 16 x 16 block of W^T's panel at out.
@@ -196,7 +198,6 @@ struct Core {
   template <int M, int NV>
   static void micro_transposed(const T* const* A, const T* const* W, int sources, size_t lda, int Np, int Kp, int k0,
                                float* C, size_t ldc) {
-    constexpr int kAhead = 4;
     const size_t wstride = static_cast<size_t>(Kp) * kPanel;
     typename Ops::V c[M][NV];
     for (int m = 0; m < M; ++m)
@@ -205,10 +206,7 @@ struct Core {
     for (int s = 0; s < sources; ++s) {
       const T* base = W[s] + static_cast<size_t>(k0) * kPanel;
       for (int nb = 0; nb < Np / kPanel; ++nb) {
-        if (nb + kAhead < Np / kPanel) {
-          const char* ahead = reinterpret_cast<const char*>(base + (nb + kAhead) * wstride);
-          for (size_t off = 0; off < NV * kPanel * kPanel * sizeof(T); off += 64) __builtin_prefetch(ahead + off);
-        }
+        prefetch_ahead(base, nb, Np / kPanel, wstride, NV);
         for (int v = 0; v < NV; ++v) transposed_block(base + nb * wstride + v * kPanel * kPanel, block[v]);
         const T* a = A[s] + nb * kPanel;
         for (int kp = 0; kp < kPanel / P; ++kp) {
@@ -228,26 +226,17 @@ struct Core {
       for (int v = 0; v < NV; ++v) Ops::store(C + m * ldc + v * kPanel, c[m][v]);
   }
 
-  template <int NV, int M = Ops::MR>
-  static void micro_transposed_rows(int rows, const T* const* A, const T* const* W, int sources, size_t lda, int Np,
-                                    int Kp, int k0, float* C, size_t ldc) {
-    if constexpr (M > 0) {
-      if (rows == M) return micro_transposed<M, NV>(A, W, sources, lda, Np, Kp, k0, C, ldc);
-      micro_transposed_rows<NV, M - 1>(rows, A, W, sources, lda, Np, Kp, k0, C, ldc);
-    }
-  }
-
   // The backward's product with transposed weights for at most Ops::MR rows: C[M][16 nblocks] = sum_s A_s W_s^T,
   // columns c0 .. of the W_s (one or two sources, accumulated).
   static void gemm_transposed(const T* const* A, const T* const* W, int sources, size_t lda, int M, int Np, int Kp,
                               int c0, int nblocks, float* C, size_t ldc) {
-    for (int nb = 0; nb < nblocks; nb += Ops::NV) {
-      const int k0 = c0 + nb * kPanel;
-      if (nblocks - nb >= Ops::NV)
-        micro_transposed_rows<Ops::NV>(M, A, W, sources, lda, Np, Kp, k0, C + nb * kPanel, ldc);
-      else
-        micro_transposed_rows<1>(M, A, W, sources, lda, Np, Kp, k0, C + nb * kPanel, ldc);
-    }
+    for (int nb = 0; nb < nblocks; nb += Ops::NV)
+      with_size<Ops::NV>(imin(Ops::NV, nblocks - nb), [&](auto v) {
+        with_size<Ops::MR>(M, [&](auto rows) {
+          micro_transposed<decltype(rows)::value, decltype(v)::value>(A, W, sources, lda, Np, Kp, c0 + nb * kPanel,
+                                                                      C + nb * kPanel, ldc);
+        });
+      });
   }
 
   // ------------------------------------------------------------------------------------------- helpers
