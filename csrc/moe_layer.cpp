@@ -257,10 +257,9 @@ class LayerJob : public Job {
     const Plan& p = plan_;
     const size_t maxT = std::max({static_cast<size_t>(p.r1p) * p.Hp, static_cast<size_t>(p.r2p) * p.Ip,
                                   static_cast<size_t>(p.r2p) * p.Hp, static_cast<size_t>(p.col_block) * p.Hp,
-                                  2 * static_cast<size_t>(p.r1p) * p.Ip + 16 * static_cast<size_t>(p.Ip),
+                                  2 * static_cast<size_t>(p.r1p) * p.Ip,
                                   2 * static_cast<size_t>(p.col_block) * p.Ip});
-    const size_t max_f32 = std::max({static_cast<size_t>(2 * 240 * p.col_block), static_cast<size_t>(p.Hp),
-                                     static_cast<size_t>(p.Ip)});
+    const size_t max_f32 = std::max(static_cast<size_t>(2 * 240 * p.col_block), static_cast<size_t>(p.Hp));
     plan_.scratch_bytes = round_up(round_up(maxT * es(), 64) + max_f32 * 4, 4096);
     plan_.scratch = static_cast<char*>(ex.scratch.reserve(plan_.scratch_bytes * ex.pool.threads()));
     plan_.lora_pk_stride = std::max({2 * static_cast<size_t>(p.Ip) * p.r1p, static_cast<size_t>(p.Hp) * p.r2p,
