@@ -77,6 +77,9 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("reset") = false, "{phase: (seconds, calls)} when KT_PROFILE is set");
   m.def("live_contexts", &ForwardContext::live, "forward contexts (activation caches) alive in the process");
+  m.def("cached_activation_bytes", &cached_activation_bytes, "bytes of freed activation caches kept for reuse");
+  m.def("release_cached_activations", &release_cached_activations, py::call_guard<py::gil_scoped_release>(),
+        "hand the freed activation caches back to the system");
 
   py::class_<ForwardContext, std::shared_ptr<ForwardContext>>(m, "ForwardContext")
       .def_readonly("tokens", &ForwardContext::T)

@@ -80,11 +80,19 @@ const Backend* select_backend(const std::string& isa) {
   throw std::invalid_argument(msg);
 }
 
+static std::mutex g_executors_mu;
+static std::map<int, std::weak_ptr<Executor>> g_executors;
+
+template <class F>
+static void for_each_executor(F&& f) {
+  std::lock_guard<std::mutex> lock(g_executors_mu);
+  for (auto& [threads, slot] : g_executors)
+    if (auto exec = slot.lock()) f(*exec);
+}
+
 std::shared_ptr<Executor> shared_executor(int threads) {
-  static std::mutex mu;
-  static std::map<int, std::weak_ptr<Executor>> executors;
-  std::lock_guard<std::mutex> lock(mu);
-  auto& slot = executors[threads];
+  std::lock_guard<std::mutex> lock(g_executors_mu);
+  auto& slot = g_executors[threads];
   auto exec = slot.lock();
   if (!exec) {
     exec = std::make_shared<Executor>(threads);
@@ -104,8 +112,50 @@ void* Buffer::reserve(size_t bytes) {
   return data_.get();
 }
 
+size_t cached_activation_bytes() {
+  size_t bytes = 0;
+  for_each_executor([&](Executor& ex) { bytes += ex.cache->bytes(); });
+  return bytes;
+}
+
+void release_cached_activations() {
+  for_each_executor([](Executor& ex) { ex.cache->release(); });
+}
+
+std::unique_ptr<SavedActivations> ActivationCache::take() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (free_.empty()) return std::make_unique<SavedActivations>();
+  auto saved = std::move(free_.back());  // the last freed: the likeliest to be the right size and still cached
+  free_.pop_back();
+  return saved;
+}
+
+void ActivationCache::give(std::unique_ptr<SavedActivations> saved) {
+  std::lock_guard<std::mutex> lock(mu_);
+  free_.push_back(std::move(saved));
+}
+
+void ActivationCache::release() {
+  std::vector<std::unique_ptr<SavedActivations>> freed;  // freed after the lock is let go
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    freed.swap(free_);
+  }
+}
+
+size_t ActivationCache::bytes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  size_t bytes = 0;
+  for (const auto& s : free_)
+    for (const Buffer* b : {&s->X, &s->Z, &s->dz_dg, &s->dz_du, &s->ag, &s->ad}) bytes += b->size();
+  return bytes;
+}
+
 ForwardContext::ForwardContext() { g_live_contexts.fetch_add(1); }
-ForwardContext::~ForwardContext() { g_live_contexts.fetch_sub(1); }
+ForwardContext::~ForwardContext() {
+  if (saved && cache) cache->give(std::move(saved));
+  g_live_contexts.fetch_sub(1);
+}
 int64_t ForwardContext::live() { return g_live_contexts.load(); }
 
 // ------------------------------------------------------------------------------------------------- the layer
@@ -298,13 +348,14 @@ class ForwardJob : public LayerJob {
         ForwardContext& c = *ctx_;
         const size_t R = rows(), s = es();
         // Kept for the backward when saving, else in the executor's scratch.
-        p.X = (p.save ? c.X : ex_.X).reserve(R * p.ldh * s);
-        p.Z = (p.save ? c.Z : ex_.Z).reserve(R * p.ldi * s);
-        p.ag = static_cast<float*>((p.save ? c.ag : ex_.ag).reserve(R * p.r1p * 4));
-        p.ad = static_cast<float*>((p.save ? c.ad : ex_.ad).reserve(R * p.r2p * 4));
+        SavedActivations& a = p.save ? *c.saved : ex_.activations;
+        p.X = a.X.reserve(R * p.ldh * s);
+        p.Z = a.Z.reserve(R * p.ldi * s);
+        p.ag = static_cast<float*>(a.ag.reserve(R * p.r1p * 4));
+        p.ad = static_cast<float*>(a.ad.reserve(R * p.r2p * 4));
         if (p.save) {
-          p.dz_dg = c.dz_dg.reserve(R * p.ldi * s);
-          p.dz_du = c.dz_du.reserve(R * p.ldi * s);
+          p.dz_dg = a.dz_dg.reserve(R * p.ldi * s);
+          p.dz_du = a.dz_du.reserve(R * p.ldi * s);
         }
         p.ag_s = ex_.ag_s.reserve(R * p.r1p * s);
         p.ad_s = ex_.ad_s.reserve(R * p.r2p * s);
@@ -340,13 +391,13 @@ class BackwardJob : public LayerJob {
     plan_.dw = dw;
     plan_.gu_grad = grads.gu;
     plan_.dn_grad = grads.dn;
-    ForwardContext& c = *ctx_;
-    plan_.X = c.X.data();
-    plan_.Z = c.Z.data();
-    plan_.dz_dg = c.dz_dg.data();
-    plan_.dz_du = c.dz_du.data();
-    plan_.ag = static_cast<float*>(c.ag.data());
-    plan_.ad = static_cast<float*>(c.ad.data());
+    const SavedActivations& a = *ctx_->saved;
+    plan_.X = a.X.data();
+    plan_.Z = a.Z.data();
+    plan_.dz_dg = a.dz_dg.data();
+    plan_.dz_du = a.dz_du.data();
+    plan_.ag = static_cast<float*>(a.ag.data());
+    plan_.ad = static_cast<float*>(a.ad.data());
   }
 
   int num_phases() const override { return 7; }
@@ -424,6 +475,10 @@ MoELayer::Submitted MoELayer::submit_forward(int T, int k, const void* x, DType 
     const int64_t r = fill[ids[i]]++;
     ctx->row_src[r] = static_cast<int32_t>(i);
     ctx->row_weight[r] = weights[i];
+  }
+  if (save) {
+    ctx->cache = exec_->cache;
+    ctx->saved = exec_->cache->take();
   }
   auto job = std::make_shared<ForwardJob>(*this, ctx, *exec_, x, y, save);
   exec_->pool.submit(job);

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -23,6 +24,7 @@ class Buffer {
  public:
   void* reserve(size_t bytes);
   void* data() const { return data_.get(); }
+  size_t size() const { return size_; }
 
  private:
   struct Free {
@@ -32,15 +34,40 @@ class Buffer {
   size_t size_ = 0;
 };
 
+// What a forward keeps for its backward: the gathered input, the activation, its derivatives and the LoRA A products.
+struct SavedActivations {
+  Buffer X, Z, dz_dg, dz_du, ag, ad;
+};
+
+// The saved activations of freed contexts, for the next forwards to reuse: fresh memory costs a page fault and a
+// zeroing per 4 KiB, tens of thousands per layer at qlen 2048, about as long as the gather phase. It holds at most
+// as many sets as were alive at once (the peak of a training step), until release().
+class ActivationCache {
+ public:
+  std::unique_ptr<SavedActivations> take();
+  void give(std::unique_ptr<SavedActivations> saved);
+  void release();
+  size_t bytes() const;
+
+ private:
+  mutable std::mutex mu_;
+  std::vector<std::unique_ptr<SavedActivations>> free_;
+};
+
 // A thread pool and the scratch memory of the jobs it runs; jobs run one at a time, so they share it. Layers with
 // the same thread count share one executor.
 struct Executor {
   explicit Executor(int threads) : pool(threads) {}
   ThreadPool pool;
-  Buffer rows_out, lora_pk, X, Z, ag, ad, ag_s, ad_s, dY, dZp, dG, dU, bdy, bdy_s, gbg, gbg_s, scratch, gu_Bt, dn_Bt,
+  std::shared_ptr<ActivationCache> cache = std::make_shared<ActivationCache>();
+  SavedActivations activations;  // of the forwards that keep none
+  Buffer rows_out, lora_pk, ag_s, ad_s, dY, dZp, dG, dU, bdy, bdy_s, gbg, gbg_s, scratch, gu_Bt, dn_Bt,
       gu_Gt, dn_Gt;
 };
 std::shared_ptr<Executor> shared_executor(int threads);
+// Over the executors alive: the bytes their activation caches hold, and handing those back to the system.
+size_t cached_activation_bytes();
+void release_cached_activations();
 
 // What a forward keeps for its backward. Python holds it; freeing it frees the activations.
 struct ForwardContext {
@@ -56,7 +83,8 @@ struct ForwardContext {
   std::vector<int64_t> offsets;
   std::vector<int32_t> row_src, active;
   std::vector<float> row_weight;
-  Buffer X, Z, dz_dg, dz_du, ag, ad;
+  std::unique_ptr<SavedActivations> saved;  // with save_for_backward; returns to `cache` with the context
+  std::shared_ptr<ActivationCache> cache;
 };
 
 // The activation variant and the frozen biases (fp32, transformers' order: gate_up [E][2I] gate then up, down

@@ -36,6 +36,16 @@ def live_contexts() -> int:
     return int(_C.live_contexts())
 
 
+def cached_activation_bytes() -> int:
+    """Bytes of freed activation caches the kernel keeps for the next forwards (at most one training step's peak)."""
+    return int(_C.cached_activation_bytes())
+
+
+def release_cached_activations() -> None:
+    """Hand the kept activation caches back to the system (the next forwards allocate afresh)."""
+    _C.release_cached_activations()
+
+
 def _gate_then_up(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Interleaved (gate, up, gate, up, ...) along dim -> all gates, then all ups."""
     pairs = t.unflatten(dim, (-1, 2))

@@ -10,7 +10,8 @@ import torch
 
 from kt_patch import _C
 from kt_patch.autograd import expert_forward
-from kt_patch.kernel import ExpertKernel, live_contexts, supported_isas
+from kt_patch.kernel import (ExpertKernel, cached_activation_bytes, live_contexts, release_cached_activations,
+                             supported_isas)
 from moe_reference import gpt_oss_forward, random_batch, random_layer, reference_grads, rel_l2
 
 ISAS = supported_isas()
@@ -282,6 +283,35 @@ def test_contexts_are_freed():
     del ctx
     kernel.forward(x, ids, w)
     assert live_contexts() == before
+
+
+def test_freed_activations_are_reused_then_released():
+    """A freed context's activation buffers serve the next forward (no fresh pages per layer and step); the cache
+    never holds more than the contexts alive at once, reused buffers hold stale NaN that must never be read, and
+    release hands everything back."""
+    E, H, I, k = 8, 72, 40, 4
+    weights, lora_gu, lora_dn = random_layer(E, H, I, 8, 8, torch.bfloat16, seed("cache"))
+    kernel = ExpertKernel(*weights, threads=6)  # a thread count no other test uses: an executor of its own
+    kernel.set_lora(lora_gu, lora_dn)
+    release_cached_activations()
+    assert cached_activation_bytes() == 0
+
+    def nan_forward(T):  # leaves NaN in every activation buffer the context got
+        x, ids, w, _ = random_batch(T, H, E, k, torch.bfloat16, seed("cachenan", T))
+        return kernel.forward(torch.full_like(x, float("nan")), ids, w, save_for_backward=True)[1]
+
+    small, large = nan_forward(200), nan_forward(300)
+    del small
+    del large  # freed last: the set the next forward takes
+    two_sets = cached_activation_bytes()
+    assert two_sets > 0
+    for T in (250, 9):  # each takes a NaN-filled set, as large as or larger than it needs
+        x, ids, w, dy = random_batch(T, H, E, k, torch.bfloat16, seed("cachex", T))
+        got = run_kernel(kernel, x, ids, w, dy, lora_gu, lora_dn)
+        assert_close(got, reference_grads(x, ids, w, dy, weights, lora_gu, lora_dn), TOL[torch.bfloat16], f"T={T}")
+        assert cached_activation_bytes() == two_sets  # reused, not grown
+    release_cached_activations()
+    assert cached_activation_bytes() == 0
 
 
 def test_export_weights_round_trip():
