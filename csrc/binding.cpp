@@ -91,7 +91,7 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init([](const std::string& name, int E, int H, int I, uintptr_t gate_up, uintptr_t down,
                        const std::string& dtype, const std::string& isa, int threads, const std::string& activation,
                        float alpha, float limit, uintptr_t gate_up_bias, uintptr_t down_bias,
-                       bool gate_up_lora_interleaved) {
+                       bool gate_up_lora_interleaved, bool backward_copy) {
              const DType weight_dtype = parse_dtype(dtype);
              ExpertActivation act;
              if (activation == "gpt_oss_swiglu")
@@ -105,13 +105,13 @@ PYBIND11_MODULE(_C, m) {
              act.gate_up_lora_interleaved = gate_up_lora_interleaved;
              return without_gil([&] {
                return std::make_shared<MoELayer>(name, E, H, I, ptr<void>(gate_up), ptr<void>(down), weight_dtype,
-                                                 isa, threads, act);
+                                                 isa, threads, act, backward_copy);
              });
            }),
            py::arg("name"), py::arg("experts"), py::arg("hidden"), py::arg("intermediate"), py::arg("gate_up"),
            py::arg("down"), py::arg("dtype"), py::arg("isa"), py::arg("threads"), py::arg("activation") = "swiglu",
            py::arg("alpha") = 0.f, py::arg("limit") = 0.f, py::arg("gate_up_bias") = 0, py::arg("down_bias") = 0,
-           py::arg("gate_up_lora_interleaved") = false)
+           py::arg("gate_up_lora_interleaved") = false, py::arg("backward_copy") = false)
       .def_property_readonly("isa", &MoELayer::isa)
       .def_property_readonly("threads", &MoELayer::threads)
       .def_property_readonly("weight_bytes", &MoELayer::weight_bytes)

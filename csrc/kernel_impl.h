@@ -589,9 +589,13 @@ struct Core {
     const int c0 = block * p.col_block, ncols = imin(p.col_block, p.Ip - c0), nblocks = ncols / kPanel;
     const T* wd = w_ptr(p.wd, p.w_d_stride, rows.e);
     const size_t pstride = static_cast<size_t>(p.Hp) * kPanel;
-    const bool few = rows.count <= Ops::MR;  // one row block: transpose block by block as it is used
-    T* panels = scratch_T(p, worker);
-    if (!few) pack_transposed_panels(wd, p.Hp, p.Ip, c0, nblocks, pstride, panels);
+    // The backward copy's panels as they lie; else, for one row block, transposes block by block as they are used,
+    // and for more, transposed panels in scratch.
+    const T* copy = p.wd_t ? w_ptr(p.wd_t, p.w_d_stride, rows.e) + (c0 / kPanel) * pstride : nullptr;
+    const bool few = !copy && rows.count <= Ops::MR;
+    T* scratch = scratch_T(p, worker);
+    if (!copy && !few) pack_transposed_panels(wd, p.Hp, p.Ip, c0, nblocks, pstride, scratch);
+    const T* panels = copy ? copy : scratch;
     const size_t lstride = static_cast<size_t>(p.r2p) * kPanel;
     const T* la = p.dn.rank ? lora_pk(p, rows.e) + (c0 / kPanel) * lstride : nullptr;
     const T* dY = static_cast<const T*>(p.dY);
@@ -686,13 +690,15 @@ struct Core {
   static void bwd_gate_up(const Plan& p, const Rows& rows, int block, int worker) {
     const int c0 = block * p.col_block, ncols = imin(p.col_block, p.Hp - c0), nblocks = ncols / kPanel;
     const size_t pstride = static_cast<size_t>(p.Ip) * kPanel;
-    T* pg = scratch_T(p, worker);
-    T* pu = pg + nblocks * pstride;
     const T* w[2] = {w_ptr(p.wg, p.w_gu_stride, rows.e), w_ptr(p.wu, p.w_gu_stride, rows.e)};
-    const bool few = rows.count <= Ops::MR;  // one row block: transpose block by block as it is used
-    if (!few) {
-      pack_transposed_panels(w[0], p.Ip, p.Hp, c0, nblocks, pstride, pg);
-      pack_transposed_panels(w[1], p.Ip, p.Hp, c0, nblocks, pstride, pu);
+    const bool copy = p.wg_t != nullptr, few = !copy && rows.count <= Ops::MR;  // as in bwd_down
+    T* scratch = scratch_T(p, worker);
+    const size_t at = (c0 / kPanel) * pstride;
+    const T* pg = copy ? w_ptr(p.wg_t, p.w_gu_stride, rows.e) + at : scratch;
+    const T* pu = copy ? w_ptr(p.wu_t, p.w_gu_stride, rows.e) + at : scratch + nblocks * pstride;
+    if (!copy && !few) {
+      pack_transposed_panels(w[0], p.Ip, p.Hp, c0, nblocks, pstride, scratch);
+      pack_transposed_panels(w[1], p.Ip, p.Hp, c0, nblocks, pstride, scratch + nblocks * pstride);
     }
     const size_t lstride = static_cast<size_t>(p.r1p) * kPanel;
     const T* la = p.gu.rank ? lora_pk(p, rows.e) + (c0 / kPanel) * lstride : nullptr;

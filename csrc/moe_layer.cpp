@@ -160,7 +160,8 @@ int64_t ForwardContext::live() { return g_live_contexts.load(); }
 
 // ------------------------------------------------------------------------------------------------- the layer
 MoELayer::MoELayer(std::string name, int experts, int hidden, int intermediate, const void* gate_up, const void* down,
-                   DType weight_dtype, const std::string& isa, int threads, const ExpertActivation& activation)
+                   DType weight_dtype, const std::string& isa, int threads, const ExpertActivation& activation,
+                   bool backward_copy)
     : name_(std::move(name)), E_(experts), H_(hidden), I_(intermediate), compute_(weight_dtype),
       activation_(activation) {
   if (E_ < 1 || H_ < 1 || I_ < 1) fail("experts, hidden and intermediate sizes must be positive");
@@ -176,6 +177,11 @@ MoELayer::MoELayer(std::string name, int experts, int hidden, int intermediate, 
   wg_.reserve(E_ * gu_stride_ * es);
   wu_.reserve(E_ * gu_stride_ * es);
   wd_.reserve(E_ * d_stride_ * es);
+  if (backward_copy) {
+    wg_t_.reserve(E_ * gu_stride_ * es);
+    wu_t_.reserve(E_ * gu_stride_ * es);
+    wd_t_.reserve(E_ * d_stride_ * es);
+  }
   if (activation.gate_up_bias) {
     float* b = static_cast<float*>(gu_bias_.reserve(sizeof(float) * E_ * 2 * Ip_));
     std::fill(b, b + static_cast<size_t>(E_) * 2 * Ip_, 0.f);
@@ -193,38 +199,47 @@ MoELayer::MoELayer(std::string name, int experts, int hidden, int intermediate, 
     activation_.down_bias = b;
   }
 
-  // Pack all experts on the pool, one item per expert and projection.
+  // Pack all experts on the pool, one item per expert and packed matrix: gate [I][H], up [I][H] and down [H][I]
+  // for the forward, and with the backward copy their transposes, packed from the same source with the strides
+  // swapped.
   struct PackJob : Job {
     MoELayer* layer;
     const char* gate_up;
     const char* down;
+    int matrices;
     int num_phases() const override { return 1; }
-    size_t prepare(int) override { return 3 * static_cast<size_t>(layer->E_); }
+    size_t prepare(int) override { return static_cast<size_t>(matrices) * layer->E_; }
     void run(int, size_t item, int) override {
       MoELayer& L = *layer;
-      const int e = static_cast<int>(item / 3), which = static_cast<int>(item % 3);
+      const int e = static_cast<int>(item / matrices), which = static_cast<int>(item % matrices);
       const size_t es = dtype_size(L.compute_);
-      const char* gu = gate_up + static_cast<size_t>(e) * 2 * L.I_ * L.H_ * es;
-      if (which == 0)
-        L.backend_->pack(L.compute_, gu, L.compute_, L.H_, 1, L.I_, L.H_,
-                         static_cast<char*>(L.wg_.data()) + e * L.gu_stride_ * es);
-      else if (which == 1)
-        L.backend_->pack(L.compute_, gu + static_cast<size_t>(L.I_) * L.H_ * es, L.compute_, L.H_, 1, L.I_, L.H_,
-                         static_cast<char*>(L.wu_.data()) + e * L.gu_stride_ * es);
-      else
-        L.backend_->pack(L.compute_, down + static_cast<size_t>(e) * L.H_ * L.I_ * es, L.compute_, L.I_, 1, L.H_,
-                         L.I_, static_cast<char*>(L.wd_.data()) + e * L.d_stride_ * es);
+      const int H = L.H_, I = L.I_;
+      const char* g = gate_up + static_cast<size_t>(e) * 2 * I * H * es;
+      const char* u = g + static_cast<size_t>(I) * H * es;
+      const char* d = down + static_cast<size_t>(e) * H * I * es;
+      auto dst = [&](const Buffer& b, size_t stride) { return static_cast<char*>(b.data()) + e * stride * es; };
+      switch (which) {
+        case 0: return L.backend_->pack(L.compute_, g, L.compute_, H, 1, I, H, dst(L.wg_, L.gu_stride_));
+        case 1: return L.backend_->pack(L.compute_, u, L.compute_, H, 1, I, H, dst(L.wu_, L.gu_stride_));
+        case 2: return L.backend_->pack(L.compute_, d, L.compute_, I, 1, H, I, dst(L.wd_, L.d_stride_));
+        case 3: return L.backend_->pack(L.compute_, g, L.compute_, 1, H, H, I, dst(L.wg_t_, L.gu_stride_));
+        case 4: return L.backend_->pack(L.compute_, u, L.compute_, 1, H, H, I, dst(L.wu_t_, L.gu_stride_));
+        default: return L.backend_->pack(L.compute_, d, L.compute_, 1, I, I, H, dst(L.wd_t_, L.d_stride_));
+      }
     }
   };
   auto job = std::make_shared<PackJob>();
   job->layer = this;
   job->gate_up = static_cast<const char*>(gate_up);
   job->down = static_cast<const char*>(down);
+  job->matrices = backward_copy ? 6 : 3;
   exec_->pool.submit(job);
   job->wait();
 }
 
-size_t MoELayer::weight_bytes() const { return E_ * (2 * gu_stride_ + d_stride_) * dtype_size(compute_); }
+size_t MoELayer::weight_bytes() const {
+  return (wg_t_.data() ? 2 : 1) * E_ * (2 * gu_stride_ + d_stride_) * dtype_size(compute_);
+}
 
 void MoELayer::export_weights(void* gate_up, void* down) const {
   const size_t es = dtype_size(compute_);
@@ -268,6 +283,9 @@ Plan MoELayer::base_plan() const {
   p.wd = wd_.data();
   p.w_gu_stride = gu_stride_;
   p.w_d_stride = d_stride_;
+  p.wg_t = wg_t_.data();
+  p.wu_t = wu_t_.data();
+  p.wd_t = wd_t_.data();
   p.act = activation_.act;
   p.alpha = activation_.alpha;
   p.limit = activation_.limit;

@@ -108,7 +108,8 @@ struct LoraGradArgs {
 class MoELayer {
  public:
   MoELayer(std::string name, int experts, int hidden, int intermediate, const void* gate_up, const void* down,
-           DType weight_dtype, const std::string& isa, int threads, const ExpertActivation& activation = {});
+           DType weight_dtype, const std::string& isa, int threads, const ExpertActivation& activation = {},
+           bool backward_copy = false);
 
   // A started job and, for a forward with save, the context its backward needs (valid once the job is done).
   struct Submitted {
@@ -129,7 +130,7 @@ class MoELayer {
   int hidden() const { return H_; }
   int intermediate() const { return I_; }
   DType compute() const { return compute_; }
-  size_t weight_bytes() const;
+  size_t weight_bytes() const;  // both copies when the backward has its own
 
   // Reads the frozen weights back in the transformers layout (for saving a base checkpoint).
   void export_weights(void* gate_up, void* down) const;
@@ -148,6 +149,7 @@ class MoELayer {
   const Backend* backend_;
   std::shared_ptr<Executor> exec_;
   Buffer wg_, wu_, wd_;
+  Buffer wg_t_, wu_t_, wd_t_;  // with backward_copy: packed for the backward, so it transposes nothing
   ExpertActivation activation_;
   Buffer gu_bias_, d_bias_;  // padded copies of the biases
   size_t gu_stride_ = 0, d_stride_ = 0;

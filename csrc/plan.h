@@ -74,6 +74,11 @@ struct Plan {
   const void* wu = nullptr;
   const void* wd = nullptr;
   size_t w_gu_stride = 0, w_d_stride = 0;  // elements per expert
+  // Optional second copy packed for the backward's products (null: transposed from the above as they run):
+  // gate^T, up^T [H][I] and down^T [I][H], the same element counts per expert.
+  const void* wg_t = nullptr;
+  const void* wu_t = nullptr;
+  const void* wd_t = nullptr;
   Activation act = Activation::swiglu;
   float alpha = 0.f, limit = 0.f;          // gpt_oss activation constants
   const float* gu_bias = nullptr;          // optional [E][2 * Ip]: gate bias, then up bias

@@ -82,7 +82,7 @@ def run_kt_patch(weights, lora_gu, lora_dn, batches, threads, min_time, profile=
             total = sum(s for s, _ in phases.values())
             print(f"kt_patch qlen {T}: " + ", ".join(f"{name} {s / n * 1e3:.1f} ms ({100 * s / total:.0f}%)"
                                                    for name, (s, n) in sorted(phases.items())))
-    return out, kernel.isa
+    return out, f"{kernel.isa}, backward weights {kernel.backward_weights}"
 
 
 def torch_moe(x, ids, w, weights, lora_gu, lora_dn):

@@ -72,12 +72,15 @@ class ExpertKernel:
     GPT-OSS stores its experts ``transposed`` (gate_up [E, H, 2I], down [E, I, H], applied as ``x @ W``) with gate
     and up ``interleaved`` along 2I, adds biases (``gate_up_bias`` [E, 2I], ``down_bias`` [E, H]) and uses
     ``activation="gpt_oss_swiglu"`` with its ``alpha`` and ``limit``; LoRA factors then follow that layout too.
+    ``backward_weights="copy"`` keeps a second copy of the weights packed for the backward (twice the memory, no
+    transposing in the backward); ``"transpose"`` transposes the forward's copy as the backward runs.
     """
 
     def __init__(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, *, name: str = "moe",
                  isa: Optional[str] = None, threads: Optional[int] = None, activation: str = "swiglu",
                  alpha: float = 1.702, limit: float = 7.0, gate_up_bias: Optional[torch.Tensor] = None,
-                 down_bias: Optional[torch.Tensor] = None, transposed: bool = False, interleaved: bool = False):
+                 down_bias: Optional[torch.Tensor] = None, transposed: bool = False, interleaved: bool = False,
+                 backward_weights: Optional[str] = None):
         if gate_up_proj.dim() != 3 or down_proj.dim() != 3:
             raise ValueError(f"{name}: expert weights must be 3-D, got gate_up_proj {tuple(gate_up_proj.shape)} "
                              f"and down_proj {tuple(down_proj.shape)}")
@@ -97,11 +100,16 @@ class ExpertKernel:
         for bias, shape, what in ((gate_up_bias, (E, two_i), "gate_up_bias"), (down_bias, (E, H), "down_bias")):
             if bias is not None and tuple(bias.shape) != shape:
                 raise ValueError(f"{name}: {what} must be {list(shape)}, got {tuple(bias.shape)}")
-        opts = None if isa is not None and threads is not None else _options.resolve()
+        opts = None if None not in (isa, threads, backward_weights) else _options.resolve()
+        backward_weights = backward_weights or opts.backward_weights
+        if backward_weights not in _options.BACKWARD_WEIGHTS:
+            raise ValueError(f"{name}: backward_weights must be one of {', '.join(_options.BACKWARD_WEIGHTS)}; got "
+                             f"{backward_weights!r}")
         self.name = name
         self.num_experts, self.hidden_size, self.intermediate_size = E, H, two_i // 2
         self.dtype = gate_up_proj.dtype
         self._layout = (transposed, interleaved)
+        self.backward_weights = backward_weights
         gu = _gate_then_up(gu, 1) if interleaved else gu
         gu_bias = None if gate_up_bias is None else gate_up_bias.detach().to("cpu", torch.float32)
         gu_bias = _gate_then_up(gu_bias, 1) if interleaved and gu_bias is not None else gu_bias
@@ -111,7 +119,7 @@ class ExpertKernel:
         self._layer = _C.MoELayer(name, E, H, self.intermediate_size, gu.data_ptr(), dn.data_ptr(),
                                   _DTYPES[self.dtype], isa or opts.isa, threads or opts.threads, activation,
                                   float(alpha), float(limit), *(0 if b is None else b.data_ptr() for b in biases),
-                                  bool(interleaved))
+                                  bool(interleaved), backward_weights == "copy")
         self._lora = {"gate_up": None, "down": None}
 
     @property
@@ -124,6 +132,7 @@ class ExpertKernel:
 
     @property
     def weight_bytes(self) -> int:
+        """Host memory of the packed weights (both copies with ``backward_weights="copy"``)."""
         return self._layer.weight_bytes
 
     def export_weights(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 ISAS = ("auto", "amx_bf16", "avx512_bf16", "avx2", "scalar")
 CHECKPOINT_POLICIES = ("recompute", "retain")
+BACKWARD_WEIGHTS = ("transpose", "copy")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -52,6 +53,7 @@ class Options:
     threads: int = 0  # 0: default_threads()
     isa: str = "auto"
     checkpoint_policy: str = "recompute"
+    backward_weights: str = "transpose"
     architectures: tuple[str, ...] = ("all",)
     log_level: str = "INFO"
     lora_experts: int = 0
@@ -61,6 +63,7 @@ class Options:
         _check_int(self, "threads", minimum=0)
         _check_choice(self, "isa", ISAS)
         _check_choice(self, "checkpoint_policy", CHECKPOINT_POLICIES)
+        _check_choice(self, "backward_weights", BACKWARD_WEIGHTS)
         _check_choice(self, "log_level", LOG_LEVELS)
         _check_int(self, "lora_experts", minimum=0)
         _check_int(self, "lora_expert_intermediate_size", minimum=1)

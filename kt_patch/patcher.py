@@ -23,8 +23,8 @@ class PatchSummary:
     threads: int
 
     def __str__(self) -> str:
-        return (f"{', '.join(self.families)}: {self.layers} MoE layers, {self.experts} routed experts "
-                f"({self.host_bytes / 2**30:.3f} GiB) moved to the CPU kernel, ISA {self.isa}, {self.threads} threads")
+        return (f"{', '.join(self.families)}: {self.layers} MoE layers, {self.experts} routed experts moved to the CPU "
+                f"kernel ({self.host_bytes / 2**30:.3f} GiB of host memory), ISA {self.isa}, {self.threads} threads")
 
 
 def patch_model(model: nn.Module, options: Options) -> PatchSummary | None:
@@ -70,9 +70,9 @@ def _replace_blocks(model, blocks, options: Options, kernel_class) -> PatchSumma
             parent_name, _, child_name = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             experts = getattr(block, family.experts)
-            weight_bytes = sum(getattr(experts, w).numel() * getattr(experts, w).element_size() for w in EXPERT_WEIGHTS)
             kernel = kernel_class(*(getattr(experts, w).detach().to("cpu") for w in EXPERT_WEIGHTS), name=name,
                                   isa=None if options.isa == "auto" else options.isa, threads=options.threads,
+                                  backward_weights=options.backward_weights,
                                   **registry.kernel_arguments(experts, family))
             layer = KtMoeLayer(block, family, kernel, _lora_experts(block, family, kernel, options))
             frozen = [p for p in experts.parameters() if p.requires_grad]
@@ -82,7 +82,7 @@ def _replace_blocks(model, blocks, options: Options, kernel_class) -> PatchSumma
             setattr(parent, child_name, layer)
             summary.layers += 1
             summary.experts += kernel.num_experts
-            summary.host_bytes += weight_bytes
+            summary.host_bytes += kernel.weight_bytes
             summary.isa, summary.threads = kernel.isa, kernel.threads
     except BaseException:
         for parent, child_name, block, layer, frozen in reversed(swapped):

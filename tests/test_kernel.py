@@ -63,6 +63,7 @@ def test_matches_fp32_reference(isa, dtype, T, k, ranks):
     (8, 72, 4, 48, 3, (12, 40)),      # I below one panel and below both ranks
     (4, 16, 200, 300, 2, (33, 65)),   # ranks above H; I over several column blocks with a tail; > 240 rows an expert
     (4, 200, 16, 300, 2, (65, 33)),   # the same with H and I swapped
+    (40, 72, 40, 30, 2, (8, 4)),      # B factors over two tiles of rows and of experts; experts without tokens
 ])
 def test_shapes_and_ranks_match_fp32_reference(isa, dtype, E, H, I, T, k, ranks):
     """Ranks far apart, ranks above H or I, H or I below one 16-column panel: every scratch, packed-operand and
@@ -120,6 +121,21 @@ def test_stale_executor_memory_is_never_read(isa, dtype):
     dx, dw = kernel.backward(ctx, dy, grads)
     got = {"y": y, "dx": dx, "dw": dw, **grads}
     assert_close(got, reference_grads(x, ids, w, dy, weights, lora_gu, lora_dn), TOL[dtype], f"{isa}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T,k", [(5, 2), (300, 4)])  # one row block per expert, and several
+def test_backward_weight_copy_matches_fp32_reference(isa, dtype, T, k):
+    """backward_weights="copy" packs the transposed weights once; its backward reads them instead of transposing."""
+    E, H, I = 8, 72, 40
+    weights, lora_gu, lora_dn = random_layer(E, H, I, 8, 4, dtype, seed("copy", isa, dtype, T))
+    x, ids, w, dy = random_batch(T, H, E, k, dtype, seed("copyx", isa, dtype, T))
+    kernel = ExpertKernel(*weights, isa=isa, threads=3, backward_weights="copy")
+    single = ExpertKernel(*weights, isa=isa, threads=3, backward_weights="transpose")
+    assert kernel.weight_bytes == 2 * single.weight_bytes
+    got = run_kernel(kernel, x, ids, w, dy, lora_gu, lora_dn)
+    assert_close(got, reference_grads(x, ids, w, dy, weights, lora_gu, lora_dn), TOL[dtype], f"{isa} T={T}")
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -370,6 +386,12 @@ def test_backward_needs_a_saved_forward(kernel):
     _, ctx = kernel.forward(x, ids, w, save_for_backward=True)
     with pytest.raises(ValueError, match=r"lora_grads\['gate_up_A'\]"):
         kernel.backward(ctx, dy, {})
+
+
+def test_unknown_backward_weights_is_an_error():
+    weights, _, _ = random_layer(4, 32, 16, 0, 0, torch.float32, 5)
+    with pytest.raises(ValueError, match="backward_weights must be one of transpose, copy; got 'twice'"):
+        ExpertKernel(*weights, threads=1, backward_weights="twice")
 
 
 def test_unknown_or_unavailable_isa_is_an_error():
