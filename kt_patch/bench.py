@@ -82,7 +82,7 @@ def run_kt_patch(weights, lora_gu, lora_dn, batches, threads, min_time, profile=
             total = sum(s for s, _ in phases.values())
             print(f"kt_patch qlen {T}: " + ", ".join(f"{name} {s / n * 1e3:.1f} ms ({100 * s / total:.0f}%)"
                                                    for name, (s, n) in sorted(phases.items())))
-    return out, f"{kernel.isa}, backward weights {kernel.backward_weights}"
+    return out, {"isa": kernel.isa, "backward_weights": kernel.backward_weights}
 
 
 def torch_moe(x, ids, w, weights, lora_gu, lora_dn):
@@ -192,10 +192,11 @@ def main(argv=None):
         H, I, E, k = SHAPES[shape]
         weights, lora_gu, lora_dn = make_layer(H, I, E)
         batches = {T: make_batch(T, H, E, k, seed=T) for T in qlens}
-        timings, isa = {}, None
+        timings, config = {}, None
         if "kt_patch" in backends:
-            timings["kt_patch"], isa = run_kt_patch(weights, lora_gu, lora_dn, batches, threads, args.min_time,
-                                                    args.profile)
+            timings["kt_patch"], config = run_kt_patch(weights, lora_gu, lora_dn, batches, threads, args.min_time,
+                                                       args.profile)
+            report["kt_patch"] = config
         if "torch_bf16" in backends:
             timings["torch_bf16"] = run_torch(weights, lora_gu, lora_dn, batches, threads, args.min_time)
         if "kt_kernel" in backends:
@@ -204,7 +205,7 @@ def main(argv=None):
                 timings["kt_kernel"] = kt_kernel
         flop = 6 * H * I * k
         print(f"\nshape {shape}: H={H} I={I} E={E} k={k}, LoRA r={RANK} (gate_up {2 * RANK}), threads={threads}"
-              f"{', kt_patch isa ' + isa if isa else ''}")
+              + (f", kt_patch isa {config['isa']}, backward weights {config['backward_weights']}" if config else ""))
         print(f"{'backend':11s} {'qlen':>5s} {'fwd ms':>9s} {'bwd ms':>9s} {'tok/s':>8s} {'GFLOP/s':>8s} "
               + " ".join(f"{'x ' + b:>12s}" for b in timings if b != "kt_patch"))
         for T in qlens:
