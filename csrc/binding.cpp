@@ -133,15 +133,18 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "submit_backward",
           [](MoELayer& L, std::shared_ptr<ForwardContext> ctx, uintptr_t dy, uintptr_t dx, uintptr_t dw,
-             uintptr_t gu_A, uintptr_t gu_B, uintptr_t dn_A, uintptr_t dn_B) {
+             uintptr_t gu_A, uintptr_t gu_B, uintptr_t dn_A, uintptr_t dn_B, bool accumulate) {
             LoraGradArgs grads{{reinterpret_cast<float*>(gu_A), reinterpret_cast<float*>(gu_B)},
-                               {reinterpret_cast<float*>(dn_A), reinterpret_cast<float*>(dn_B)}};
+                               {reinterpret_cast<float*>(dn_A), reinterpret_cast<float*>(dn_B)},
+                               accumulate};
             return Pending{without_gil([&] {
               return L.submit_backward(std::move(ctx), ptr<void>(dy), reinterpret_cast<void*>(dx),
                                        reinterpret_cast<float*>(dw), grads);
             })};
           },
-          "Start a backward; LoRA gradients are added into the fp32 buffers")
+          py::arg("ctx"), py::arg("dy"), py::arg("dx"), py::arg("dw"), py::arg("gu_A"), py::arg("gu_B"),
+          py::arg("dn_A"), py::arg("dn_B"), py::arg("accumulate") = true,
+          "Start a backward; LoRA gradients are added into the fp32 buffers, or written over them")
       .def("export_weights", [](const MoELayer& L, uintptr_t gate_up, uintptr_t down) {
         without_gil([&] {
           L.export_weights(reinterpret_cast<void*>(gate_up), reinterpret_cast<void*>(down));

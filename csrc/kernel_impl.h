@@ -391,7 +391,9 @@ struct Core {
   // Row of the gate-block-then-up-block order for row o of an interleaved (gate, up, gate, up, ...) gate_up.
   static int gate_up_row(const Plan& p, int o) { return (o & 1) ? p.I + o / 2 : o / 2; }
 
-  // The reverse for the B gradients of the experts that had rows: grad[o][j*E + e] += Gt[e][j][o].
+  // The reverse for the B gradients of the experts that had rows: grad[o][j*E + e] += Gt[e][j][o]. When
+  // overwriting, grad[o][j*E + e] = Gt[e][j][o] or 0 for an expert without rows, and the item also zeroes the A
+  // gradient rows of the experts without rows among those e = item (mod the items of its factor).
   static void lora_grad_b_to_peft(const Plan& p, size_t item) {
     const int gu_blocks = lora_row_blocks(2 * p.I, p.gu.rank);
     const bool gu = static_cast<int>(item) < gu_blocks;
@@ -405,11 +407,23 @@ struct Core {
     float* grad = (gu ? p.gu_grad.B : p.dn_grad.B) + static_cast<size_t>(o0) * cols;
     for (int j = 0; j < rank; ++j)
       for (int e = 0; e < p.E; ++e) {
-        if (p.offsets[e + 1] == p.offsets[e]) continue;
-        const float* src = Gt + (static_cast<size_t>(e) * rank + j) * out;
         float* dst = grad + static_cast<size_t>(j) * p.E + e;
-        for (int o = 0; o < n; ++o) dst[o * cols] += src[rows[o]];
+        const float* src = Gt + (static_cast<size_t>(e) * rank + j) * out;
+        if (p.offsets[e + 1] == p.offsets[e]) {
+          if (!p.grad_accumulate)
+            for (int o = 0; o < n; ++o) dst[o * cols] = 0.f;
+        } else if (p.grad_accumulate) {
+          for (int o = 0; o < n; ++o) dst[o * cols] += src[rows[o]];
+        } else {
+          for (int o = 0; o < n; ++o) dst[o * cols] = src[rows[o]];
+        }
       }
+    if (p.grad_accumulate) return;
+    const int blocks = lora_row_blocks(out, rank), block = gu ? static_cast<int>(item) : static_cast<int>(item) - gu_blocks;
+    const size_t in = gu ? p.H : p.I;
+    for (int e = block; e < p.E; e += blocks)
+      if (p.offsets[e + 1] == p.offsets[e])
+        std::memset((gu ? p.gu_grad.A : p.dn_grad.A) + static_cast<size_t>(e) * rank * in, 0, sizeof(float) * rank * in);
   }
 
   static void fwd_gather(const Plan& p, const Rows& rows, int worker) {
@@ -647,8 +661,10 @@ struct Core {
       const float* bdy = p.bdy + static_cast<size_t>(rows.begin) * p.r2p;
       const float* ad = p.ad + static_cast<size_t>(rows.begin) * p.r2p;
       // dAd[e*r2 + j][i] += s2 sum_r w_r bdy[r][j] Z[r][i];  dBd[h][j*E + e] (via Gt[e][j][h]) = s2 sum_r w_r ad[r][j] dY[r][h]
+      float* dA = p.dn_grad.A + static_cast<size_t>(e) * r2 * p.I;
+      if (!p.grad_accumulate) std::memset(dA, 0, sizeof(float) * r2 * p.I);
       outer_grad(bdy, p.r2p, wrow, Z + static_cast<size_t>(rows.begin) * p.ldi, p.ldi, rows.count, r2, p.I,
-                 p.dn.scaling, p.dn_grad.A + static_cast<size_t>(e) * r2 * p.I, p.I);
+                 p.dn.scaling, dA, p.I);
       float* Gt = p.dn_Gt + static_cast<size_t>(e) * r2 * p.H;
       std::memset(Gt, 0, sizeof(float) * r2 * p.H);
       outer_grad(ad, p.r2p, wrow, static_cast<const T*>(p.dY) + static_cast<size_t>(rows.begin) * p.ldh, p.ldh,
@@ -673,8 +689,10 @@ struct Core {
                  static_cast<T*>(p.gbg_s) + static_cast<size_t>(rows.begin) * p.r1p);
       const float* ag = p.ag + static_cast<size_t>(rows.begin) * p.r1p;
       // dAgu[e*r1 + j][h] += s1 sum_r gbg[r][j] X[r][h];  dBgu[o][j*E + e] (via Gt[e][j][o]) = s1 sum_r ag[r][j] dG|dU[r][o]
+      float* dA = p.gu_grad.A + static_cast<size_t>(e) * r1 * p.H;
+      if (!p.grad_accumulate) std::memset(dA, 0, sizeof(float) * r1 * p.H);
       outer_grad(gbg, p.r1p, nullptr, static_cast<const T*>(p.X) + static_cast<size_t>(rows.begin) * p.ldh, p.ldh,
-                 rows.count, r1, p.H, p.gu.scaling, p.gu_grad.A + static_cast<size_t>(e) * r1 * p.H, p.H);
+                 rows.count, r1, p.H, p.gu.scaling, dA, p.H);
       float* Gt = p.gu_Gt + static_cast<size_t>(e) * r1 * 2 * p.I;
       std::memset(Gt, 0, sizeof(float) * r1 * 2 * p.I);
       outer_grad(ag, p.r1p, nullptr, dG + static_cast<size_t>(rows.begin) * p.ldi, p.ldi, rows.count, r1, p.I,

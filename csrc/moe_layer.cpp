@@ -409,6 +409,7 @@ class BackwardJob : public LayerJob {
     plan_.dw = dw;
     plan_.gu_grad = grads.gu;
     plan_.dn_grad = grads.dn;
+    plan_.grad_accumulate = grads.accumulate;
     const SavedActivations& a = *ctx_->saved;
     plan_.X = a.X.data();
     plan_.Z = a.Z.data();

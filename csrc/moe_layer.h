@@ -103,6 +103,7 @@ struct LoraArgs {
 
 struct LoraGradArgs {
   LoraGrad gu, dn;
+  bool accumulate = true;  // add into the buffers; else overwrite them whole (no zeroing needed beforehand)
 };
 
 class MoELayer {
@@ -119,7 +120,8 @@ class MoELayer {
   // x [T][H], ids [T][k] int64, weights [T][k] fp32, y [T][H] (x's dtype): starts the forward and returns at once.
   Submitted submit_forward(int T, int k, const void* x, DType io, const int64_t* ids, const float* weights, void* y,
                            bool save, const LoraArgs& lora);
-  // dy, dx [T][H] (the forward's dtype), dw [T][k] fp32; LoRA grads are added into the given fp32 buffers.
+  // dy, dx [T][H] (the forward's dtype), dw [T][k] fp32; LoRA grads are added into the given fp32 buffers, or
+  // written over them.
   Submitted submit_backward(std::shared_ptr<ForwardContext> ctx, const void* dy, void* dx, float* dw,
                             const LoraGradArgs& grads);
 

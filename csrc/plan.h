@@ -107,6 +107,7 @@ struct Plan {
   // LoRA (rank 0: none). ag = X A_gu^T, ad = Z A_d^T, unscaled fp32 [R][r]; their scaled copies in compute type.
   LoraRef gu, dn;
   LoraGrad gu_grad, dn_grad;
+  bool grad_accumulate = true;  // add into gu_grad / dn_grad; else write them whole
   float* ag = nullptr;
   float* ad = nullptr;
   void* ag_s = nullptr;  // [R][r1p]

@@ -81,8 +81,8 @@ class _ExpertFunction(torch.autograd.Function):
             raise RuntimeError(f"{ctx.kernel.name}: no expert activations for this backward: they were already "
                                "used by a backward (kt_patch expert nodes do not support retain_graph=True), or a "
                                "checkpoint recompute did not run this layer")
-        grads = kctx.new_lora_grads()
-        dx, dw = ctx.kernel.backward(kctx, dy.detach().to("cpu", kctx.dtype).contiguous(), grads)
+        grads = kctx.new_lora_grads(zeroed=False)  # written whole by the kernel; AccumulateGrad adds them up
+        dx, dw = ctx.kernel.backward(kctx, dy.detach().to("cpu", kctx.dtype).contiguous(), grads, accumulate=False)
         lora_out = []
         for key, dtype in zip(("gate_up_A", "gate_up_B", "down_A", "down_B"), ctx.lora_meta):
             lora_out.append(None if dtype is None else grads[key].to(dtype))

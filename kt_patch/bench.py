@@ -72,7 +72,7 @@ def run_kt_patch(weights, lora_gu, lora_dn, batches, threads, min_time, profile=
             t0 = time.perf_counter()
             _, ctx = kernel.forward(x, ids, w, save_for_backward=True)
             t1 = time.perf_counter()
-            kernel.backward(ctx, dy, ctx.new_lora_grads())
+            kernel.backward(ctx, dy, ctx.new_lora_grads(zeroed=False), accumulate=False)  # as the autograd node
             return t1 - t0, time.perf_counter() - t1
 
         _C.profile(True)

@@ -213,9 +213,12 @@ class ExpertKernel:
     def forward(self, x, topk_ids, topk_weights, save_for_backward: bool = False):
         return self.submit_forward(x, topk_ids, topk_weights, save_for_backward).wait()
 
-    def submit_backward(self, ctx: "_Context", dy: torch.Tensor, lora_grads: Optional[dict] = None) -> _Pending:
+    def submit_backward(self, ctx: "_Context", dy: torch.Tensor, lora_grads: Optional[dict] = None,
+                        accumulate: bool = True) -> _Pending:
         """Start the backward of a saved forward; ``.wait()`` returns ``(dx, dw)``. LoRA grads are added into
-        ``lora_grads`` (fp32, PEFT layout, keys ``gate_up_A/B``, ``down_A/B`` for each LoRA the forward used)."""
+        ``lora_grads`` (fp32, PEFT layout, keys ``gate_up_A/B``, ``down_A/B`` for each LoRA the forward used), or
+        with ``accumulate=False`` written over them whole (they may then come from ``new_lora_grads(zeroed=False)``).
+        """
         if not isinstance(ctx, _Context):
             raise ValueError(f"{self.name}: backward needs the context of a forward run with save_for_backward=True")
         self._check_tokens(dy, "dy")
@@ -240,11 +243,12 @@ class ExpertKernel:
                 ptrs.append(g.data_ptr())
         dx = torch.empty_like(dy)
         dw = torch.empty(ctx.tokens, ctx.top_k, dtype=torch.float32)
-        handle = self._layer.submit_backward(ctx.handle, dy.data_ptr(), dx.data_ptr(), dw.data_ptr(), *ptrs)
+        handle = self._layer.submit_backward(ctx.handle, dy.data_ptr(), dx.data_ptr(), dw.data_ptr(), *ptrs,
+                                             accumulate=bool(accumulate))
         return _Pending(handle, lambda _: (dx, dw), (ctx, dy, dx, dw, lora_grads))
 
-    def backward(self, ctx, dy, lora_grads=None):
-        return self.submit_backward(ctx, dy, lora_grads).wait()
+    def backward(self, ctx, dy, lora_grads=None, accumulate=True):
+        return self.submit_backward(ctx, dy, lora_grads, accumulate).wait()
 
 
 class _Context:
@@ -255,11 +259,13 @@ class _Context:
         self.tokens, self.top_k = handle.tokens, handle.top_k
         self.lora_used = keep[4]
 
-    def new_lora_grads(self) -> dict:
-        """Zeroed fp32 gradient buffers (PEFT layout) for the LoRA factors this forward used."""
+    def new_lora_grads(self, zeroed: bool = True) -> dict:
+        """fp32 gradient buffers (PEFT layout) for the LoRA factors this forward used: zeroed, or uninitialised for
+        a backward with ``accumulate=False``."""
+        new = torch.zeros if zeroed else torch.empty
         grads = {}
         for which, entry in self.lora_used.items():
             if entry is not None:
-                grads[f"{which}_A"] = torch.zeros(entry[0].shape, dtype=torch.float32)
-                grads[f"{which}_B"] = torch.zeros(entry[1].shape, dtype=torch.float32)
+                grads[f"{which}_A"] = new(entry[0].shape, dtype=torch.float32)
+                grads[f"{which}_B"] = new(entry[1].shape, dtype=torch.float32)
         return grads

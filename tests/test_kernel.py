@@ -220,6 +220,30 @@ def test_outputs_are_fully_written(isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T", [0, 3, 40])  # no tokens; most experts without tokens; a few without
+def test_lora_grads_overwrite_poisoned_buffers(isa, dtype, T):
+    """accumulate=False writes every element of the LoRA gradients: NaN-filled buffers (as torch.empty may hold)
+    come back equal to the fp32 reference, zeros included for the experts no token chose."""
+    E, H, I, k = 12, 72, 40, 2
+    weights, lora_gu, lora_dn = random_layer(E, H, I, 8, 4, dtype, seed("overwrite", isa, dtype, T))
+    x, ids, w, dy = random_batch(T, H, E - 3, k, dtype, seed("overwritex", isa, dtype, T))  # the last 3 idle
+    kernel = ExpertKernel(*weights, isa=isa, threads=3)
+    kernel.set_lora(lora_gu, lora_dn)
+    y, ctx = kernel.forward(x, ids, w, save_for_backward=True)
+    grads = {n: g.fill_(float("nan")) for n, g in ctx.new_lora_grads(zeroed=False).items()}
+    dx, dw = kernel.backward(ctx, dy, grads, accumulate=False)
+    idle = sorted(set(range(E)) - set(ids.flatten().tolist()))
+    if T:
+        ref = reference_grads(x, ids, w, dy, weights, lora_gu, lora_dn)
+        assert_close({"y": y, "dx": dx, "dw": dw, **grads}, ref, TOL[dtype], f"{isa} T={T}")
+    r_gu, r_dn = lora_gu[0].shape[0] // E, lora_dn[0].shape[0] // E
+    for e in idle:  # exact zeros, not merely small
+        assert not grads["gate_up_A"][e * r_gu:(e + 1) * r_gu].any() and not grads["down_A"][e * r_dn:(e + 1) * r_dn].any()
+        assert not grads["gate_up_B"][:, e::E].any() and not grads["down_B"][:, e::E].any()
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_gradient_accumulation_over_micro_batches(isa):
     E, H, I, k = 8, 48, 32, 2
     weights, lora_gu, lora_dn = random_layer(E, H, I, 4, 4, torch.float32, seed("acc", isa))
