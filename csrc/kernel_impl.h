@@ -392,8 +392,8 @@ struct Core {
   static int gate_up_row(const Plan& p, int o) { return (o & 1) ? p.I + o / 2 : o / 2; }
 
   // The reverse for the B gradients of the experts that had rows: grad[o][j*E + e] += Gt[e][j][o]. When
-  // overwriting, grad[o][j*E + e] = Gt[e][j][o] or 0 for an expert without rows, and the item also zeroes the A
-  // gradient rows of the experts without rows among those e = item (mod the items of its factor).
+  // overwriting, grad[o][j*E + e] = Gt[e][j][o] or 0 for an expert without rows, and row block b of a factor's B
+  // also zeroes that factor's A gradient rows of the experts without rows among e = b, b + blocks, ...
   static void lora_grad_b_to_peft(const Plan& p, size_t item) {
     const int gu_blocks = lora_row_blocks(2 * p.I, p.gu.rank);
     const bool gu = static_cast<int>(item) < gu_blocks;
@@ -419,11 +419,11 @@ struct Core {
         }
       }
     if (p.grad_accumulate) return;
-    const int blocks = lora_row_blocks(out, rank), block = gu ? static_cast<int>(item) : static_cast<int>(item) - gu_blocks;
+    const int blocks = lora_row_blocks(out, rank), block = o0 / 16;
     const size_t in = gu ? p.H : p.I;
+    float* gradA = gu ? p.gu_grad.A : p.dn_grad.A;
     for (int e = block; e < p.E; e += blocks)
-      if (p.offsets[e + 1] == p.offsets[e])
-        std::memset((gu ? p.gu_grad.A : p.dn_grad.A) + static_cast<size_t>(e) * rank * in, 0, sizeof(float) * rank * in);
+      if (p.offsets[e + 1] == p.offsets[e]) std::memset(gradA + e * rank * in, 0, sizeof(float) * rank * in);
   }
 
   static void fwd_gather(const Plan& p, const Rows& rows, int worker) {
@@ -605,11 +605,10 @@ struct Core {
     const size_t pstride = static_cast<size_t>(p.Hp) * kPanel;
     // The backward copy's panels as they lie; else, for one row block, transposes block by block as they are used,
     // and for more, transposed panels in scratch.
-    const T* copy = p.wd_t ? w_ptr(p.wd_t, p.w_d_stride, rows.e) + (c0 / kPanel) * pstride : nullptr;
-    const bool few = !copy && rows.count <= Ops::MR;
+    const bool copy = p.wd_t != nullptr, few = !copy && rows.count <= Ops::MR;
     T* scratch = scratch_T(p, worker);
     if (!copy && !few) pack_transposed_panels(wd, p.Hp, p.Ip, c0, nblocks, pstride, scratch);
-    const T* panels = copy ? copy : scratch;
+    const T* panels = copy ? w_ptr(p.wd_t, p.w_d_stride, rows.e) + (c0 / kPanel) * pstride : scratch;
     const size_t lstride = static_cast<size_t>(p.r2p) * kPanel;
     const T* la = p.dn.rank ? lora_pk(p, rows.e) + (c0 / kPanel) * lstride : nullptr;
     const T* dY = static_cast<const T*>(p.dY);
