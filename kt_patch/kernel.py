@@ -101,7 +101,7 @@ class ExpertKernel:
             if bias is not None and tuple(bias.shape) != shape:
                 raise ValueError(f"{name}: {what} must be {list(shape)}, got {tuple(bias.shape)}")
         opts = None if None not in (isa, threads, backward_weights) else _options.resolve()
-        backward_weights = backward_weights or opts.backward_weights
+        backward_weights = opts.backward_weights if backward_weights is None else backward_weights
         if backward_weights not in _options.BACKWARD_WEIGHTS:
             raise ValueError(f"{name}: backward_weights must be one of {', '.join(_options.BACKWARD_WEIGHTS)}; got "
                              f"{backward_weights!r}")

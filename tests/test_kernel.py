@@ -414,8 +414,9 @@ def test_backward_needs_a_saved_forward(kernel):
 
 def test_unknown_backward_weights_is_an_error():
     weights, _, _ = random_layer(4, 32, 16, 0, 0, torch.float32, 5)
-    with pytest.raises(ValueError, match="backward_weights must be one of transpose, copy; got 'twice'"):
-        ExpertKernel(*weights, threads=1, backward_weights="twice")
+    for bad in ("twice", ""):
+        with pytest.raises(ValueError, match=f"backward_weights must be one of transpose, copy; got '{bad}'"):
+            ExpertKernel(*weights, isa="scalar", threads=1, backward_weights=bad)
 
 
 def test_unknown_or_unavailable_isa_is_an_error():
