@@ -146,8 +146,7 @@ void ActivationCache::release() {
 size_t ActivationCache::bytes() const {
   std::lock_guard<std::mutex> lock(mu_);
   size_t bytes = 0;
-  for (const auto& s : free_)
-    for (const Buffer* b : {&s->X, &s->Z, &s->dz_dg, &s->dz_du, &s->ag, &s->ad}) bytes += b->size();
+  for (const auto& s : free_) bytes += s->bytes();
   return bytes;
 }
 

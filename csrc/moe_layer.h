@@ -37,6 +37,7 @@ class Buffer {
 // What a forward keeps for its backward: the gathered input, the activation, its derivatives and the LoRA A products.
 struct SavedActivations {
   Buffer X, Z, dz_dg, dz_du, ag, ad;
+  size_t bytes() const { return X.size() + Z.size() + dz_dg.size() + dz_du.size() + ag.size() + ad.size(); }
 };
 
 // The saved activations of freed contexts, for the next forwards to reuse: fresh memory costs a page fault and a
