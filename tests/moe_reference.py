@@ -54,6 +54,23 @@ def gpt_oss_forward(x, ids, w, gate_up, down, lora_gu=None, lora_dn=None, *, gat
     return routed_sum(x, ids, w, E, expert)
 
 
+def limit_in_a_gap(x, ids, gate_up, gate_up_bias, lora_gu, around):
+    """A GPT-OSS clamp limit near `around` that no |pre-activation| of the batch comes close to (the middle of the widest
+    gap between them within +-20%): a clamp is discontinuous, so a value within rounding of the limit would flip
+    sides between the kernel and the reference and no fp32 tolerance could hold."""
+    E = gate_up.shape[0]
+    values = []
+    for e in range(E):
+        xe = x[(ids == e).any(dim=1)]
+        gu = xe @ gate_up[e] + gate_up_bias[e]
+        values.append((gu if lora_gu is None else gu + lora_delta(xe, *lora_gu, e, E)).abs().flatten())
+    v = torch.cat(values).double()
+    v = v[(v > 0.8 * around) & (v < 1.2 * around)].sort().values
+    edges = torch.cat([v.new_tensor([0.8 * around]), v, v.new_tensor([1.2 * around])])
+    widest = (edges[1:] - edges[:-1]).argmax()
+    return float((edges[widest] + edges[widest + 1]) / 2)
+
+
 def random_layer(E, H, I, r_gu, r_dn, dtype, seed):
     g = torch.Generator().manual_seed(seed)
 

@@ -12,7 +12,7 @@ from kt_patch import _C
 from kt_patch.autograd import expert_forward
 from kt_patch.kernel import (ExpertKernel, cached_activation_bytes, live_contexts, release_cached_activations,
                              supported_isas)
-from moe_reference import gpt_oss_forward, random_batch, random_layer, reference_grads, rel_l2
+from moe_reference import gpt_oss_forward, limit_in_a_gap, random_batch, random_layer, reference_grads, rel_l2
 
 ISAS = supported_isas()
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -155,16 +155,17 @@ def test_results_do_not_depend_on_thread_count(isa):
 @pytest.mark.parametrize("T,k", [(7, 2), (300, 4)])
 def test_gpt_oss_experts_match_transformers_layout(isa, dtype, T, k):
     """Transposed, interleaved, biased experts with the clamped activation. In fp32 the limit is low enough that
-    the clamps bind for many values; in bf16 it is GPT-OSS's 7, where they do not: a clamp is discontinuous, and
-    bf16 rounding moves values across it, so a bound clamp has no bf16 error budget against an fp32 reference."""
+    the clamps bind for many values (and lies in a gap between them); in bf16 it is GPT-OSS's 7, where they do not:
+    a clamp is discontinuous, and bf16 rounding moves values across it, so a bound clamp has no bf16 error budget
+    against an fp32 reference."""
     E, H, I, alpha = 8, 72, 40, 1.702
-    limit = 1.5 if dtype == torch.float32 else 7.0
     (gate_up, down), lora_gu, lora_dn = random_layer(E, H, I, 8, 4, dtype, seed("gptoss", isa, T))
     gate_up, down = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()  # [E,H,2I], [E,I,H]
     g = torch.Generator().manual_seed(seed("gptoss-bias", isa, T))
     biases = {"gate_up_bias": torch.randn(E, 2 * I, generator=g).to(dtype),
               "down_bias": (torch.randn(E, H, generator=g) * 0.1).to(dtype)}
     x, ids, w, dy = random_batch(T, H, E, k, dtype, seed("gptossx", isa, T))
+    limit = limit_in_a_gap(x, ids, gate_up, biases["gate_up_bias"], lora_gu, 1.5) if dtype == torch.float32 else 7.0
     kernel = ExpertKernel(gate_up, down, isa=isa, threads=2, activation="gpt_oss_swiglu", alpha=alpha, limit=limit,
                           transposed=True, interleaved=True, **biases)
     got = run_kernel(kernel, x, ids, w, dy, lora_gu, lora_dn)
