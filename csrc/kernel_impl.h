@@ -47,6 +47,7 @@ template <class T>
 struct Core {
   static constexpr int P = Elem<T>::P;
   static constexpr int kRowChunk = 240;  // rows per GEMM call: bounds scratch, a multiple of every Ops::MR
+  static constexpr int kStreamAhead = 16;  // k-pairs (cache lines of a panel) a streaming GEMM prefetches ahead
 
   // ------------------------------------------------------------------------------------------- GEMM
   // C[M][16*nblocks] (+)= A[M][K] * B, B packed with K (a multiple of 16) rows per panel; bstride = elements from
@@ -91,13 +92,16 @@ struct Core {
   static void gemm(const T* A, size_t lda, int M, int K, const T* B, size_t bstride, int nblocks, float* C,
                    size_t ldc, bool acc) {
     const int kpairs = K / P;
-    // A backend with matrix tiles computes the whole 16-row blocks; the vector micro-kernel does the rest.
+    // A backend with matrix tiles computes the rows it takes; the vector micro-kernel does the rest.
     const int tiled = Ops::gemm_tiles(A, lda, M, K, B, bstride, nblocks, C, ldc, acc);
     for (int nb = 0; nb < nblocks; nb += Ops::NV) {
       const int nv = imin(Ops::NV, nblocks - nb);
       // With several row blocks, the first prefetches the next group of panels (when it is a whole one) for them
-      // to find in L2; a single row block does better leaving the streaming to the hardware prefetcher (measured).
-      const T* pf = M - tiled > Ops::MR && nb + 2 * Ops::NV <= nblocks ? B + (nb + Ops::NV) * bstride : nullptr;
+      // to find in L2. A single row block streams its panels from memory as it multiplies: it prefetches them
+      // kStreamAhead k-pairs ahead, since the hardware prefetcher stops at every 4 KB page (measured on two Xeon
+      // cores at qlen 128: the forward's gate_up phase took 13-22 % less).
+      const T* pf = M - tiled > Ops::MR ? (nb + 2 * Ops::NV <= nblocks ? B + (nb + Ops::NV) * bstride : nullptr)
+                                        : B + nb * bstride + static_cast<size_t>(kStreamAhead) * kPanel * P;
       for (int m = tiled; m < M; m += Ops::MR)
         with_size<Ops::NV>(nv, [&](auto v) {
           with_size<Ops::MR>(imin(Ops::MR, M - m), [&](auto rows) {

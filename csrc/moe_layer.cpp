@@ -4,6 +4,8 @@
 #include <map>
 #include <mutex>
 
+#include <sys/mman.h>
+
 #if defined(__x86_64__)
 #include <cpuid.h>
 #include <sys/syscall.h>
@@ -103,9 +105,14 @@ std::shared_ptr<Executor> shared_executor(int threads) {
 
 void* Buffer::reserve(size_t bytes) {
   if (bytes > size_) {
-    const size_t size = round_up(bytes, 4096);
-    void* p = std::aligned_alloc(64, size);
+    constexpr size_t kHugePage = size_t(2) << 20;
+    const bool huge = bytes >= kHugePage;
+    const size_t size = round_up(bytes, huge ? kHugePage : 4096);
+    void* p = std::aligned_alloc(huge ? kHugePage : 64, size);
     if (!p) throw std::bad_alloc();
+#if defined(MADV_HUGEPAGE)
+    if (huge) madvise(p, size, MADV_HUGEPAGE);  // advice only: without transparent huge pages nothing changes
+#endif
     data_.reset(p);
     size_ = size;
   }

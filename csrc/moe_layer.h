@@ -19,7 +19,8 @@ namespace kt {
 std::vector<std::string> supported_isas();
 const Backend* select_backend(const std::string& isa);
 
-// 64-byte aligned, uninitialised, grow-only memory.
+// 64-byte aligned, uninitialised, grow-only memory. From 2 MB on, aligned to and advised as huge pages: the
+// weights and the activations are streamed, and 4 KB pages cost a TLB miss every 64 lines.
 class Buffer {
  public:
   void* reserve(size_t bytes);

@@ -1,7 +1,8 @@
 // AMX-BF16 backend (Sapphire Rapids and later; compiled with -mamx-tile -mamx-bf16 and the AVX-512 BF16 flags):
 // 16 x 32 bf16 A tiles times 32 x 16 B tiles into 16 x 16 fp32 tiles. The packed weight panels are B tiles as they
-// lie, activation rows are A tiles with their row stride. Rows left over, and the fp32 path, run on the AVX-512
-// BF16 vector micro-kernel. Linux grants AMX state per process; moe_layer.cpp asks for it before choosing this.
+// lie, activation rows are A tiles with their row stride (the last tile of a GEMM with as many rows as are left).
+// The fp32 path and the backward's few-rows product with transposed weights run on the AVX-512 BF16 vector
+// micro-kernel. Linux grants AMX state per process; moe_layer.cpp asks for it before choosing this.
 #include <immintrin.h>
 
 #include "../plan.h"
@@ -60,26 +61,34 @@ struct Ops : Avx512Bf16Ops {
     if (nb < nblocks) tile_block<MT, 1>(A, lda, B + nb * bstride, bstride, K, C + nb * kPanel, ldc, acc);
   }
 
+  // C and A tiles of `rows` rows (AMX multiplies only those), B tiles of 16 pair rows.
+  static void configure(int rows) {
+    TileConfig c;
+    for (int t = 0; t < 8; ++t) {
+      c.colsb[t] = 64;
+      c.rows[t] = static_cast<uint8_t>(t < 6 ? rows : 16);
+    }
+    _tile_loadconfig(&c);
+  }
+
+  // Every row: 16-row blocks in pairs, then one, then the rows left with tiles of that many rows, which cost a
+  // fraction of a block (at qlen 128 an expert gets about 8 rows; the vector kernel took twice as long for them).
   static int gemm_tiles(const bf16* A, size_t lda, int M, int K, const bf16* B, size_t bstride, int nblocks,
                         float* C, size_t ldc, bool acc) {
-    if (M < 16 || K % 32 != 0) return 0;
-    static thread_local const TileConfig config = [] {
-      TileConfig c;
-      for (int t = 0; t < 8; ++t) {
-        c.colsb[t] = 64;
-        c.rows[t] = 16;
-      }
-      return c;
-    }();
-    _tile_loadconfig(&config);
+    if (M == 0 || K % 32 != 0) return 0;
+    configure(M < 16 ? M : 16);
     int m = 0;
     for (; m + 32 <= M; m += 32) tile_row<2>(A + m * lda, lda, B, bstride, K, nblocks, C + m * ldc, ldc, acc);
     if (m + 16 <= M) {
       tile_row<1>(A + m * lda, lda, B, bstride, K, nblocks, C + m * ldc, ldc, acc);
       m += 16;
     }
+    if (m < M) {
+      if (m > 0) configure(M - m);
+      tile_row<1>(A + m * lda, lda, B, bstride, K, nblocks, C + m * ldc, ldc, acc);
+    }
     _tile_release();
-    return m;
+    return M;
   }
   static int gemm_tiles(const float*, size_t, int, int, const float*, size_t, int, float*, size_t, bool) { return 0; }
 };

@@ -5,7 +5,7 @@
 //   load_b(const T*)   one packed panel row: 16 columns x P values of the reduction dimension
 //   load_a(const T*)   P consecutive values of one A row, broadcast
 //   madd(V, b, a)      V[c] += sum_p a[p] * b[c][p]
-//   gemm_tiles(...)    rows a matrix-tile unit computes itself (whole 16-row blocks), returning how many; 0 if none
+//   gemm_tiles(...)    rows a matrix-tile unit computes itself (the first ones), returning how many; 0 if none
 //   transpose_words(src, out)   out[q][kp] = src[kp][q] for 8 x 8 64-bit words, middle 16-bit halves swapped in
 //                      each (the backward's transposed bf16 panels); false: use the portable loop
 #include "../plan.h"
