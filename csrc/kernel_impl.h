@@ -607,9 +607,9 @@ struct Core {
     const int c0 = block * p.col_block, ncols = imin(p.col_block, p.Ip - c0), nblocks = ncols / kPanel;
     const T* wd = w_ptr(p.wd, p.w_d_stride, rows.e);
     const size_t pstride = static_cast<size_t>(p.Hp) * kPanel;
-    // The backward copy's panels as they lie; else, for one row block, transposes block by block as they are used,
-    // and for more, transposed panels in scratch.
-    const bool copy = p.wd_t != nullptr, few = !copy && rows.count <= Ops::MR;
+    // The backward copy's panels as they lie; else, for one row block on the vector unit, transposes block by block
+    // as they are used, and otherwise, transposed panels in scratch.
+    const bool copy = p.wd_t != nullptr, few = !copy && !Ops::kTilesTakeAllRows && rows.count <= Ops::MR;
     T* scratch = scratch_T(p, worker);
     if (!copy && !few) pack_transposed_panels(wd, p.Hp, p.Ip, c0, nblocks, pstride, scratch);
     const T* panels = copy ? w_ptr(p.wd_t, p.w_d_stride, rows.e) + (c0 / kPanel) * pstride : scratch;
@@ -712,7 +712,8 @@ struct Core {
     const int c0 = block * p.col_block, ncols = imin(p.col_block, p.Hp - c0), nblocks = ncols / kPanel;
     const size_t pstride = static_cast<size_t>(p.Ip) * kPanel;
     const T* w[2] = {w_ptr(p.wg, p.w_gu_stride, rows.e), w_ptr(p.wu, p.w_gu_stride, rows.e)};
-    const bool copy = p.wg_t != nullptr, few = !copy && rows.count <= Ops::MR;  // as in bwd_down
+    // As in bwd_down.
+    const bool copy = p.wg_t != nullptr, few = !copy && !Ops::kTilesTakeAllRows && rows.count <= Ops::MR;
     T* scratch = scratch_T(p, worker);
     const size_t at = (c0 / kPanel) * pstride;
     const T* pg = copy ? w_ptr(p.wg_t, p.w_gu_stride, rows.e) + at : scratch;

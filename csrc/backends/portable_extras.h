@@ -1,6 +1,7 @@
 // The optional parts of a backend's Ops (see scalar.cpp), for backends that have neither matrix tiles nor a
 // faster transpose; include inside the backend's anonymous namespace and derive Ops from it.
 struct PortableExtras {
+  static constexpr bool kTilesTakeAllRows = false;
   template <class T>
   static int gemm_tiles(const T*, size_t, int, int, const T*, size_t, int, float*, size_t, bool) {
     return 0;

@@ -6,6 +6,8 @@
 //   load_a(const T*)   P consecutive values of one A row, broadcast
 //   madd(V, b, a)      V[c] += sum_p a[p] * b[c][p]
 //   gemm_tiles(...)    rows a matrix-tile unit computes itself (the first ones), returning how many; 0 if none
+//   kTilesTakeAllRows  gemm_tiles computes every bf16 row: the backward then packs transposed panels for it even
+//                      for a few rows, instead of multiplying transposed blocks on the vector unit as it makes them
 //   transpose_words(src, out)   out[q][kp] = src[kp][q] for 8 x 8 64-bit words, middle 16-bit halves swapped in
 //                      each (the backward's transposed bf16 panels); false: use the portable loop
 #include "../plan.h"
