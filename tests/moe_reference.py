@@ -37,15 +37,19 @@ def moe_forward(x, ids, w, gate_up, down, lora_gu=None, lora_dn=None):
     return routed_sum(x, ids, w, E, expert)
 
 
+def gpt_oss_gate_up(xe, e, gate_up, gate_up_bias, lora_gu):
+    """Expert e's interleaved (gate, up, ...) pre-activations for its rows xe, with bias and LoRA."""
+    gu = xe @ gate_up[e] + gate_up_bias[e]
+    return gu if lora_gu is None else gu + lora_delta(xe, *lora_gu, e, gate_up.shape[0])
+
+
 def gpt_oss_forward(x, ids, w, gate_up, down, lora_gu=None, lora_dn=None, *, gate_up_bias, down_bias, alpha, limit):
     """GPT-OSS experts as transformers writes them: gate_up [E, H, 2I] with gate/up interleaved, down [E, I, H],
     biases, clamped activation; LoRA as PEFT applies it to transposed experts (B rows follow the 2I columns)."""
     E = gate_up.shape[0]
 
     def expert(e, xe):
-        gu = xe @ gate_up[e] + gate_up_bias[e]
-        if lora_gu is not None:
-            gu = gu + lora_delta(xe, *lora_gu, e, E)
+        gu = gpt_oss_gate_up(xe, e, gate_up, gate_up_bias, lora_gu)
         gate, up = gu[:, ::2].clamp(max=limit), gu[:, 1::2].clamp(min=-limit, max=limit)
         z = (up + 1) * gate * torch.sigmoid(gate * alpha)
         d = z @ down[e] + down_bias[e]
@@ -58,13 +62,8 @@ def limit_in_a_gap(x, ids, gate_up, gate_up_bias, lora_gu, around):
     """A GPT-OSS clamp limit near `around` that no |pre-activation| of the batch comes close to (the middle of the widest
     gap between them within +-20%): a clamp is discontinuous, so a value within rounding of the limit would flip
     sides between the kernel and the reference and no fp32 tolerance could hold."""
-    E = gate_up.shape[0]
-    values = []
-    for e in range(E):
-        xe = x[(ids == e).any(dim=1)]
-        gu = xe @ gate_up[e] + gate_up_bias[e]
-        values.append((gu if lora_gu is None else gu + lora_delta(xe, *lora_gu, e, E)).abs().flatten())
-    v = torch.cat(values).double()
+    v = torch.cat([gpt_oss_gate_up(x[(ids == e).any(dim=1)], e, gate_up, gate_up_bias, lora_gu).abs().flatten()
+                   for e in range(gate_up.shape[0])]).double()
     v = v[(v > 0.8 * around) & (v < 1.2 * around)].sort().values
     edges = torch.cat([v.new_tensor([0.8 * around]), v, v.new_tensor([1.2 * around])])
     widest = (edges[1:] - edges[:-1]).argmax()
