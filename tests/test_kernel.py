@@ -64,6 +64,7 @@ def test_matches_fp32_reference(isa, dtype, T, k, ranks):
     (4, 16, 200, 300, 2, (33, 65)),   # ranks above H; I over several column blocks with a tail; > 240 rows an expert
     (4, 200, 16, 300, 2, (65, 33)),   # the same with H and I swapped
     (40, 72, 40, 30, 2, (8, 4)),      # B factors over two tiles of rows and of experts; experts without tokens
+    (12, 44, 20, 40, 3, (8, 4)),      # B factors in part tiles: 12 experts = 8 + 4, rows 44 = 16 + 16 + 8 + 4
 ])
 def test_shapes_and_ranks_match_fp32_reference(isa, dtype, E, H, I, T, k, ranks):
     """Ranks far apart, ranks above H or I, H or I below one 16-column panel: every scratch, packed-operand and
@@ -158,7 +159,7 @@ def test_gpt_oss_experts_match_transformers_layout(isa, dtype, T, k):
     the clamps bind for many values (and lies in a gap between them); in bf16 it is GPT-OSS's 7, where they do not:
     a clamp is discontinuous, and bf16 rounding moves values across it, so a bound clamp has no bf16 error budget
     against an fp32 reference."""
-    E, H, I, alpha = 8, 72, 40, 1.702
+    E, H, I, alpha = 8, 72, 44, 1.702  # gate_up's B: 88 interleaved rows, the last 8 of them 4 gate and 4 up
     (gate_up, down), lora_gu, lora_dn = random_layer(E, H, I, 8, 4, dtype, seed("gptoss", isa, T))
     gate_up, down = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()  # [E,H,2I], [E,I,H]
     g = torch.Generator().manual_seed(seed("gptoss-bias", isa, T))

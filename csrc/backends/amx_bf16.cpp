@@ -10,6 +10,7 @@
 namespace {
 using namespace kt;
 #include "portable_extras.h"
+#include "avx_extras.h"
 #include "avx512_bf16_ops.h"
 
 struct TileConfig {

@@ -6,8 +6,9 @@
 namespace {
 using namespace kt;
 #include "portable_extras.h"
+#include "avx_extras.h"
 
-struct Ops : PortableExtras {
+struct Ops : AvxExtras {
   static constexpr int MR = 4, NV = 1;
   struct V {
     __m256 lo, hi;

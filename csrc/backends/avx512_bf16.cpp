@@ -7,6 +7,7 @@
 namespace {
 using namespace kt;
 #include "portable_extras.h"
+#include "avx_extras.h"
 #include "avx512_bf16_ops.h"
 using Ops = Avx512Bf16Ops;
 #include "../kernel_impl.h"

@@ -1,6 +1,6 @@
 // The AVX-512 BF16 vector operations (see scalar.cpp for the contract), shared by the avx512_bf16 and amx_bf16
-// backends; include inside the backend's anonymous namespace, after portable_extras.h.
-struct Avx512Bf16Ops : PortableExtras {
+// backends; include inside the backend's anonymous namespace, after avx_extras.h.
+struct Avx512Bf16Ops : AvxExtras {
   static constexpr int MR = 12, NV = 2;
   using V = __m512;
 

@@ -1,5 +1,5 @@
-// The optional parts of a backend's Ops (see scalar.cpp), for backends that have neither matrix tiles nor a
-// faster transpose; include inside the backend's anonymous namespace and derive Ops from it.
+// The optional parts of a backend's Ops (see scalar.cpp), for backends that have neither matrix tiles nor faster
+// transposes; include inside the backend's anonymous namespace and derive Ops from it.
 struct PortableExtras {
   static constexpr bool kTilesTakeAllRows = false;
   template <class T>
@@ -7,4 +7,5 @@ struct PortableExtras {
     return 0;
   }
   static bool transpose_words(const uint64_t*, uint64_t*) { return false; }
+  static bool transpose_floats(const float*, size_t, float*, size_t) { return false; }
 };

@@ -10,6 +10,8 @@
 //                      for a few rows, instead of multiplying transposed blocks on the vector unit as it makes them
 //   transpose_words(src, out)   out[q][kp] = src[kp][q] for 8 x 8 64-bit words, middle 16-bit halves swapped in
 //                      each (the backward's transposed bf16 panels); false: use the portable loop
+//   transpose_floats(src, ls, dst, ld)   dst[c * ld + r] = src[r * ls + c] for r, c < 8 (the LoRA B factors between
+//                      PEFT's layout and expert-major); false: use the portable loop
 #include "../plan.h"
 
 namespace {
