@@ -128,6 +128,10 @@ struct Core {
   static void pack_from(const S* src, ptrdiff_t sn, ptrdiff_t sk, int N, int K, T* dst) {
     const int Kp = static_cast<int>(round_up(K, kPad));
     std::memset(dst, 0, sizeof(T) * packed_size(N, K));  // the padding
+    if constexpr (P == 2) {
+      if (sk == 1) return pack_pairs_from_rows(src, sn, N, K, Kp, dst);
+      if (sn == 1) return pack_pairs_from_columns(src, sk, N, K, Kp, dst);
+    }
     if (sk == 1) {
       for (int n = 0; n < N; ++n) {
         const S* row = src + n * sn;
@@ -141,6 +145,54 @@ struct Core {
           const S* col = src + k * sk + n0 * sn;
           T* out = dst + packed_index(n0, k, Kp);
           for (int i = 0; i < nn; ++i) out[i * P] = Elem<T>::from(Elem<S>::to(col[i * sn]));
+        }
+      }
+    }
+  }
+
+  // For bf16 the panel rows are 32-bit words, one (k, k + 1) pair of one n each: with rows of the source contiguous
+  // along k, 8 rows x 8 pairs are an 8 x 8 transpose of words.
+  template <class S>
+  static void pack_pairs_from_rows(const S* src, ptrdiff_t sn, int N, int K, int Kp, T* dst) {
+    const int kpairs = (K + 1) / 2;
+    for (int n0 = 0; n0 < N; n0 += 8) {
+      const int nn = imin(8, N - n0);
+      float* words = reinterpret_cast<float*>(dst + packed_index(n0, 0, Kp));  // as floats for transpose_tile
+      for (int kp0 = 0; kp0 < kpairs; kp0 += 8) {
+        const int np = imin(8, kpairs - kp0);
+        const int nk = imin(16, K - 2 * kp0);
+        float tile[8][8];
+        for (int i = 0; i < nn; ++i) {
+          const S* row = src + (n0 + i) * sn + 2 * kp0;
+          T values[16] = {};  // little-endian: value 2c is the low half of word c
+          if (nk == 16) {
+            for (int c = 0; c < 16; ++c) values[c] = Elem<T>::from(Elem<S>::to(row[c]));  // a vector conversion
+          } else {
+            for (int c = 0; c < nk; ++c) values[c] = Elem<T>::from(Elem<S>::to(row[c]));
+          }
+          std::memcpy(tile[i], values, sizeof values);
+        }
+        transpose_tile(tile[0], 8, nn, np, words + kp0 * kPanel, kPanel);
+      }
+    }
+  }
+
+  // The same with columns contiguous along n: each word interleaves two source rows k, k + 1.
+  template <class S>
+  static void pack_pairs_from_columns(const S* src, ptrdiff_t sk, int N, int K, int Kp, T* dst) {
+    for (int n0 = 0; n0 < N; n0 += kPanel) {
+      const int nn = imin(kPanel, N - n0);
+      for (int k = 0; k < K; k += 2) {
+        const S* even = src + k * sk + n0;
+        T* out = dst + packed_index(n0, k, Kp);
+        if (k + 1 < K) {
+          const S* odd = even + sk;
+          for (int i = 0; i < nn; ++i) {
+            out[2 * i] = Elem<T>::from(Elem<S>::to(even[i]));
+            out[2 * i + 1] = Elem<T>::from(Elem<S>::to(odd[i]));
+          }
+        } else {  // the odd values are padding, zeroed already
+          for (int i = 0; i < nn; ++i) out[2 * i] = Elem<T>::from(Elem<S>::to(even[i]));
         }
       }
     }
@@ -298,17 +350,17 @@ struct Core {
     }
   }
 
-  // grad[j][i] += scale * sum_r row_scale[r] * coef[r][j] * rows[r][i] for j < rank, i < n (grad rows gj apart).
-  // A block of J ranks x 16 columns of sums stays in registers while the rows stream past; rows are read in whole
+  // grad[j][i] (+)= scale * sum_r row_scale[r] * coef[r][j] * rows[r][i] for j < rank, i < n (grad rows gj apart;
+  // acc: add, else overwrite). A block of J ranks x 16 columns of sums stays in registers while the rows stream past; rows are read in whole
   // 16-column vectors (activation rows are padded past n), only the n columns are written.
   static void outer_grad(const float* coef, int ldcoef, const float* row_scale, const T* rows, size_t ldrows,
-                         int count, int rank, int n, float scale, float* grad, size_t gj) {
+                         int count, int rank, int n, float scale, float* grad, size_t gj, bool acc) {
     constexpr int J = 4 * Ops::NV;
     for (int j0 = 0; j0 < rank; j0 += J) {
       const int nj = imin(J, rank - j0);
       for (int i0 = 0; i0 < n; i0 += kPanel) {
-        typename Ops::V acc[J];
-        for (int jj = 0; jj < J; ++jj) acc[jj] = Ops::zero();
+        typename Ops::V sum[J];
+        for (int jj = 0; jj < J; ++jj) sum[jj] = Ops::zero();
         for (int r = 0; r < count; ++r) {
           const float s = row_scale ? scale * row_scale[r] : scale;
           const T* row = rows + r * ldrows + i0;
@@ -317,15 +369,19 @@ struct Core {
           const auto b = Ops::load_b(static_cast<const float*>(v));
           for (int jj = 0; jj < J; ++jj) {
             const float c = jj < nj ? s * coef[r * ldcoef + j0 + jj] : 0.f;
-            acc[jj] = Ops::madd(acc[jj], b, Ops::load_a(&c));
+            sum[jj] = Ops::madd(sum[jj], b, Ops::load_a(&c));
           }
         }
         const int ni = imin(kPanel, n - i0);
         for (int jj = 0; jj < nj; ++jj) {
           float sums[kPanel];
-          Ops::store(sums, acc[jj]);
+          Ops::store(sums, sum[jj]);
           float* g = grad + (j0 + jj) * gj + i0;
-          for (int l = 0; l < ni; ++l) g[l] += sums[l];
+          if (acc) {
+            for (int l = 0; l < ni; ++l) g[l] += sums[l];
+          } else {
+            std::memcpy(g, sums, sizeof(float) * ni);
+          }
         }
       }
     }
@@ -704,15 +760,13 @@ struct Core {
     if (const int r2 = p.dn.rank) {
       const float* bdy = p.bdy + static_cast<size_t>(rows.begin) * p.r2p;
       const float* ad = p.ad + static_cast<size_t>(rows.begin) * p.r2p;
-      // dAd[e*r2 + j][i] += s2 sum_r w_r bdy[r][j] Z[r][i];  dBd[h][j*E + e] (via Gt[e][j][h]) = s2 sum_r w_r ad[r][j] dY[r][h]
+      // dAd[e*r2 + j][i] (+)= s2 sum_r w_r bdy[r][j] Z[r][i];  dBd[h][j*E + e] (via Gt[e][j][h]) = s2 sum_r w_r ad[r][j] dY[r][h]
       float* dA = p.dn_grad.A + static_cast<size_t>(e) * r2 * p.I;
-      if (!p.grad_accumulate) std::memset(dA, 0, sizeof(float) * r2 * p.I);
       outer_grad(bdy, p.r2p, wrow, Z + static_cast<size_t>(rows.begin) * p.ldi, p.ldi, rows.count, r2, p.I,
-                 p.dn.scaling, dA, p.I);
+                 p.dn.scaling, dA, p.I, p.grad_accumulate);
       float* Gt = p.dn_Gt + static_cast<size_t>(e) * r2 * p.H;
-      std::memset(Gt, 0, sizeof(float) * r2 * p.H);
       outer_grad(ad, p.r2p, wrow, static_cast<const T*>(p.dY) + static_cast<size_t>(rows.begin) * p.ldh, p.ldh,
-                 rows.count, r2, p.H, p.dn.scaling, Gt, p.H);
+                 rows.count, r2, p.H, p.dn.scaling, Gt, p.H, false);
     }
     if (const int r1 = p.gu.rank) {
       // gbg = dG Bg + dU Bu (Bg^T, Bu^T as [r1][I] operands), then its scaled copy for the dX items.
@@ -732,17 +786,15 @@ struct Core {
       scale_rows(gbg, rows.count, r1, p.r1p, p.gu.scaling,
                  static_cast<T*>(p.gbg_s) + static_cast<size_t>(rows.begin) * p.r1p);
       const float* ag = p.ag + static_cast<size_t>(rows.begin) * p.r1p;
-      // dAgu[e*r1 + j][h] += s1 sum_r gbg[r][j] X[r][h];  dBgu[o][j*E + e] (via Gt[e][j][o]) = s1 sum_r ag[r][j] dG|dU[r][o]
+      // dAgu[e*r1 + j][h] (+)= s1 sum_r gbg[r][j] X[r][h];  dBgu[o][j*E + e] (via Gt[e][j][o]) = s1 sum_r ag[r][j] dG|dU[r][o]
       float* dA = p.gu_grad.A + static_cast<size_t>(e) * r1 * p.H;
-      if (!p.grad_accumulate) std::memset(dA, 0, sizeof(float) * r1 * p.H);
       outer_grad(gbg, p.r1p, nullptr, static_cast<const T*>(p.X) + static_cast<size_t>(rows.begin) * p.ldh, p.ldh,
-                 rows.count, r1, p.H, p.gu.scaling, dA, p.H);
+                 rows.count, r1, p.H, p.gu.scaling, dA, p.H, p.grad_accumulate);
       float* Gt = p.gu_Gt + static_cast<size_t>(e) * r1 * 2 * p.I;
-      std::memset(Gt, 0, sizeof(float) * r1 * 2 * p.I);
       outer_grad(ag, p.r1p, nullptr, dG + static_cast<size_t>(rows.begin) * p.ldi, p.ldi, rows.count, r1, p.I,
-                 p.gu.scaling, Gt, 2 * p.I);
+                 p.gu.scaling, Gt, 2 * p.I, false);
       outer_grad(ag, p.r1p, nullptr, dU + static_cast<size_t>(rows.begin) * p.ldi, p.ldi, rows.count, r1, p.I,
-                 p.gu.scaling, Gt + p.I, 2 * p.I);
+                 p.gu.scaling, Gt + p.I, 2 * p.I, false);
       // Agu^T as an [H][r1] operand for the dX items.
       pack(static_cast<const char*>(p.gu.A) + elem_offset(p.gu.dtype, static_cast<size_t>(e) * r1 * p.H),
            p.gu.dtype, 1, p.H, p.H, r1, lora_pk(p, e));

@@ -64,7 +64,7 @@ def test_matches_fp32_reference(isa, dtype, T, k, ranks):
     (4, 16, 200, 300, 2, (33, 65)),   # ranks above H; I over several column blocks with a tail; > 240 rows an expert
     (4, 200, 16, 300, 2, (65, 33)),   # the same with H and I swapped
     (40, 72, 40, 30, 2, (8, 4)),      # B factors over two tiles of rows and of experts; experts without tokens
-    (12, 44, 20, 40, 3, (8, 4)),      # B factors in part tiles: 12 experts = 8 + 4, rows 44 = 16 + 16 + 8 + 4
+    (12, 45, 21, 40, 3, (8, 4)),      # B factors in part tiles: 12 experts = 8 + 4, rows 45 = 16 + 16 + 8 + 5; odd H, I
 ])
 def test_shapes_and_ranks_match_fp32_reference(isa, dtype, E, H, I, T, k, ranks):
     """Ranks far apart, ranks above H or I, H or I below one 16-column panel: every scratch, packed-operand and
