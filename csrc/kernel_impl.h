@@ -472,25 +472,32 @@ struct Core {
       copy_b_block(b, static_cast<const float*>(l.B), p.E, Bt);
   }
 
-  // Bt[e][j][g.to + i] = B[g.first + i * g.step][j*E + e] for the rows of one block.
+  // Bt[e][j][g.to + i] = B[g.first + i * g.step][j*E + e] for the rows of one block. The tiles go through L1 so that
+  // each expert's entries from both groups are stored back to back: its whole 64-byte run in one go.
   template <class S>
   static void copy_b_block(const LoraBlock& b, const S* B, int E, float* Bt) {
-    const size_t cols = static_cast<size_t>(E) * b.rank, ldt = static_cast<size_t>(b.rank) * b.out;
+    const size_t cols = static_cast<size_t>(E) * b.rank;
     for (int j = 0; j < b.rank; ++j)
-      for (int e0 = 0; e0 < E; e0 += 8)
-        for (const RowGroup& g : b.groups) {  // the two halves of a 16-entry run one after the other
-          const int ne = imin(8, E - e0);
+      for (int e0 = 0; e0 < E; e0 += 8) {
+        const int ne = imin(8, E - e0);
+        float runs[2][8][8];  // [group][expert][row of the group]
+        for (int h = 0; h < 2; ++h) {
+          const RowGroup& g = b.groups[h];
           const S* src = B + static_cast<size_t>(g.first) * cols + static_cast<size_t>(j) * E + e0;
-          float* dst = Bt + (static_cast<size_t>(e0) * b.rank + j) * b.out + g.to;
           if constexpr (std::is_same_v<S, float>) {
-            transpose_tile(src, g.step * cols, g.count, ne, dst, ldt);
+            transpose_tile(src, g.step * cols, g.count, ne, runs[h][0], 8);
           } else {
             float tile[8][8];
             for (int i = 0; i < g.count; ++i)
               for (int c = 0; c < ne; ++c) tile[i][c] = Elem<S>::to(src[i * g.step * cols + c]);
-            transpose_tile(tile[0], 8, g.count, ne, dst, ldt);
+            transpose_tile(tile[0], 8, g.count, ne, runs[h][0], 8);
           }
         }
+        for (int c = 0; c < ne; ++c) {
+          float* dst = Bt + (static_cast<size_t>(e0 + c) * b.rank + j) * b.out;
+          for (int h = 0; h < 2; ++h) std::memcpy(dst + b.groups[h].to, runs[h][c], sizeof(float) * b.groups[h].count);
+        }
+      }
   }
 
   // The reverse for the B gradients of the experts that had rows: grad[o][j*E + e] += Gt[e][j][o]. When
