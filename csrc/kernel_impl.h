@@ -495,7 +495,14 @@ struct Core {
         }
         for (int c = 0; c < ne; ++c) {
           float* dst = Bt + (static_cast<size_t>(e0 + c) * b.rank + j) * b.out;
-          for (int h = 0; h < 2; ++h) std::memcpy(dst + b.groups[h].to, runs[h][c], sizeof(float) * b.groups[h].count);
+          for (int h = 0; h < 2; ++h) {
+            const RowGroup& g = b.groups[h];
+            if (g.count == 8) {
+              std::memcpy(dst + g.to, runs[h][c], sizeof runs[h][c]);  // a fixed size: two vector stores, no call
+            } else {
+              for (int i = 0; i < g.count; ++i) dst[g.to + i] = runs[h][c][i];
+            }
+          }
         }
       }
   }
