@@ -117,26 +117,33 @@ struct Core {
   static size_t packed_size(int N, int K) { return round_up(N, kPad) * round_up(K, kPad); }
   static int panels(int N) { return (N + kPanel - 1) / kPanel; }  // the panels a GEMM with N outputs computes
 
+  // dst[c * ld + r] = src[r * ls + c] for r < rows, c < cols (8 at most), of 32-bit values: fp32, or the bf16 pairs
+  // of packed panels, which the portable loop copies as bytes.
+  static void transpose_tile(const float* src, size_t ls, int rows, int cols, float* dst, size_t ld) {
+    if (rows == 8 && cols == 8 && Ops::transpose_floats(src, ls, dst, ld)) return;
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < cols; ++c) std::memcpy(dst + c * ld + r, src + r * ls + c, 4);
+  }
+
   // Element (n, k) of a panel-packed [Np][Kp] matrix.
   static size_t packed_index(int n, int k, int Kp) {
     return (static_cast<size_t>(n / kPanel) * (Kp / P) + k / P) * kPanel * P + (n % kPanel) * P + k % P;
   }
 
   // Loops walk the source along its contiguous dimension: walking 16 rows at once, as the panel order would,
-  // touches rows a power of two apart, which share one cache set.
+  // touches rows a power of two apart, which share one cache set (bf16 walks 8, within an L1 set's 8 or more ways).
   template <class S>
   static void pack_from(const S* src, ptrdiff_t sn, ptrdiff_t sk, int N, int K, T* dst) {
     const int Kp = static_cast<int>(round_up(K, kPad));
     std::memset(dst, 0, sizeof(T) * packed_size(N, K));  // the padding
     if constexpr (P == 2) {
       if (sk == 1) return pack_pairs_from_rows(src, sn, N, K, Kp, dst);
-      if (sn == 1) return pack_pairs_from_columns(src, sk, N, K, Kp, dst);
-    }
-    if (sk == 1) {
+      return pack_pairs_from_columns(src, sn, sk, N, K, Kp, dst);
+    } else if (sk == 1) {
       for (int n = 0; n < N; ++n) {
         const S* row = src + n * sn;
         T* out = dst + packed_index(n, 0, Kp);
-        for (int k = 0; k < K; ++k) out[(k / P) * kPanel * P + k % P] = Elem<T>::from(Elem<S>::to(row[k]));
+        for (int k = 0; k < K; ++k) out[k * kPanel] = Elem<T>::from(Elem<S>::to(row[k]));
       }
     } else {  // each panel row takes 16 consecutive n of one k, contiguous when sn == 1
       for (int n0 = 0; n0 < N; n0 += kPanel) {
@@ -144,7 +151,7 @@ struct Core {
         for (int k = 0; k < K; ++k) {
           const S* col = src + k * sk + n0 * sn;
           T* out = dst + packed_index(n0, k, Kp);
-          for (int i = 0; i < nn; ++i) out[i * P] = Elem<T>::from(Elem<S>::to(col[i * sn]));
+          for (int i = 0; i < nn; ++i) out[i] = Elem<T>::from(Elem<S>::to(col[i * sn]));
         }
       }
     }
@@ -177,22 +184,22 @@ struct Core {
     }
   }
 
-  // The same with columns contiguous along n: each word interleaves two source rows k, k + 1.
+  // The other bf16 case: each word interleaves two source rows k, k + 1, walked along n (contiguous when sn == 1).
   template <class S>
-  static void pack_pairs_from_columns(const S* src, ptrdiff_t sk, int N, int K, int Kp, T* dst) {
+  static void pack_pairs_from_columns(const S* src, ptrdiff_t sn, ptrdiff_t sk, int N, int K, int Kp, T* dst) {
     for (int n0 = 0; n0 < N; n0 += kPanel) {
       const int nn = imin(kPanel, N - n0);
       for (int k = 0; k < K; k += 2) {
-        const S* even = src + k * sk + n0;
+        const S* even = src + k * sk + n0 * sn;
         T* out = dst + packed_index(n0, k, Kp);
         if (k + 1 < K) {
           const S* odd = even + sk;
           for (int i = 0; i < nn; ++i) {
-            out[2 * i] = Elem<T>::from(Elem<S>::to(even[i]));
-            out[2 * i + 1] = Elem<T>::from(Elem<S>::to(odd[i]));
+            out[2 * i] = Elem<T>::from(Elem<S>::to(even[i * sn]));
+            out[2 * i + 1] = Elem<T>::from(Elem<S>::to(odd[i * sn]));
           }
         } else {  // the odd values are padding, zeroed already
-          for (int i = 0; i < nn; ++i) out[2 * i] = Elem<T>::from(Elem<S>::to(even[i]));
+          for (int i = 0; i < nn; ++i) out[2 * i] = Elem<T>::from(Elem<S>::to(even[i * sn]));
         }
       }
     }
@@ -351,8 +358,8 @@ struct Core {
   }
 
   // grad[j][i] (+)= scale * sum_r row_scale[r] * coef[r][j] * rows[r][i] for j < rank, i < n (grad rows gj apart;
-  // acc: add, else overwrite). A block of J ranks x 16 columns of sums stays in registers while the rows stream past; rows are read in whole
-  // 16-column vectors (activation rows are padded past n), only the n columns are written.
+  // acc: add, else overwrite). A block of J ranks x 16 columns of sums stays in registers while the rows stream
+  // past; rows are read in whole 16-column vectors (activation rows are padded past n), only the n columns are written.
   static void outer_grad(const float* coef, int ldcoef, const float* row_scale, const T* rows, size_t ldrows,
                          int count, int rank, int n, float scale, float* grad, size_t gj, bool acc) {
     constexpr int J = 4 * Ops::NV;
@@ -379,8 +386,10 @@ struct Core {
           float* g = grad + (j0 + jj) * gj + i0;
           if (acc) {
             for (int l = 0; l < ni; ++l) g[l] += sums[l];
+          } else if (ni == kPanel) {
+            Ops::store(g, sum[jj]);
           } else {
-            std::memcpy(g, sums, sizeof(float) * ni);
+            for (int l = 0; l < ni; ++l) g[l] = sums[l];
           }
         }
       }
@@ -455,13 +464,6 @@ struct Core {
   // Row of the gate-block-then-up-block order for row o of an interleaved (gate, up, gate, up, ...) gate_up.
   static int gate_up_row(const Plan& p, int o) { return (o & 1) ? p.I + o / 2 : o / 2; }
 
-  // dst[c * ld + r] = src[r * ls + c] for r < rows, c < cols (8 at most).
-  static void transpose_tile(const float* src, size_t ls, int rows, int cols, float* dst, size_t ld) {
-    if (rows == 8 && cols == 8 && Ops::transpose_floats(src, ls, dst, ld)) return;
-    for (int r = 0; r < rows; ++r)
-      for (int c = 0; c < cols; ++c) dst[c * ld + r] = src[r * ls + c];
-  }
-
   static void lora_b_to_expert_major(const Plan& p, size_t item) {
     const LoraBlock b = lora_block(p, item);
     const LoraRef& l = b.gu ? p.gu : p.dn;
@@ -483,6 +485,7 @@ struct Core {
         float runs[2][8][8];  // [group][expert][row of the group]
         for (int h = 0; h < 2; ++h) {
           const RowGroup& g = b.groups[h];
+          if (!g.count) continue;  // the second group of a last block of at most 8 rows
           const S* src = B + static_cast<size_t>(g.first) * cols + static_cast<size_t>(j) * E + e0;
           if constexpr (std::is_same_v<S, float>) {
             transpose_tile(src, g.step * cols, g.count, ne, runs[h][0], 8);
@@ -518,15 +521,17 @@ struct Core {
     for (int j = 0; j < b.rank; ++j)
       for (int e0 = 0; e0 < p.E; e0 += 8) {
         const int ne = imin(8, p.E - e0);
-        bool had_rows[8];  // Gt of the others is stale: never read into the sums
+        bool had_rows[8];  // Gt of the others is stale: transposed with the rest, never used
         for (int c = 0; c < ne; ++c) had_rows[c] = p.offsets[e0 + c + 1] > p.offsets[e0 + c];
         for (const RowGroup& g : b.groups) {
+          if (!g.count) continue;
           float tile[8][8];  // [row of the group][expert]
           transpose_tile(Gt + (static_cast<size_t>(e0) * b.rank + j) * b.out + g.to, ldt, ne, g.count, tile[0], 8);
           for (int i = 0; i < g.count; ++i) {
             float* dst = grad + static_cast<size_t>(g.first + i * g.step) * cols + static_cast<size_t>(j) * p.E + e0;
             if (p.grad_accumulate) {
-              for (int c = 0; c < ne; ++c) dst[c] += had_rows[c] ? tile[i][c] : 0.f;
+              for (int c = 0; c < ne; ++c)
+                if (had_rows[c]) dst[c] += tile[i][c];
             } else {
               for (int c = 0; c < ne; ++c) dst[c] = had_rows[c] ? tile[i][c] : 0.f;
             }
@@ -774,7 +779,8 @@ struct Core {
     if (const int r2 = p.dn.rank) {
       const float* bdy = p.bdy + static_cast<size_t>(rows.begin) * p.r2p;
       const float* ad = p.ad + static_cast<size_t>(rows.begin) * p.r2p;
-      // dAd[e*r2 + j][i] (+)= s2 sum_r w_r bdy[r][j] Z[r][i];  dBd[h][j*E + e] (via Gt[e][j][h]) = s2 sum_r w_r ad[r][j] dY[r][h]
+      // dAd[e*r2 + j][i] (+)= s2 sum_r w_r bdy[r][j] Z[r][i];
+      // dBd[h][j*E + e] (via Gt[e][j][h]) = s2 sum_r w_r ad[r][j] dY[r][h]
       float* dA = p.dn_grad.A + static_cast<size_t>(e) * r2 * p.I;
       outer_grad(bdy, p.r2p, wrow, Z + static_cast<size_t>(rows.begin) * p.ldi, p.ldi, rows.count, r2, p.I,
                  p.dn.scaling, dA, p.I, p.grad_accumulate);
@@ -800,7 +806,8 @@ struct Core {
       scale_rows(gbg, rows.count, r1, p.r1p, p.gu.scaling,
                  static_cast<T*>(p.gbg_s) + static_cast<size_t>(rows.begin) * p.r1p);
       const float* ag = p.ag + static_cast<size_t>(rows.begin) * p.r1p;
-      // dAgu[e*r1 + j][h] (+)= s1 sum_r gbg[r][j] X[r][h];  dBgu[o][j*E + e] (via Gt[e][j][o]) = s1 sum_r ag[r][j] dG|dU[r][o]
+      // dAgu[e*r1 + j][h] (+)= s1 sum_r gbg[r][j] X[r][h];
+      // dBgu[o][j*E + e] (via Gt[e][j][o]) = s1 sum_r ag[r][j] dG|dU[r][o]
       float* dA = p.gu_grad.A + static_cast<size_t>(e) * r1 * p.H;
       outer_grad(gbg, p.r1p, nullptr, static_cast<const T*>(p.X) + static_cast<size_t>(rows.begin) * p.ldh, p.ldh,
                  rows.count, r1, p.H, p.gu.scaling, dA, p.H, p.grad_accumulate);

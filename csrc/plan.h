@@ -150,7 +150,7 @@ struct Plan {
 // What a backend provides: the same numeric core instantiated with its vector operations.
 struct Backend {
   const char* name;
-  // Pack a logical W[N][K] read as src[n * sn + k * sk] into the packed layout, multiplied by scale.
+  // Pack a logical W[N][K] read as src[n * sn + k * sk] into the packed layout.
   void (*pack)(DType compute, const void* src, DType src_dtype, ptrdiff_t sn, ptrdiff_t sk, int N, int K, void* dst);
   void (*forward_item)(DType compute, const Plan& plan, int phase, size_t item, int worker);
   void (*backward_item)(DType compute, const Plan& plan, int phase, size_t item, int worker);

@@ -1,5 +1,5 @@
-// The optional parts of a backend's Ops (see scalar.cpp) that AVX2 provides, for the backends compiled with it:
-// include inside the backend's anonymous namespace, after portable_extras.h, and derive Ops from AvxExtras.
+// The optional parts of a backend's Ops (see scalar.cpp) that AVX provides, for the backends compiled with it (AVX2,
+// AVX-512, AMX): include inside the backend's anonymous namespace, after portable_extras.h, and derive Ops from it.
 struct AvxExtras : PortableExtras {
   static bool transpose_floats(const float* src, size_t ls, float* dst, size_t ld) {
     __m256 r[8], t[8];
