@@ -489,11 +489,9 @@ struct Core {
           const S* src = B + static_cast<size_t>(g.first) * cols + static_cast<size_t>(j) * E + e0;
           if constexpr (std::is_same_v<S, float>) {
             transpose_tile(src, g.step * cols, g.count, ne, runs[h][0], 8);
-          } else {
-            float tile[8][8];
+          } else {  // the conversion transposes as it goes
             for (int i = 0; i < g.count; ++i)
-              for (int c = 0; c < ne; ++c) tile[i][c] = Elem<S>::to(src[i * g.step * cols + c]);
-            transpose_tile(tile[0], 8, g.count, ne, runs[h][0], 8);
+              for (int c = 0; c < ne; ++c) runs[h][c][i] = Elem<S>::to(src[i * g.step * cols + c]);
           }
         }
         for (int c = 0; c < ne; ++c) {
