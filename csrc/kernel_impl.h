@@ -381,16 +381,14 @@ struct Core {
         }
         const int ni = imin(kPanel, n - i0);
         for (int jj = 0; jj < nj; ++jj) {
+          float* g = grad + (j0 + jj) * gj + i0;
+          if (!acc && ni == kPanel) {
+            Ops::store(g, sum[jj]);
+            continue;
+          }
           float sums[kPanel];
           Ops::store(sums, sum[jj]);
-          float* g = grad + (j0 + jj) * gj + i0;
-          if (acc) {
-            for (int l = 0; l < ni; ++l) g[l] += sums[l];
-          } else if (ni == kPanel) {
-            Ops::store(g, sum[jj]);
-          } else {
-            for (int l = 0; l < ni; ++l) g[l] = sums[l];
-          }
+          for (int l = 0; l < ni; ++l) g[l] = acc ? g[l] + sums[l] : sums[l];
         }
       }
     }
@@ -717,13 +715,19 @@ struct Core {
          1, p.I, p.I, r2, lora_pk(p, e));
   }
 
+  // Whether the backward's product with transposed weights for `count` rows (with no backward copy) transposes
+  // each block right before its multiply-adds (gemm_transposed) rather than into panels in scratch: for one row
+  // block on the vector unit.
+  static bool transposes_as_used(bool copy, int count) {
+    return !copy && !Ops::kTilesTakeAllRows && count <= Ops::MR;
+  }
+
   static void bwd_down(const Plan& p, const Rows& rows, int block, int worker) {
     const int c0 = block * p.col_block, ncols = imin(p.col_block, p.Ip - c0), nblocks = ncols / kPanel;
     const T* wd = w_ptr(p.wd, p.w_d_stride, rows.e);
     const size_t pstride = static_cast<size_t>(p.Hp) * kPanel;
-    // The backward copy's panels as they lie; else, for one row block on the vector unit, transposes block by block
-    // as they are used, and otherwise, transposed panels in scratch.
-    const bool copy = p.wd_t != nullptr, few = !copy && !Ops::kTilesTakeAllRows && rows.count <= Ops::MR;
+    // The backward copy's panels as they lie; else blocks transposed as they are used, or panels in scratch.
+    const bool copy = p.wd_t != nullptr, few = transposes_as_used(copy, rows.count);
     T* scratch = scratch_T(p, worker);
     if (!copy && !few) pack_transposed_panels(wd, p.Hp, p.Ip, c0, nblocks, pstride, scratch);
     const T* panels = copy ? w_ptr(p.wd_t, p.w_d_stride, rows.e) + (c0 / kPanel) * pstride : scratch;
@@ -825,7 +829,7 @@ struct Core {
     const size_t pstride = static_cast<size_t>(p.Ip) * kPanel;
     const T* w[2] = {w_ptr(p.wg, p.w_gu_stride, rows.e), w_ptr(p.wu, p.w_gu_stride, rows.e)};
     // As in bwd_down.
-    const bool copy = p.wg_t != nullptr, few = !copy && !Ops::kTilesTakeAllRows && rows.count <= Ops::MR;
+    const bool copy = p.wg_t != nullptr, few = transposes_as_used(copy, rows.count);
     T* scratch = scratch_T(p, worker);
     const size_t at = (c0 / kPanel) * pstride;
     const T* pg = copy ? w_ptr(p.wg_t, p.w_gu_stride, rows.e) + at : scratch;
