@@ -358,39 +358,56 @@ struct Core {
   }
 
   // grad[j][i] (+)= scale * sum_r row_scale[r] * coef[r][j] * rows[r][i] for j < rank, i < n (grad rows gj apart;
-  // acc: add, else overwrite). A block of J ranks x 16 columns of sums stays in registers while the rows stream
-  // past; rows are read in whole 16-column vectors (activation rows are padded past n), only the n columns are written.
+  // acc: add, else overwrite): a product reducing over the rows. For each chunk of rows and block of J ranks, the
+  // scaled coefficients are computed once into L1, from where the multiply-adds broadcast them; a block of J ranks x
+  // NC vectors of columns stays in registers while the chunk's rows stream past. Rows are read in whole vectors
+  // (rows are padded past n to a multiple of kPad); only the n columns are written.
   static void outer_grad(const float* coef, int ldcoef, const float* row_scale, const T* rows, size_t ldrows,
                          int count, int rank, int n, float scale, float* grad, size_t gj, bool acc) {
-    constexpr int J = 4 * Ops::NV;
-    for (int j0 = 0; j0 < rank; j0 += J) {
-      const int nj = imin(J, rank - j0);
-      for (int i0 = 0; i0 < n; i0 += kPanel) {
-        typename Ops::V sum[J];
-        for (int jj = 0; jj < J; ++jj) sum[jj] = Ops::zero();
-        for (int r = 0; r < count; ++r) {
-          const float s = row_scale ? scale * row_scale[r] : scale;
-          const T* row = rows + r * ldrows + i0;
-          float v[kPanel];
-          for (int l = 0; l < kPanel; ++l) v[l] = Elem<T>::to(row[l]);
-          const auto b = Ops::load_b(static_cast<const float*>(v));
-          for (int jj = 0; jj < J; ++jj) {
-            const float c = jj < nj ? s * coef[r * ldcoef + j0 + jj] : 0.f;
-            sum[jj] = Ops::madd(sum[jj], b, Ops::load_a(&c));
-          }
+    constexpr int J = 4 * Ops::NV, NC = Ops::NV, kChunk = 256;
+    alignas(64) float scaled[kChunk][J];
+    for (int r0 = 0; r0 < count; r0 += kChunk) {
+      const int nr = imin(kChunk, count - r0);
+      const bool add = acc || r0 > 0;
+      for (int j0 = 0; j0 < rank; j0 += J) {
+        const int nj = imin(J, rank - j0);
+        for (int r = 0; r < nr; ++r) {
+          const float s = row_scale ? scale * row_scale[r0 + r] : scale;
+          for (int jj = 0; jj < J; ++jj) scaled[r][jj] = jj < nj ? s * coef[(r0 + r) * ldcoef + j0 + jj] : 0.f;
         }
-        const int ni = imin(kPanel, n - i0);
-        for (int jj = 0; jj < nj; ++jj) {
-          float* g = grad + (j0 + jj) * gj + i0;
-          if (!acc && ni == kPanel) {
-            Ops::store(g, sum[jj]);
-            continue;
-          }
-          float sums[kPanel];
-          Ops::store(sums, sum[jj]);
-          for (int l = 0; l < ni; ++l) g[l] = acc ? g[l] + sums[l] : sums[l];
-        }
+        for (int i0 = 0; i0 < n; i0 += NC * kPanel)
+          outer_grad_block<J, NC>(scaled[0], rows + r0 * ldrows + i0, ldrows, nr, nj, imin(NC * kPanel, n - i0),
+                                  grad + j0 * gj + i0, gj, add);
       }
+    }
+  }
+
+  // One register block of outer_grad: grad[j][i] (+)= sum_r scaled[r][j] * rows[r][i] for j < nj, i < ni.
+  template <int J, int NC>
+  static void outer_grad_block(const float* scaled, const T* rows, size_t ldrows, int count, int nj, int ni,
+                               float* grad, size_t gj, bool add) {
+    typename Ops::V sum[J][NC];
+    for (int jj = 0; jj < J; ++jj)
+      for (int v = 0; v < NC; ++v) sum[jj][v] = Ops::zero();
+    for (int r = 0; r < count; ++r) {
+      alignas(64) float row[NC * kPanel];
+      for (int l = 0; l < NC * kPanel; ++l) row[l] = Elem<T>::to(rows[r * ldrows + l]);  // a vector conversion
+      typename Ops::V b[NC];
+      for (int v = 0; v < NC; ++v) b[v] = Ops::load(row + v * kPanel);
+      for (int jj = 0; jj < J; ++jj) {
+        const auto a = Ops::load_a(scaled + r * J + jj);
+        for (int v = 0; v < NC; ++v) sum[jj][v] = Ops::madd(sum[jj][v], b[v], a);
+      }
+    }
+    for (int jj = 0; jj < nj; ++jj) {
+      float* g = grad + jj * gj;
+      if (!add && ni == NC * kPanel) {
+        for (int v = 0; v < NC; ++v) Ops::store(g + v * kPanel, sum[jj][v]);
+        continue;
+      }
+      alignas(64) float sums[NC * kPanel];
+      for (int v = 0; v < NC; ++v) Ops::store(sums + v * kPanel, sum[jj][v]);
+      for (int l = 0; l < ni; ++l) g[l] = add ? g[l] + sums[l] : sums[l];
     }
   }
 
