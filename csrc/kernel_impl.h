@@ -692,8 +692,8 @@ struct Core {
   }
 
   // ------------------------------------------------------------------------------------------- backward
-  // Phases: 0 LoRA B factors to expert-major, 1 gather dY (+ dY Bd) per expert, 2 dZ' per (expert, I block),
-  //         3 activation backward, dw, down LoRA grads, (dG Bg + dU Bu) and gate_up LoRA grads per expert,
+  // Phases: 0 LoRA B factors to expert-major, 1 gather dY (+ dY Bd) per expert, 2 dZ' and the activation backward
+  //         per (expert, I block), 3 dw, down LoRA grads, (dG Bg + dU Bu) and gate_up LoRA grads per expert,
   //         4 dX per (expert, H block), 5 sum over slots per token block, 6 B grads back to PEFT's layout.
   static void backward_item(const Plan& p, int phase, size_t item, int worker) {
     switch (phase) {
@@ -703,7 +703,7 @@ struct Core {
         const BlockItem b = block_item(p, item, p.Ip);
         return bwd_down(p, b.rows, b.block, worker);
       }
-      case 3: return bwd_activation(p, expert_rows(p, p.items[item]), worker);
+      case 3: return bwd_lora_grads(p, expert_rows(p, p.items[item]), worker);
       case 4: {
         const BlockItem b = block_item(p, item, p.Hp);
         return bwd_gate_up(p, b.rows, b.block, worker);
@@ -747,6 +747,8 @@ struct Core {
     const bool copy = p.wd_t != nullptr, few = transposes_as_used(copy, rows.count);
     T* scratch = scratch_T(p, worker);
     if (!copy && !few) pack_transposed_panels(wd, p.Hp, p.Ip, c0, nblocks, pstride, scratch);
+    float* c = scratch_f32(p, worker, nblocks * pstride);
+    const int ld = p.col_block;
     const T* panels = copy ? w_ptr(p.wd_t, p.w_d_stride, rows.e) + (c0 / kPanel) * pstride : scratch;
     const size_t lstride = static_cast<size_t>(p.r2p) * kPanel;
     const T* la = p.dn.rank ? lora_pk(p, rows.e) + (c0 / kPanel) * lstride : nullptr;
@@ -755,43 +757,64 @@ struct Core {
     for (int r0 = 0; r0 < rows.count; r0 += kRowChunk) {
       const int m = imin(kRowChunk, rows.count - r0);
       const size_t row = static_cast<size_t>(rows.begin + r0);
-      float* c = p.dZp + row * p.Ip + c0;
       const T* a = dY + row * p.ldh;
       if (few)
-        gemm_transposed(&a, &wd, 1, p.ldh, m, p.Hp, p.Ip, c0, nblocks, c, p.Ip);
+        gemm_transposed(&a, &wd, 1, p.ldh, m, p.Hp, p.Ip, c0, nblocks, c, ld);
       else
-        gemm(a, p.ldh, m, p.Hp, panels, pstride, nblocks, c, p.Ip, false);
-      if (la) gemm(bdy_s + row * p.r2p, p.r2p, m, p.r2p, la, lstride, nblocks, c, p.Ip, true);
+        gemm(a, p.ldh, m, p.Hp, panels, pstride, nblocks, c, ld, false);
+      if (la) gemm(bdy_s + row * p.r2p, p.r2p, m, p.r2p, la, lstride, nblocks, c, ld, true);
+      activation_backward(p, c, ld, row, m, block, c0, ncols);
     }
   }
 
-  static void bwd_activation(const Plan& p, const Rows& rows, int worker) {
+  // For rows row .. row + m - 1 and the columns c0 .. c0 + ncols of I block `block`, with dZ' in c (rows ld apart),
+  // while it is in cache: dG and dU, and the block's share of dw (<dZ', Z> of the row, summed by phase 3).
+  static void activation_backward(const Plan& p, const float* c, int ld, size_t row, int m, int block, int c0,
+                                  int ncols) {
     const T* Z = static_cast<const T*>(p.Z);
     const T* zg = static_cast<const T*>(p.dz_dg);
     const T* zu = static_cast<const T*>(p.dz_du);
     T* dG = static_cast<T*>(p.dG);
     T* dU = static_cast<T*>(p.dU);
-    for (int r = 0; r < rows.count; ++r) {
-      const size_t row = static_cast<size_t>(rows.begin + r), o = row * p.ldi;
-      const float* dz = p.dZp + row * p.Ip;
+    const int blocks = i_blocks(p);
+    for (int r = 0; r < m; ++r) {
+      const size_t o = (row + r) * p.ldi + c0;
+      const float* dz = c + r * ld;
       float lanes[kPanel] = {};  // 16 partial sums: a reduction the compiler vectorises without reassociating
-      for (int i = 0; i < p.Ip; i += kPanel)
+      for (int i = 0; i < ncols; i += kPanel)
         for (int l = 0; l < kPanel; ++l) lanes[l] += dz[i + l] * Elem<T>::to(Z[o + i + l]);
-      if (p.d_bias) {  // the down bias is part of the expert output the routing weight scales
-        const float* bd = p.d_bias + static_cast<size_t>(rows.e) * p.Hp;
-        const T* dy = static_cast<const T*>(p.dY) + row * p.ldh;
-        for (int h = 0; h < p.Hp; h += kPanel)
-          for (int l = 0; l < kPanel; ++l) lanes[l] += Elem<T>::to(dy[h + l]) * bd[h + l];
-      }
-      float dwr = 0.f;
-      for (int l = 0; l < kPanel; ++l) dwr += lanes[l];
-      p.dw[p.row_src[row]] = dwr;
-      const float w = p.row_weight[row];
-      for (int i = 0; i < p.Ip; ++i) {
+      float part = 0.f;
+      for (int l = 0; l < kPanel; ++l) part += lanes[l];
+      p.dw_parts[(row + r) * blocks + block] = part;
+      const float w = p.row_weight[row + r];
+      for (int i = 0; i < ncols; ++i) {
         const float d = w * dz[i];
         dG[o + i] = Elem<T>::from(d * Elem<T>::to(zg[o + i]));
         dU[o + i] = Elem<T>::from(d * Elem<T>::to(zu[o + i]));
       }
+    }
+  }
+
+  static int i_blocks(const Plan& p) { return (p.Ip + p.col_block - 1) / p.col_block; }
+
+  static void bwd_lora_grads(const Plan& p, const Rows& rows, int worker) {
+    const T* Z = static_cast<const T*>(p.Z);
+    const T* dG = static_cast<const T*>(p.dG);
+    const T* dU = static_cast<const T*>(p.dU);
+    const int blocks = i_blocks(p);
+    for (int r = 0; r < rows.count; ++r) {
+      const size_t row = static_cast<size_t>(rows.begin + r);
+      float dwr = 0.f;
+      for (int b = 0; b < blocks; ++b) dwr += p.dw_parts[row * blocks + b];
+      if (p.d_bias) {  // the down bias is part of the expert output the routing weight scales
+        const float* bd = p.d_bias + static_cast<size_t>(rows.e) * p.Hp;
+        const T* dy = static_cast<const T*>(p.dY) + row * p.ldh;
+        float lanes[kPanel] = {};
+        for (int h = 0; h < p.Hp; h += kPanel)
+          for (int l = 0; l < kPanel; ++l) lanes[l] += Elem<T>::to(dy[h + l]) * bd[h + l];
+        for (int l = 0; l < kPanel; ++l) dwr += lanes[l];
+      }
+      p.dw[p.row_src[row]] = dwr;
     }
     const int e = rows.e;
     const float* wrow = p.row_weight + rows.begin;

@@ -433,7 +433,7 @@ class BackwardJob : public LayerJob {
         reserve_common(ex_);
         const size_t R = rows(), s = es();
         p.dY = ex_.dY.reserve(R * p.ldh * s);
-        p.dZp = static_cast<float*>(ex_.dZp.reserve(R * p.Ip * 4));
+        p.dw_parts = static_cast<float*>(ex_.dw_parts.reserve(R * ((p.Ip + p.col_block - 1) / p.col_block) * 4));
         p.dG = ex_.dG.reserve(R * p.ldi * s);
         p.dU = ex_.dU.reserve(R * p.ldi * s);
         p.bdy = static_cast<float*>(ex_.bdy.reserve(R * p.r2p * 4));
@@ -456,8 +456,8 @@ class BackwardJob : public LayerJob {
     layer_.backend_->backward_item(layer_.compute(), plan_, phase, item, worker);
   }
   const char* phase_name(int phase) const override {
-    static const char* names[] = {"backward.0.lora_layout", "backward.1.gather", "backward.2.down",
-                                  "backward.3.activation_lora_grads", "backward.4.gate_up", "backward.5.sum_slots",
+    static const char* names[] = {"backward.0.lora_layout", "backward.1.gather", "backward.2.down_activation",
+                                  "backward.3.lora_grads", "backward.4.gate_up", "backward.5.sum_slots",
                                   "backward.6.lora_grad_layout"};
     return names[phase];
   }

@@ -63,7 +63,7 @@ struct Executor {
   ThreadPool pool;
   std::shared_ptr<ActivationCache> cache = std::make_shared<ActivationCache>();
   SavedActivations activations;  // of the forwards that keep none
-  Buffer rows_out, lora_pk, ag_s, ad_s, dY, dZp, dG, dU, bdy, bdy_s, gbg, gbg_s, scratch, gu_Bt, dn_Bt,
+  Buffer rows_out, lora_pk, ag_s, ad_s, dY, dw_parts, dG, dU, bdy, bdy_s, gbg, gbg_s, scratch, gu_Bt, dn_Bt,
       gu_Gt, dn_Gt;
 };
 std::shared_ptr<Executor> shared_executor(int threads);

@@ -122,7 +122,7 @@ struct Plan {
 
   // Backward working buffers.
   void* dY = nullptr;     // [R][ldh] compute type, unweighted dy rows
-  float* dZp = nullptr;   // [R][Ip] dL/dz before the routing weight
+  float* dw_parts = nullptr;  // [R][Ip / col_block] each I block's share of <dL/dz before the weight, z>
   void* dG = nullptr;     // [R][ldi]
   void* dU = nullptr;
   // LoRA intermediates, unscaled fp32 and their scaled copies in compute type: bdy = dY Bd [R][r2p],
