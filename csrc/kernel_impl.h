@@ -319,6 +319,12 @@ struct Core {
                                     round_up(skip_T * sizeof(T), 64));
   }
 
+  // The reduction depth of a product with a scaled LoRA intermediate (rank values of rp, the rest zeros): the vector
+  // micro-kernel needs whole k-pairs only (rank 8 padded to 32 would be 4x the multiply-adds), a tile unit 32-deep steps.
+  static int lora_depth(int rank, int rp) {
+    return Ops::kTilesTakeAllRows && P == 2 ? rp : static_cast<int>(round_up(rank, P));
+  }
+
   // dst[r][0:rp] = T(scale * src[r][0:rank]), zero padded: the scaled LoRA intermediate as a GEMM operand.
   static void scale_rows(const float* src, int rows, int rank, int rp, float scale, T* dst) {
     for (int r = 0; r < rows; ++r)
@@ -604,8 +610,8 @@ struct Core {
       gemm(X + row * p.ldh, p.ldh, m, p.Hp, wg, wstride, nblocks, cg, ld, false);
       gemm(X + row * p.ldh, p.ldh, m, p.Hp, wu, wstride, nblocks, cu, ld, false);
       if (lg) {
-        gemm(ag_s + row * p.r1p, p.r1p, m, p.r1p, lg, lstride, nblocks, cg, ld, true);
-        gemm(ag_s + row * p.r1p, p.r1p, m, p.r1p, lu, lstride, nblocks, cu, ld, true);
+        gemm(ag_s + row * p.r1p, p.r1p, m, lora_depth(p.gu.rank, p.r1p), lg, lstride, nblocks, cg, ld, true);
+        gemm(ag_s + row * p.r1p, p.r1p, m, lora_depth(p.gu.rank, p.r1p), lu, lstride, nblocks, cu, ld, true);
       }
       const float* bg = p.gu_bias ? p.gu_bias + static_cast<size_t>(rows.e) * 2 * p.Ip + c0 : nullptr;
       for (int r = 0; r < m; ++r) {
@@ -676,7 +682,7 @@ struct Core {
       const int m = imin(kRowChunk, rows.count - r0);
       const size_t row = static_cast<size_t>(rows.begin + r0);
       gemm(Z + row * p.ldi, p.ldi, m, p.Ip, wd, wstride, nblocks, c, ld, false);
-      if (ld_pk) gemm(ad_s + row * p.r2p, p.r2p, m, p.r2p, ld_pk, lstride, nblocks, c, ld, true);
+      if (ld_pk) gemm(ad_s + row * p.r2p, p.r2p, m, lora_depth(p.dn.rank, p.r2p), ld_pk, lstride, nblocks, c, ld, true);
       const float* bd = p.d_bias ? p.d_bias + static_cast<size_t>(rows.e) * p.Hp + c0 : nullptr;
       for (int r = 0; r < m; ++r) {
         const float w = p.row_weight[row + r];
@@ -762,7 +768,7 @@ struct Core {
         gemm_transposed(&a, &wd, 1, p.ldh, m, p.Hp, p.Ip, c0, nblocks, c, ld);
       else
         gemm(a, p.ldh, m, p.Hp, panels, pstride, nblocks, c, ld, false);
-      if (la) gemm(bdy_s + row * p.r2p, p.r2p, m, p.r2p, la, lstride, nblocks, c, ld, true);
+      if (la) gemm(bdy_s + row * p.r2p, p.r2p, m, lora_depth(p.dn.rank, p.r2p), la, lstride, nblocks, c, ld, true);
       activation_backward(p, c, ld, row, m, block, c0, ncols);
     }
   }
@@ -895,7 +901,7 @@ struct Core {
         gemm(a[0], p.ldi, m, p.Ip, pg, pstride, nblocks, c, ld, false);
         gemm(a[1], p.ldi, m, p.Ip, pu, pstride, nblocks, c, ld, true);
       }
-      if (la) gemm(gbg_s + row * p.r1p, p.r1p, m, p.r1p, la, lstride, nblocks, c, ld, true);
+      if (la) gemm(gbg_s + row * p.r1p, p.r1p, m, lora_depth(p.gu.rank, p.r1p), la, lstride, nblocks, c, ld, true);
       for (int r = 0; r < m; ++r)
         std::memcpy(p.rows_out + static_cast<size_t>(p.row_src[row + r]) * p.Hp + c0, c + r * ld,
                     sizeof(float) * ncols);
