@@ -423,7 +423,7 @@ struct Core {
     int block;
   };
   static BlockItem block_item(const Plan& p, size_t item, int cols) {
-    const size_t blocks = static_cast<size_t>((cols + p.col_block - 1) / p.col_block);
+    const size_t blocks = static_cast<size_t>(p.column_blocks(cols));
     return {expert_rows(p, p.items[item / blocks]), static_cast<int>(item % blocks)};
   }
 
@@ -782,7 +782,7 @@ struct Core {
     const T* zu = static_cast<const T*>(p.dz_du);
     T* dG = static_cast<T*>(p.dG);
     T* dU = static_cast<T*>(p.dU);
-    const int blocks = i_blocks(p);
+    const int blocks = p.column_blocks(p.Ip);
     for (int r = 0; r < m; ++r) {
       const size_t o = (row + r) * p.ldi + c0;
       const float* dz = c + r * ld;
@@ -801,13 +801,11 @@ struct Core {
     }
   }
 
-  static int i_blocks(const Plan& p) { return (p.Ip + p.col_block - 1) / p.col_block; }
-
   static void bwd_lora_grads(const Plan& p, const Rows& rows, int worker) {
     const T* Z = static_cast<const T*>(p.Z);
     const T* dG = static_cast<const T*>(p.dG);
     const T* dU = static_cast<const T*>(p.dU);
-    const int blocks = i_blocks(p);
+    const int blocks = p.column_blocks(p.Ip);
     for (int r = 0; r < rows.count; ++r) {
       const size_t row = static_cast<size_t>(rows.begin + r);
       float dwr = 0.f;

@@ -324,7 +324,7 @@ class LayerJob : public Job {
   size_t rows() const { return static_cast<size_t>(plan_.T) * plan_.k; }
   size_t es() const { return dtype_size(layer_.compute()); }
   size_t active() const { return ctx_->active.size(); }
-  size_t blocks(int cols) const { return active() * ((cols + plan_.col_block - 1) / plan_.col_block); }
+  size_t blocks(int cols) const { return active() * plan_.column_blocks(cols); }
 
   // Scratch shared by the workers and the per-expert packed LoRA operands.
   void reserve_common(Executor& ex) {
@@ -433,7 +433,7 @@ class BackwardJob : public LayerJob {
         reserve_common(ex_);
         const size_t R = rows(), s = es();
         p.dY = ex_.dY.reserve(R * p.ldh * s);
-        p.dw_parts = static_cast<float*>(ex_.dw_parts.reserve(R * ((p.Ip + p.col_block - 1) / p.col_block) * 4));
+        p.dw_parts = static_cast<float*>(ex_.dw_parts.reserve(R * p.column_blocks(p.Ip) * 4));
         p.dG = ex_.dG.reserve(R * p.ldi * s);
         p.dU = ex_.dU.reserve(R * p.ldi * s);
         p.bdy = static_cast<float*>(ex_.bdy.reserve(R * p.r2p * 4));

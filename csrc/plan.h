@@ -90,6 +90,7 @@ struct Plan {
   const float* row_weight = nullptr; // [R]
   const int32_t* items = nullptr;    // per phase work list, see moe_layer.cpp
   int col_block = 64;                // columns per (expert, column block) item
+  int column_blocks(int cols) const { return (cols + col_block - 1) / col_block; }
 
   const void* x = nullptr;
   void* y = nullptr;
