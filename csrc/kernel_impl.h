@@ -374,26 +374,36 @@ struct Core {
     }
   }
 
+  // outer_grad's operands: on a backend that multiplies bf16 pairs natively, pairs of bf16 rows (r, r + 1) in one
+  // multiply-add, half the multiply-adds of fp32, with the coefficients rounded to bf16 as a bf16 GEMM's operands
+  // are; elsewhere single rows widened to fp32.
+  static constexpr bool kPairedRows = P == 2 && Ops::kNativePairs;
+  using OuterT = std::conditional_t<kPairedRows, T, float>;
+  static constexpr int Q = kPairedRows ? 2 : 1;  // rows per multiply-add
+
   // grad[j][i] (+)= scale * sum_r row_scale[r] * coef[r][j] * rows[r][i] for j < rank, i < n (grad rows gj apart;
   // acc: add, else overwrite): a product reducing over the rows. For each chunk of rows and block of J ranks, the
-  // scaled coefficients are computed once into L1, from where the multiply-adds broadcast them; a block of J ranks x
-  // NC vectors of columns stays in registers while the chunk's rows stream past. Rows are read in whole vectors
-  // (rows are padded past n to a multiple of kPad); only the n columns are written.
+  // scaled coefficients are computed once into L1 as broadcast operands; a block of J ranks x NC vectors of columns
+  // stays in registers while the chunk's rows stream past, Q at a time as one panel row. Rows are read in whole
+  // vectors (rows are padded past n to a multiple of kPad); only the n columns are written.
   static void outer_grad(const float* coef, int ldcoef, const float* row_scale, const T* rows, size_t ldrows,
                          int count, int rank, int n, float scale, float* grad, size_t gj, bool acc) {
     constexpr int J = 4 * Ops::NV, NC = Ops::NV, kChunk = 256;
-    alignas(64) float scaled[kChunk][J];
+    alignas(64) OuterT scaled[kChunk / Q][J][Q];  // [row / Q][rank][row % Q]
     for (int r0 = 0; r0 < count; r0 += kChunk) {
       const int nr = imin(kChunk, count - r0);
       const bool add = acc || r0 > 0;
       for (int j0 = 0; j0 < rank; j0 += J) {
         const int nj = imin(J, rank - j0);
-        for (int r = 0; r < nr; ++r) {
-          const float s = row_scale ? scale * row_scale[r0 + r] : scale;
-          for (int jj = 0; jj < J; ++jj) scaled[r][jj] = jj < nj ? s * coef[(r0 + r) * ldcoef + j0 + jj] : 0.f;
+        for (int r = 0; r < static_cast<int>(round_up(nr, Q)); ++r) {  // an odd count's padding row: zeros
+          const bool live = r < nr;
+          const float s = live ? (row_scale ? scale * row_scale[r0 + r] : scale) : 0.f;
+          for (int jj = 0; jj < J; ++jj)
+            scaled[r / Q][jj][r % Q] =
+                Elem<OuterT>::from(live && jj < nj ? s * coef[(r0 + r) * ldcoef + j0 + jj] : 0.f);
         }
         for (int i0 = 0; i0 < n; i0 += NC * kPanel)
-          outer_grad_block<J, NC>(scaled[0], rows + r0 * ldrows + i0, ldrows, nr, nj, imin(NC * kPanel, n - i0),
+          outer_grad_block<J, NC>(scaled[0][0], rows + r0 * ldrows + i0, ldrows, nr, nj, imin(NC * kPanel, n - i0),
                                   grad + j0 * gj + i0, gj, add);
       }
     }
@@ -401,18 +411,29 @@ struct Core {
 
   // One register block of outer_grad: grad[j][i] (+)= sum_r scaled[r][j] * rows[r][i] for j < nj, i < ni.
   template <int J, int NC>
-  static void outer_grad_block(const float* scaled, const T* rows, size_t ldrows, int count, int nj, int ni,
+  static void outer_grad_block(const OuterT* scaled, const T* rows, size_t ldrows, int count, int nj, int ni,
                                float* grad, size_t gj, bool add) {
     typename Ops::V sum[J][NC];
     for (int jj = 0; jj < J; ++jj)
       for (int v = 0; v < NC; ++v) sum[jj][v] = Ops::zero();
-    for (int r = 0; r < count; ++r) {
-      alignas(64) float row[NC * kPanel];
-      for (int l = 0; l < NC * kPanel; ++l) row[l] = Elem<T>::to(rows[r * ldrows + l]);  // a vector conversion
-      typename Ops::V b[NC];
-      for (int v = 0; v < NC; ++v) b[v] = Ops::load(row + v * kPanel);
+    for (int r = 0; r < count; r += Q) {
+      alignas(64) OuterT operand[NC * kPanel * Q];  // rows r .. r + Q - 1 as one panel row
+      const T* row = rows + r * ldrows;
+      if constexpr (kPairedRows) {  // 32-bit words, value 2l in the low half; an odd count's last row pairs with 0
+        uint32_t words[NC * kPanel];
+        if (r + 1 < count) {
+          for (int l = 0; l < NC * kPanel; ++l) words[l] = row[l] | static_cast<uint32_t>(row[ldrows + l]) << 16;
+        } else {
+          for (int l = 0; l < NC * kPanel; ++l) words[l] = row[l];
+        }
+        std::memcpy(operand, words, sizeof words);
+      } else {
+        for (int l = 0; l < NC * kPanel; ++l) operand[l] = Elem<T>::to(row[l]);  // a vector conversion
+      }
+      decltype(Ops::load_b(operand)) b[NC];
+      for (int v = 0; v < NC; ++v) b[v] = Ops::load_b(operand + v * kPanel * Q);
       for (int jj = 0; jj < J; ++jj) {
-        const auto a = Ops::load_a(scaled + r * J + jj);
+        const auto a = Ops::load_a(scaled + (r / Q * J + jj) * Q);
         for (int v = 0; v < NC; ++v) sum[jj][v] = Ops::madd(sum[jj][v], b[v], a);
       }
     }
