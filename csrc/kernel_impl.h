@@ -361,10 +361,10 @@ struct Core {
     const int t0 = static_cast<int>(block) * 16, t1 = imin(p.T, t0 + 16);
     float* acc = scratch_f32(p, worker, 0);
     for (int t = t0; t < t1; ++t) {
-      const float* src = p.rows_out + static_cast<size_t>(t) * p.k * p.Hp;
-      for (int h = 0; h < p.H; ++h) acc[h] = src[h];
+      const T* src = static_cast<const T*>(p.rows_out) + static_cast<size_t>(t) * p.k * p.Hp;
+      for (int h = 0; h < p.H; ++h) acc[h] = Elem<T>::to(src[h]);
       for (int j = 1; j < p.k; ++j)
-        for (int h = 0; h < p.H; ++h) acc[h] += src[static_cast<size_t>(j) * p.Hp + h];
+        for (int h = 0; h < p.H; ++h) acc[h] += Elem<T>::to(src[static_cast<size_t>(j) * p.Hp + h]);
       if (p.io == DType::bf16) {
         bf16* o = static_cast<bf16*>(out) + static_cast<size_t>(t) * p.H;
         for (int h = 0; h < p.H; ++h) o[h] = f32_to_bf16(acc[h]);
@@ -718,12 +718,12 @@ struct Core {
       const float* bd = p.d_bias ? p.d_bias + static_cast<size_t>(rows.e) * p.Hp + c0 : nullptr;
       for (int r = 0; r < m; ++r) {
         const float w = p.row_weight[row + r];
-        float* out = p.rows_out + static_cast<size_t>(p.row_src[row + r]) * p.Hp + c0;
+        T* out = static_cast<T*>(p.rows_out) + static_cast<size_t>(p.row_src[row + r]) * p.Hp + c0;
         const float* src = c + r * ld;
         if (bd) {
-          for (int j = 0; j < ncols; ++j) out[j] = w * (src[j] + bd[j]);
+          for (int j = 0; j < ncols; ++j) out[j] = Elem<T>::from(w * (src[j] + bd[j]));
         } else {
-          for (int j = 0; j < ncols; ++j) out[j] = w * src[j];
+          for (int j = 0; j < ncols; ++j) out[j] = Elem<T>::from(w * src[j]);
         }
       }
     }
@@ -923,9 +923,10 @@ struct Core {
         gemm(a[1], p.ldi, m, p.Ip, pu, pstride, nblocks, c, ld, true);
       }
       if (la) gemm(gbg_s + row * p.r1p, p.r1p, m, lora_depth(p.gu.rank, p.r1p), la, lstride, nblocks, c, ld, true);
-      for (int r = 0; r < m; ++r)
-        std::memcpy(p.rows_out + static_cast<size_t>(p.row_src[row + r]) * p.Hp + c0, c + r * ld,
-                    sizeof(float) * ncols);
+      for (int r = 0; r < m; ++r) {
+        T* out = static_cast<T*>(p.rows_out) + static_cast<size_t>(p.row_src[row + r]) * p.Hp + c0;
+        for (int j = 0; j < ncols; ++j) out[j] = Elem<T>::from(c[r * ld + j]);
+      }
     }
   }
 };

@@ -339,7 +339,7 @@ class LayerJob : public Job {
     plan_.lora_pk_stride = std::max({2 * static_cast<size_t>(p.Ip) * p.r1p, static_cast<size_t>(p.Hp) * p.r2p,
                                      static_cast<size_t>(p.Ip) * p.r2p, static_cast<size_t>(p.Hp) * p.r1p});
     plan_.lora_pk = ex.lora_pk.reserve(plan_.lora_pk_stride * p.E * es());
-    plan_.rows_out = static_cast<float*>(ex.rows_out.reserve(rows() * p.Hp * 4));
+    plan_.rows_out = ex.rows_out.reserve(rows() * p.Hp * es());
     plan_.gu_Bt = static_cast<float*>(ex.gu_Bt.reserve(static_cast<size_t>(p.E) * p.gu.rank * 2 * p.I * 4));
     plan_.dn_Bt = static_cast<float*>(ex.dn_Bt.reserve(static_cast<size_t>(p.E) * p.dn.rank * p.H * 4));
   }

@@ -133,7 +133,9 @@ struct Plan {
   float* gbg = nullptr;
   void* gbg_s = nullptr;
 
-  float* rows_out = nullptr;  // [T*k][Hp] fp32 per-slot outputs before the sum over slots
+  // [T*k][Hp] per-slot outputs before the sum over slots, in compute type: the sum is fp32, but the slots are
+  // rounded as in a bf16 GEMM's output, which halves the largest stream of the down and dX phases.
+  void* rows_out = nullptr;
 
   char* scratch = nullptr;  // per worker
   size_t scratch_bytes = 0;
