@@ -382,41 +382,50 @@ struct Core {
   static constexpr int Q = kPairedRows ? 2 : 1;  // rows per multiply-add
 
   // grad[j][i] (+)= scale * sum_r row_scale[r] * coef[r][j] * rows[r][i] for j < rank, i < n (grad rows gj apart;
-  // acc: add, else overwrite): a product reducing over the rows. For each chunk of rows and block of J ranks, the
-  // scaled coefficients are computed once into L1 as broadcast operands; a block of J ranks x NC vectors of columns
-  // stays in registers while the chunk's rows stream past, Q at a time as one panel row. Rows are read in whole
-  // vectors (rows are padded past n to a multiple of kPad); only the n columns are written.
+  // acc: add, else overwrite): a product reducing over the rows. For each chunk of rows, the scaled coefficients of
+  // all ranks (of a group of up to kGroup) are computed once into L1 as broadcast operands. Then for each vector block
+  // of columns, blocks of J ranks x NC vectors stay in registers while the chunk's rows stream past, Q at a time as
+  // one panel row; the rank blocks follow each other, so the rows' line is read from memory once. Rows are read in
+  // whole vectors (rows are padded past n to a multiple of kPad); only the n columns are written.
   static void outer_grad(const float* coef, int ldcoef, const float* row_scale, const T* rows, size_t ldrows,
                          int count, int rank, int n, float scale, float* grad, size_t gj, bool acc) {
-    constexpr int J = 4 * Ops::NV, NC = Ops::NV, kChunk = 256;
-    alignas(64) OuterT scaled[kChunk / Q][J][Q];  // [row / Q][rank][row % Q]
-    for (int r0 = 0; r0 < count; r0 += kChunk) {
-      const int nr = imin(kChunk, count - r0);
-      const bool add = acc || r0 > 0;
-      for (int j0 = 0; j0 < rank; j0 += J) {
-        const int nj = imin(J, rank - j0);
+    constexpr int J = 4 * Ops::NV, NC = Ops::NV, kScaled = 4096, kGroup = 64;  // kGroup: ranks per pass, J | kGroup
+    alignas(64) OuterT scaled[kScaled];  // [row / Q][ranks][row % Q]
+    for (int g0 = 0; g0 < rank; g0 += kGroup) {
+      const int group = imin(kGroup, rank - g0), ranks = static_cast<int>(round_up(group, J));
+      const int chunk = imin(256, kScaled / ranks / Q * Q);  // rows
+      for (int r0 = 0; r0 < count; r0 += chunk) {
+        const int nr = imin(chunk, count - r0);
+        const bool add = acc || r0 > 0;
         for (int r = 0; r < static_cast<int>(round_up(nr, Q)); ++r) {  // an odd count's padding row: zeros
           const bool live = r < nr;
           const float s = live ? (row_scale ? scale * row_scale[r0 + r] : scale) : 0.f;
-          for (int jj = 0; jj < J; ++jj)
-            scaled[r / Q][jj][r % Q] =
-                Elem<OuterT>::from(live && jj < nj ? s * coef[(r0 + r) * ldcoef + j0 + jj] : 0.f);
+          const float* c = coef + (r0 + r) * ldcoef + g0;
+          for (int j = 0; j < ranks; ++j)
+            scaled[(r / Q * ranks + j) * Q + r % Q] = Elem<OuterT>::from(live && j < group ? s * c[j] : 0.f);
         }
         for (int i0 = 0; i0 < n; i0 += NC * kPanel)
-          outer_grad_block<J, NC>(scaled[0][0], rows + r0 * ldrows + i0, ldrows, nr, nj, imin(NC * kPanel, n - i0),
-                                  grad + j0 * gj + i0, gj, add);
+          for (int j0 = 0; j0 < group; j0 += J)
+            outer_grad_block<J, NC>(scaled + j0 * Q, ranks * Q, rows + r0 * ldrows + i0, ldrows, nr,
+                                    imin(J, group - j0), imin(NC * kPanel, n - i0), grad + (g0 + j0) * gj + i0, gj,
+                                    add);
       }
     }
   }
 
-  // One register block of outer_grad: grad[j][i] (+)= sum_r scaled[r][j] * rows[r][i] for j < nj, i < ni.
+  // One register block of outer_grad: grad[j][i] (+)= sum_r scaled[r][j] * rows[r][i] for j < nj, i < ni, with
+  // scaled's entries for rows r .. r + Q - 1 ld apart. The rows' lines are prefetched kAhead rows ahead: rows a page
+  // or more apart are too many streams for the hardware prefetcher.
   template <int J, int NC>
-  static void outer_grad_block(const OuterT* scaled, const T* rows, size_t ldrows, int count, int nj, int ni,
+  static void outer_grad_block(const OuterT* scaled, int ld, const T* rows, size_t ldrows, int count, int nj, int ni,
                                float* grad, size_t gj, bool add) {
+    constexpr int kAhead = 16;
     typename Ops::V sum[J][NC];
     for (int jj = 0; jj < J; ++jj)
       for (int v = 0; v < NC; ++v) sum[jj][v] = Ops::zero();
     for (int r = 0; r < count; r += Q) {
+      for (int q = 0; q < Q; ++q)
+        if (r + q + kAhead < count) __builtin_prefetch(rows + (r + q + kAhead) * ldrows);
       alignas(64) OuterT operand[NC * kPanel * Q];  // rows r .. r + Q - 1 as one panel row
       const T* row = rows + r * ldrows;
       if constexpr (kPairedRows) {  // 32-bit words, value 2l in the low half; an odd count's last row pairs with 0
@@ -432,9 +441,10 @@ struct Core {
       }
       decltype(Ops::load_b(operand)) b[NC];
       for (int v = 0; v < NC; ++v) b[v] = Ops::load_b(operand + v * kPanel * Q);
+      const OuterT* a = scaled + r / Q * ld;
       for (int jj = 0; jj < J; ++jj) {
-        const auto a = Ops::load_a(scaled + (r / Q * J + jj) * Q);
-        for (int v = 0; v < NC; ++v) sum[jj][v] = Ops::madd(sum[jj][v], b[v], a);
+        const auto av = Ops::load_a(a + jj * Q);
+        for (int v = 0; v < NC; ++v) sum[jj][v] = Ops::madd(sum[jj][v], b[v], av);
       }
     }
     for (int jj = 0; jj < nj; ++jj) {
