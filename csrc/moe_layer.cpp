@@ -383,6 +383,7 @@ class ForwardJob : public LayerJob {
         }
         p.ag_s = ex_.ag_s.reserve(R * p.r1p * s);
         p.ad_s = ex_.ad_s.reserve(R * p.r2p * s);
+        c.forward_id = ex_.lora_layout_of = ++ex_.forwards_run;
         return lora_row_blocks();
       }
       case 1: return active();
@@ -442,6 +443,10 @@ class BackwardJob : public LayerJob {
         p.gbg_s = ex_.gbg_s.reserve(R * p.r1p * s);
         p.gu_Gt = static_cast<float*>(ex_.gu_Gt.reserve(static_cast<size_t>(p.E) * p.gu.rank * 2 * p.I * 4));
         p.dn_Gt = static_cast<float*>(ex_.dn_Gt.reserve(static_cast<size_t>(p.E) * p.dn.rank * p.H * 4));
+        // The forward's layout is still there: nothing to redo (the factors do not change between a forward and its
+        // backward, as no tensor autograd needs may).
+        if (ex_.lora_layout_of == ctx_->forward_id) return 0;
+        ex_.lora_layout_of = ctx_->forward_id;
         return lora_row_blocks();
       }
       case 1: return active();

@@ -65,6 +65,9 @@ struct Executor {
   SavedActivations activations;  // of the forwards that keep none
   Buffer rows_out, lora_pk, ag_s, ad_s, dY, dw_parts, dG, dU, bdy, bdy_s, gbg, gbg_s, scratch, gu_Bt, dn_Bt,
       gu_Gt, dn_Gt;
+  // Which forward's LoRA B factors gu_Bt and dn_Bt hold (ids count the forwards run here): a backward right after
+  // its forward (the bench, or a checkpointed layer's recompute) finds them there and skips its layout phase.
+  uint64_t lora_layout_of = 0, forwards_run = 0;
 };
 std::shared_ptr<Executor> shared_executor(int threads);
 // Over the executors alive: the bytes their activation caches hold, and handing those back to the system.
@@ -86,6 +89,7 @@ struct ForwardContext {
   std::vector<int32_t> row_src, active;
   std::vector<float> row_weight;
   std::unique_ptr<SavedActivations> saved;  // with save_for_backward; returns to `cache` with the context
+  uint64_t forward_id = 0;                  // see Executor::lora_layout_of
   std::shared_ptr<ActivationCache> cache;
 };
 
