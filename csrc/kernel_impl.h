@@ -374,10 +374,10 @@ struct Core {
     }
   }
 
-  // outer_grad's operands: on a backend that multiplies bf16 pairs natively, pairs of bf16 rows (r, r + 1) in one
-  // multiply-add, half the multiply-adds of fp32, with the coefficients rounded to bf16 as a bf16 GEMM's operands
-  // are; elsewhere single rows widened to fp32.
-  static constexpr bool kPairedRows = P == 2 && Ops::kNativePairs;
+  // outer_grad's operands: where the backend asks for them, pairs of bf16 rows (r, r + 1) in one multiply-add (half
+  // the multiply-adds of fp32 on a backend that multiplies pairs in one instruction), with the coefficients rounded
+  // to bf16 as a bf16 GEMM's operands are; elsewhere single rows widened to fp32.
+  static constexpr bool kPairedRows = P == 2 && Ops::kPairedOuterProducts;
   using OuterT = std::conditional_t<kPairedRows, T, float>;
   static constexpr int Q = kPairedRows ? 2 : 1;  // rows per multiply-add
 
@@ -400,9 +400,9 @@ struct Core {
         for (int r = 0; r < static_cast<int>(round_up(nr, Q)); ++r) {  // an odd count's padding row: zeros
           const bool live = r < nr;
           const float s = live ? (row_scale ? scale * row_scale[r0 + r] : scale) : 0.f;
-          const float* c = coef + (r0 + r) * ldcoef + g0;
           for (int j = 0; j < ranks; ++j)
-            scaled[(r / Q * ranks + j) * Q + r % Q] = Elem<OuterT>::from(live && j < group ? s * c[j] : 0.f);
+            scaled[(r / Q * ranks + j) * Q + r % Q] =
+                Elem<OuterT>::from(live && j < group ? s * coef[(r0 + r) * ldcoef + g0 + j] : 0.f);
         }
         for (int i0 = 0; i0 < n; i0 += NC * kPanel)
           for (int j0 = 0; j0 < group; j0 += J)
@@ -413,9 +413,9 @@ struct Core {
     }
   }
 
-  // One register block of outer_grad: grad[j][i] (+)= sum_r scaled[r][j] * rows[r][i] for j < nj, i < ni, with
-  // scaled's entries for rows r .. r + Q - 1 ld apart. The rows' lines are prefetched kAhead rows ahead: rows a page
-  // or more apart are too many streams for the hardware prefetcher.
+  // One register block of outer_grad: grad[j][i] (+)= sum_r scaled[r][j] * rows[r][i] for j < nj, i < ni, with the
+  // Q entries of a group of rows side by side and the groups ld apart. The rows' lines are prefetched kAhead rows
+  // ahead: rows a page or more apart are too many streams for the hardware prefetcher.
   template <int J, int NC>
   static void outer_grad_block(const OuterT* scaled, int ld, const T* rows, size_t ldrows, int count, int nj, int ni,
                                float* grad, size_t gj, bool add) {
@@ -425,7 +425,9 @@ struct Core {
       for (int v = 0; v < NC; ++v) sum[jj][v] = Ops::zero();
     for (int r = 0; r < count; r += Q) {
       for (int q = 0; q < Q; ++q)
-        if (r + q + kAhead < count) __builtin_prefetch(rows + (r + q + kAhead) * ldrows);
+        if (r + q + kAhead < count)
+          for (size_t off = 0; off < NC * kPanel * sizeof(T); off += 64)
+            __builtin_prefetch(reinterpret_cast<const char*>(rows + (r + q + kAhead) * ldrows) + off);
       alignas(64) OuterT operand[NC * kPanel * Q];  // rows r .. r + Q - 1 as one panel row
       const T* row = rows + r * ldrows;
       if constexpr (kPairedRows) {  // 32-bit words, value 2l in the low half; an odd count's last row pairs with 0

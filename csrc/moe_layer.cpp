@@ -368,6 +368,7 @@ class ForwardJob : public LayerJob {
     Plan& p = plan_;
     switch (phase) {
       case 0: {
+        ex_.lora_layout_of = 0;  // until this job has made the layout, should a reserve below fail
         reserve_common(ex_);
         ForwardContext& c = *ctx_;
         const size_t R = rows(), s = es();
@@ -431,6 +432,12 @@ class BackwardJob : public LayerJob {
     Plan& p = plan_;
     switch (phase) {
       case 0: {
+        // The forward's layout is still there when no job has made another since and the buffers stayed put: the
+        // factors as the forward used them (they must not change before its backward; if they do, a backward that
+        // redoes the layout sees them as they are now).
+        const void* layout[2] = {ex_.gu_Bt.data(), ex_.dn_Bt.data()};
+        const bool layout_kept = ex_.lora_layout_of == ctx_->forward_id;
+        ex_.lora_layout_of = 0;  // until this job has made the layout, should a reserve below fail
         reserve_common(ex_);
         const size_t R = rows(), s = es();
         p.dY = ex_.dY.reserve(R * p.ldh * s);
@@ -443,11 +450,8 @@ class BackwardJob : public LayerJob {
         p.gbg_s = ex_.gbg_s.reserve(R * p.r1p * s);
         p.gu_Gt = static_cast<float*>(ex_.gu_Gt.reserve(static_cast<size_t>(p.E) * p.gu.rank * 2 * p.I * 4));
         p.dn_Gt = static_cast<float*>(ex_.dn_Gt.reserve(static_cast<size_t>(p.E) * p.dn.rank * p.H * 4));
-        // The forward's layout is still there: nothing to redo (the factors do not change between a forward and its
-        // backward, as no tensor autograd needs may).
-        if (ex_.lora_layout_of == ctx_->forward_id) return 0;
         ex_.lora_layout_of = ctx_->forward_id;
-        return lora_row_blocks();
+        return layout_kept && layout[0] == p.gu_Bt && layout[1] == p.dn_Bt ? 0 : lora_row_blocks();
       }
       case 1: return active();
       case 2: return blocks(p.Ip);

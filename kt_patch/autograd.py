@@ -3,7 +3,8 @@
 Gradients come back the ordinary way: to the hidden states, to the routing weights (the exact
 ``dL/dw[t,j] = <dL/dy[t], expert_j(x[t])>``, so a trainable router learns) and to the LoRA factor tensors, which
 torch's AccumulateGrad adds into ``.grad`` — so micro-batch accumulation, ``zero_grad``, clipping and any optimizer
-behave as for any parameter. The kernel computes every gradient in fp32.
+behave as for any parameter. The kernel accumulates every gradient in fp32 (with bf16 weights, from bf16 operands,
+as a bf16 GEMM does).
 
 Activation checkpointing (the phase comes from :mod:`kt_patch.integrations.checkpointing`), by option
 ``checkpoint_policy``:

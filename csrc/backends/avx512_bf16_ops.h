@@ -2,7 +2,7 @@
 // backends; include inside the backend's anonymous namespace, after avx_extras.h.
 struct Avx512Bf16Ops : AvxExtras {
   static constexpr int MR = 12, NV = 2;
-  static constexpr bool kNativePairs = true;  // vdpbf16ps
+  static constexpr bool kPairedOuterProducts = true;  // vdpbf16ps
   using V = __m512;
 
   static V zero() { return _mm512_setzero_ps(); }

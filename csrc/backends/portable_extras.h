@@ -2,7 +2,7 @@
 // transposes; include inside the backend's anonymous namespace and derive Ops from it.
 struct PortableExtras {
   static constexpr bool kTilesTakeAllRows = false;
-  static constexpr bool kNativePairs = false;
+  static constexpr bool kPairedOuterProducts = false;
   template <class T>
   static int gemm_tiles(const T*, size_t, int, int, const T*, size_t, int, float*, size_t, bool) {
     return 0;

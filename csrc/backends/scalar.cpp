@@ -8,8 +8,8 @@
 //   gemm_tiles(...)    rows a matrix-tile unit computes itself (the first ones), returning how many; 0 if none
 //   kTilesTakeAllRows  gemm_tiles computes every bf16 row: the backward then packs transposed panels for it even
 //                      for a few rows, instead of multiplying transposed blocks on the vector unit as it makes them
-//   kNativePairs       madd of bf16 pairs is one instruction: outer products then multiply bf16 row pairs rather
-//                      than rows widened to fp32
+//   kPairedOuterProducts   the LoRA gradients' outer products multiply bf16 row pairs with madd (half the
+//                      multiply-adds where that is one instruction) rather than rows widened to fp32
 //   transpose_words(src, out)   out[q][kp] = src[kp][q] for 8 x 8 64-bit words, middle 16-bit halves swapped in
 //                      each (the backward's transposed bf16 panels); false: use the portable loop
 //   transpose_floats(src, ls, dst, ld)   dst[c * ld + r] = src[r * ls + c] for r, c < 8 (the LoRA B factors between
@@ -22,6 +22,8 @@ using namespace kt;
 
 struct Ops : PortableExtras {
   static constexpr int MR = 4, NV = 1;
+  // No faster here, and no slower: the paired path of the AVX-512 backends, run (and so tested) on every machine.
+  static constexpr bool kPairedOuterProducts = true;
   struct V {
     float v[kPanel];
   };
