@@ -22,7 +22,8 @@ using namespace kt;
 
 struct Ops : PortableExtras {
   static constexpr int MR = 4, NV = 1;
-  // No faster here, and no slower: the paired path of the AVX-512 backends, run (and so tested) on every machine.
+  // The AVX-512 backends' paired path, taken here too so that every machine runs (and so tests) it; the multiply-adds
+  // are as many here either way.
   static constexpr bool kPairedOuterProducts = true;
   struct V {
     float v[kPanel];
