@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 SHAPES = {"qwen30b": (2048, 768, 128, 8), "small": (1024, 512, 32, 4)}  # hidden, intermediate, experts, top-k
+BACKENDS = ("kt_patch", "torch_bf16", "kt_kernel")
 RANK, ALPHA = 8, 16.0
 ANCHOR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench", "kt_anchor_bench.py")
 
@@ -153,10 +154,14 @@ def run_kt_kernel(shape, qlens, threads, anchor):
 def machine():
     info = {"platform": platform.platform(), "cpu": platform.processor(), "cores": os.cpu_count(),
             "torch": torch.__version__}
-    try:
+    try:  # the first processor's entry; family/model tell CPU generations apart that share a model name
         with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+        fields = {key.strip(): value.strip() for key, value in fields.items()}
+        info["cpu"] = fields.get("model name", info["cpu"])
+        info.update({f"cpu_{key.replace('cpu ', '')}": fields[key] for key in ("cpu family", "model", "stepping")
+                     if key in fields})
+    except OSError:
         pass
     from .kernel import supported_isas
 
@@ -170,7 +175,7 @@ def main(argv=None):
     ap.add_argument("--shapes", default="small,qwen30b", help=f"comma list of {', '.join(SHAPES)}")
     ap.add_argument("--qlens", default="128,512,2048")
     ap.add_argument("--threads", type=int, default=None, help="default: the kt_patch threads option")
-    ap.add_argument("--backends", default="kt_patch,torch_bf16,kt_kernel")
+    ap.add_argument("--backends", default=",".join(BACKENDS))
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds of timed iterations per point")
     ap.add_argument("--anchor", default=ANCHOR, help="path of shared/bench/kt_anchor_bench.py (for kt_kernel)")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -181,14 +186,24 @@ def main(argv=None):
     if args.profile:
         os.environ["KT_PROFILE"] = "1"  # read by the kernel when its first job runs
     threads = args.threads or options.resolve().threads
-    qlens = [int(q) for q in args.qlens.split(",")]
-    backends = args.backends.split(",")
+    shapes, backends = args.shapes.split(","), args.backends.split(",")
+    for what, given, allowed in (("shape", shapes, SHAPES), ("backend", backends, BACKENDS)):
+        if unknown := [g for g in given if g not in allowed]:
+            ap.error(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(allowed)}")
+    try:
+        qlens = [int(q) for q in args.qlens.split(",")]
+    except ValueError:
+        ap.error(f"--qlens takes a comma list of integers, got {args.qlens!r}")
+    if min(qlens) < 1:
+        ap.error(f"--qlens must be ≥ 1, got {args.qlens!r}")
     if "kt_kernel" in backends and not (importlib.util.find_spec("kt_kernel") and os.path.exists(args.anchor)):
         print("kt_kernel: not importable here (or anchor script missing); skipped", file=sys.stderr)
         backends.remove("kt_kernel")
     report = {"machine": machine(), "results": []}
-    print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cpus, isas {report['machine']['isas']}")
-    for shape in args.shapes.split(","):
+    cpu = report["machine"]
+    print(f"machine: {cpu['cpu']} (family {cpu.get('cpu_family', '?')} model {cpu.get('cpu_model', '?')}), "
+          f"{cpu['cores']} cpus, isas {cpu['isas']}")
+    for shape in shapes:
         H, I, E, k = SHAPES[shape]
         weights, lora_gu, lora_dn = make_layer(H, I, E)
         batches = {T: make_batch(T, H, E, k, seed=T) for T in qlens}
