@@ -35,15 +35,27 @@ class BuildExt(build_ext):
 
 
 class BuildPy(build_py):
-    """Puts kt_patch.pth at the top of the wheel, i.e. in site-packages, where Python reads it at start-up: it
-    activates kt_patch when KT_ENABLE is set and does nothing else."""
+    """Puts kt_patch.pth in site-packages, where Python reads it at start-up: it activates kt_patch when KT_ENABLE is
+    set and does nothing else.
+
+    A regular wheel carries it at its top. An editable wheel installs nothing from the build folder (the package is
+    read from the source tree), so there it goes into the wheel's ``.data/purelib``, which installers also put in
+    site-packages; setuptools points ``install_data`` at that wheel's ``.data/data`` while it builds one.
+    """
 
     def run(self):
         super().run()
-        shutil.copy(os.path.join("kt_patch", "kt_patch.pth"), os.path.join(self.build_lib, "kt_patch.pth"))
+        os.makedirs(os.path.dirname(self._pth_output()), exist_ok=True)
+        shutil.copy(os.path.join("kt_patch", "kt_patch.pth"), self._pth_output())
 
     def get_outputs(self, include_bytecode=True):
-        return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, "kt_patch.pth")]
+        return super().get_outputs(include_bytecode) + [self._pth_output()]
+
+    def _pth_output(self):
+        if not self.editable_mode:
+            return os.path.join(self.build_lib, "kt_patch.pth")
+        data = self.get_finalized_command("install").install_data
+        return os.path.join(os.path.dirname(data), "purelib", "kt_patch.pth")
 
 
 sources = ["csrc/binding.cpp", "csrc/moe_layer.cpp", "csrc/thread_pool.cpp", "csrc/backends/scalar.cpp",

@@ -1,4 +1,7 @@
-"""A regular install puts kt_patch.pth in site-packages, and that file activates kt_patch only under KT_ENABLE."""
+"""A regular install puts kt_patch.pth in site-packages, and that file activates kt_patch only under KT_ENABLE.
+
+The editable install of the README's commands is covered by test_patch.py's launcher tests, which need its .pth.
+"""
 import os
 import subprocess
 import sys

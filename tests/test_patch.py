@@ -83,11 +83,12 @@ def test_kt_enable_env_through_pth_line(checkpoints):
 INSTALLED_PTH = os.path.join(sysconfig.get_paths()["purelib"], "kt_patch.pth")
 
 
-@pytest.mark.skipif(not os.path.exists(INSTALLED_PTH), reason="kt_patch.pth not installed (editable install)")
 @pytest.mark.parametrize("launcher", [[], ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"],
                                       ["-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1"]])
 def test_kt_enable_with_launchers(checkpoints, tmp_path, launcher):
     """An unmodified script under python / torchrun / accelerate launch is patched through the installed .pth."""
+    assert os.path.exists(INSTALLED_PTH), "kt_patch.pth is not in site-packages: install kt_patch with pip " \
+                                          "(`pip install -e .` or `pip install .`) before running the tests"
     script = tmp_path / "train.py"
     script.write_text("from peft import get_peft_model\n" + textwrap.dedent(LOAD_AND_REPORT).format(
         path=os.path.join(checkpoints, "qwen3_moe")))
