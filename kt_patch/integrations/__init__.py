@@ -9,7 +9,7 @@ import sys
 
 import wrapt
 
-from . import checkpointing
+from . import checkpointing, ddp
 from . import peft as peft_integration
 from . import transformers as transformers_integration
 
@@ -17,6 +17,7 @@ from . import transformers as transformers_integration
 _HOOKS = {
     "transformers.modeling_utils": transformers_integration.install,
     "torch.utils.checkpoint": checkpointing.install_torch_hook,
+    "torch.nn.parallel.distributed": ddp.install,
     "peft.tuners.tuners_utils": peft_integration.install_tuner_hook,
     "peft.peft_model": peft_integration.install_save_hook,
     "peft.tuners.lora.layer": peft_integration.install_merge_hook,
