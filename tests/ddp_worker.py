@@ -3,6 +3,7 @@
     python ddp_worker.py CHECKPOINT OUT [--checkpointing]                    # one process, the whole batch
     torchrun --nproc_per_node 2 ddp_worker.py CHECKPOINT OUT [...]          # DDP on gloo, half the batch each
     torchrun --nproc_per_node 2 ddp_worker.py CHECKPOINT OUT --trainer      # HF Trainer picks DDP itself
+    ... --cuda: the model (all but the routed experts) on the GPU; DDP still on gloo, every rank on cuda:0
 
 Both minimise the mean of the two half-batches' losses: the one process sums them, DDP averages the ranks'
 gradients. fp32; LoRA (all factors drawn at random, so the expert LoRA changes the outputs from the first step) on
@@ -22,6 +23,18 @@ kt_patch.enable(threads=1)
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
+
+def finish():
+    """End the process without interpreter teardown. gloo's threads release finished collectives, whose tensors need
+    the GIL, possibly after the main thread has started tearing the interpreter down; a thread asking for the GIL
+    then aborts the process (a PyTorch race: SIGABRT after all work was done, seen here in about 1 of 15 runs)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 checkpoint, out = sys.argv[1:3]
 world = int(os.environ.get("WORLD_SIZE", "1"))
 if world > 1:
@@ -36,6 +49,8 @@ with torch.no_grad():
     for param in model.parameters():
         if param.requires_grad:
             param.copy_(torch.randn(param.shape, generator=draw) * 0.1)
+device = torch.device("cuda" if "--cuda" in sys.argv else "cpu")
+model.to(device)
 if "--checkpointing" in sys.argv:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
@@ -50,12 +65,12 @@ if "--trainer" in sys.argv:
     if trainer.is_world_process_zero():
         trainer.save_model(out)  # the adapter, as a plain PEFT directory
         torch.save({"wrapped": type(trainer.model_wrapped).__name__, "world": trainer.args.world_size}, out + ".pt")
-    sys.exit(0)
+    finish()
 trained = {name: param for name, param in model.named_parameters() if param.requires_grad}
 initial = {name: param.detach().clone() for name, param in trained.items()}
 network = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 optimizer = torch.optim.AdamW(trained.values(), lr=1e-2)
-batch = torch.randint(3, 128, (4, 24), generator=torch.Generator().manual_seed(7))
+batch = torch.randint(3, 128, (4, 24), generator=torch.Generator().manual_seed(7)).to(device)
 halves = batch.chunk(2)
 
 losses, expert_grad_norms = [], {}
@@ -76,7 +91,7 @@ for step in range(3):
     losses.append(mean_loss.item())
 
 if rank == 0:
-    torch.save({"losses": losses, "initial": initial, "final": {n: p.detach().clone() for n, p in trained.items()},
+    torch.save({"losses": losses, "initial": {n: p.cpu() for n, p in initial.items()},
+                "final": {n: p.detach().cpu() for n, p in trained.items()},
                 "expert_grad_norms": expert_grad_norms}, out)
-if world > 1:
-    dist.destroy_process_group()
+finish()

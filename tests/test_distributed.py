@@ -31,19 +31,25 @@ def run_worker(launcher, checkpoint, out, *flags):
     return torch.load(out)
 
 
-@pytest.mark.parametrize("flags", [(), ("--checkpointing",)], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize("flags", [
+    (), ("--checkpointing",),
+    pytest.param(("--cuda",), marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+], ids=["plain", "checkpointing", "cuda"])
 def test_ddp_two_processes_train_as_one(checkpoint, tmp_path, flags):
+    """On the GPU the rest of the model is on cuda and the expert-LoRA factors in host memory: DDP alone refuses
+    parameters on two device types. GPU reductions are not bit-reproducible, so the tolerance there is looser."""
+    tolerance = 1e-4 if "--cuda" in flags else 1e-5
     one = run_worker([], checkpoint, tmp_path / "one.pt", *flags)
     two = run_worker(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], checkpoint,
                      tmp_path / "two.pt", *flags)
     assert one["expert_grad_norms"] and all(norm > 0 for norm in one["expert_grad_norms"].values())
-    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=tolerance, atol=0)
     assert two["final"].keys() == one["final"].keys()
     for name, final in one["final"].items():
         moved = (final - one["initial"][name]).norm() / one["initial"][name].norm()
         assert moved > 1e-3, f"{name} did not train"
         difference = (two["final"][name] - final).norm() / final.norm()
-        assert difference <= 1e-5, f"{name}: two processes {difference:.2e} away from one"
+        assert difference <= tolerance, f"{name}: two processes {difference:.2e} away from one"
 
 
 def test_trainer_under_torchrun_trains_with_ddp_and_saves_a_peft_adapter(checkpoint, tmp_path):

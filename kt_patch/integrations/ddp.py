@@ -1,30 +1,67 @@
-"""torch DistributedDataParallel: keep the routed experts' weight placeholders out of DDP's start-up broadcast.
+"""torch DistributedDataParallel on a patched model: the routed experts' parameters are synchronised here, not by DDP.
 
-A patched model's routed-expert weights are one-element placeholders expanded to the weights' shape (the values live
-in the kernel; see :func:`kt_patch.layer.weight_placeholder`), and DDP's broadcast of every parameter from rank 0
-cannot write into them. They are frozen and the same on every rank, so DDP is told to ignore them, through its
-``_set_params_and_buffers_to_ignore_for_model`` (names the caller already gave it are kept).
+Every process holds its own kernel and computes its own tokens. The routed experts' module holds the weight
+placeholders (one element expanded to the weights' shape; the values live in the kernel), which DDP's start-up
+broadcast cannot write into, and PEFT's expert-LoRA factors, which stay in host memory for the kernel while DDP wants
+every parameter it handles on one device type (and NCCL reduces no host memory). So DDP is told to ignore every
+parameter of the routed experts (through its ``_set_params_and_buffers_to_ignore_for_model``, keeping names the caller
+gave it), and here, on a gloo group of DDP's ranks, the trainable ones are broadcast from rank 0 once and their
+gradients are averaged as each is accumulated, as DDP would do. Averaging the accumulated gradient on every backward
+(also under ``no_sync``) gives the same sum, since after the first average every rank holds the same value.
 
-Every rank holds its own kernel and computes its own tokens; the expert-LoRA factors are ordinary parameters, so DDP
-averages their gradients like any other's. They live in host memory, which DDP's gloo backend reduces and NCCL does
-not.
+The frozen expert weights are not compared across ranks: every rank must load the same ones (``from_pretrained``
+does).
 """
 from __future__ import annotations
 
+import torch.distributed as dist
+
+_GLOO_GROUPS: dict = {}
+
 
 def install(distributed_module, patches) -> None:
-    patches.wrap(distributed_module.DistributedDataParallel, "__init__", _ignore_expert_placeholders)
+    patches.wrap(distributed_module.DistributedDataParallel, "__init__", _take_over_routed_experts)
 
 
-def _ignore_expert_placeholders(wrapped, instance, args, kwargs):
-    from ..layer import KtMoeLayer, is_placeholder
+def _take_over_routed_experts(wrapped, instance, args, kwargs):
+    from ..layer import KtMoeLayer
 
     module = args[0] if args else kwargs.get("module")
+    experts = {}  # full name -> parameter, over the routed experts of every KtMoeLayer in the module
     if module is not None:
-        placeholders = {f"{layer_name}.{name}" for layer_name, layer in module.named_modules()
-                        if isinstance(layer, KtMoeLayer)
-                        for name, param in layer.named_parameters() if is_placeholder(param)}
-        if placeholders:
-            given = set(vars(module).get("_ddp_params_and_buffers_to_ignore", ()))  # not a wrapped model's
-            type(instance)._set_params_and_buffers_to_ignore_for_model(module, sorted(given | placeholders))
-    return wrapped(*args, **kwargs)
+        for layer_name, layer in module.named_modules():
+            if isinstance(layer, KtMoeLayer):
+                prefix = ".".join(filter(None, (layer_name, layer.family.experts)))
+                experts.update(layer._modules[layer.family.experts].named_parameters(prefix=prefix))
+    if experts:
+        given = set(vars(module).get("_ddp_params_and_buffers_to_ignore", ()))  # not a wrapped model's
+        type(instance)._set_params_and_buffers_to_ignore_for_model(module, sorted(given | set(experts)))
+    result = wrapped(*args, **kwargs)
+    trainable = [param for param in experts.values() if param.requires_grad]
+    if trainable:
+        _average_across_ranks(trainable, instance.process_group)
+    return result
+
+
+def _average_across_ranks(params, process_group) -> None:
+    group = _gloo_group(process_group)
+    source = dist.get_global_rank(group, 0)
+    size = dist.get_world_size(group)
+    for param in params:
+        dist.broadcast(param.data, src=source, group=group)
+        if getattr(param, "_kt_patch_grad_average", None) is None:  # one hook, however often DDP is built
+            def average(param, group=group, size=size):
+                dist.all_reduce(param.grad, group=group)
+                param.grad.div_(size)
+
+            param._kt_patch_grad_average = param.register_post_accumulate_grad_hook(average)
+
+
+def _gloo_group(process_group):
+    """``process_group`` if its backend reduces host memory, else a gloo group of the same ranks (made once)."""
+    if "gloo" in str(dist.get_backend(process_group)):
+        return process_group
+    key = tuple(dist.get_process_group_ranks(process_group))
+    if key not in _GLOO_GROUPS:
+        _GLOO_GROUPS[key] = dist.new_group(ranks=list(key), backend="gloo")
+    return _GLOO_GROUPS[key]
