@@ -34,7 +34,7 @@ def tiled_normal_init(block_size=4_194_301):  # prime: a row of any shape here d
     original = torch.Tensor.normal_
 
     def normal_(tensor, mean=0.0, std=1.0, *, generator=None):
-        if not tensor.is_contiguous() or tensor.numel() < block_size:
+        if generator is not None or not tensor.is_contiguous() or tensor.numel() < block_size:
             return original(tensor, mean, std, generator=generator)
         shift = int(torch.randint(block_size, (), generator=draw))
         source = (block.roll(shift) * std + mean).to(tensor.dtype)

@@ -195,14 +195,17 @@ def main(argv=None):
     except ValueError:
         ap.error(f"--qlens takes a comma list of integers, got {args.qlens!r}")
     if min(qlens) < 1:
-        ap.error(f"--qlens must be ≥ 1, got {args.qlens!r}")
+        ap.error(f"--qlens must be >= 1, got {args.qlens!r}")
+    shapes, backends, qlens = (list(dict.fromkeys(values)) for values in (shapes, backends, qlens))  # once each
     if "kt_kernel" in backends and not (importlib.util.find_spec("kt_kernel") and os.path.exists(args.anchor)):
         print("kt_kernel: not importable here (or anchor script missing); skipped", file=sys.stderr)
         backends.remove("kt_kernel")
+        if not backends:
+            sys.exit("nothing to run: kt_kernel was the only backend asked for")
     report = {"machine": machine(), "results": []}
-    cpu = report["machine"]
-    print(f"machine: {cpu['cpu']} (family {cpu.get('cpu_family', '?')} model {cpu.get('cpu_model', '?')}), "
-          f"{cpu['cores']} cpus, isas {cpu['isas']}")
+    machine_info = report["machine"]
+    print(f"machine: {machine_info['cpu']} (family {machine_info.get('cpu_family', '?')} model "
+          f"{machine_info.get('cpu_model', '?')}), {machine_info['cores']} cpus, isas {machine_info['isas']}")
     for shape in shapes:
         H, I, E, k = SHAPES[shape]
         weights, lora_gu, lora_dn = make_layer(H, I, E)

@@ -29,7 +29,7 @@ def test_bench_json_report(tmp_path, capsys):
     (["--shapes", "qwen3"], "unknown shape qwen3; choose from qwen30b, small"),
     (["--backends", "kt_patch,vllm"], "unknown backend vllm"),
     (["--qlens", "128,x"], "--qlens takes a comma list of integers"),
-    (["--qlens", "0"], "--qlens must be ≥ 1"),
+    (["--qlens", "0"], "--qlens must be >= 1"),
 ])
 def test_bench_rejects_bad_arguments(args, message):
     run = subprocess.run([sys.executable, "-m", "kt_patch", "bench", *args], capture_output=True, text=True)

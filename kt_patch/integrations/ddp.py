@@ -5,15 +5,17 @@ placeholders (one element expanded to the weights' shape; the values live in the
 broadcast cannot write into, and PEFT's expert-LoRA factors, which stay in host memory for the kernel while DDP wants
 every parameter it handles on one device type (and NCCL reduces no host memory). So DDP is told to ignore every
 parameter of the routed experts (through its ``_set_params_and_buffers_to_ignore_for_model``, keeping names the caller
-gave it), and here, on a gloo group of DDP's ranks, the trainable ones are broadcast from rank 0 once and their
-gradients are averaged as each is accumulated, as DDP would do. Averaging the accumulated gradient on every backward
-(also under ``no_sync``) gives the same sum, since after the first average every rank holds the same value.
+gave it). Here, on a gloo group of DDP's ranks of their own, the trainable ones are broadcast from rank 0 once and
+their gradients are averaged at the end of every backward, as DDP would do. Averaging the accumulated gradient on
+every backward (also under ``no_sync``) gives the same sum, since after the first average every rank holds the same
+value.
 
 The frozen expert weights are not compared across ranks: every rank must load the same ones (``from_pretrained``
 does).
 """
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 
 _GLOO_GROUPS: dict = {}
@@ -44,23 +46,46 @@ def _take_over_routed_experts(wrapped, instance, args, kwargs):
 
 
 def _average_across_ranks(params, process_group) -> None:
+    if any(getattr(param, "_kt_patch_gradient_average", None) is not None for param in params):
+        return  # DDP built again around the same model: its gradients are already averaged
     group = _gloo_group(process_group)
     source = dist.get_global_rank(group, 0)
-    size = dist.get_world_size(group)
     for param in params:
         dist.broadcast(param.data, src=source, group=group)
-        if getattr(param, "_kt_patch_grad_average", None) is None:  # one hook, however often DDP is built
-            def average(param, group=group, size=size):
-                dist.all_reduce(param.grad, group=group)
-                param.grad.div_(size)
+    averager = _GradientAverage(params, group)
+    for param in params:
+        param._kt_patch_gradient_average = param.register_post_accumulate_grad_hook(averager.accumulated)
 
-            param._kt_patch_grad_average = param.register_post_accumulate_grad_hook(average)
+
+class _GradientAverage:
+    """Averages the expert-LoRA gradients across the ranks once a backward has finished, in one fixed order.
+
+    Not in each gradient's own hook: with the model on an accelerator, the host-memory gradients are accumulated on
+    the CPU thread of the autograd engine while the accelerator's thread goes on, so their order differs between
+    ranks and collectives issued from the hooks would not match.
+    """
+
+    def __init__(self, params, group):
+        self.params, self.group, self.size = params, group, dist.get_world_size(group)
+        self.accumulated_ids: set[int] = set()
+
+    def accumulated(self, param) -> None:
+        if not self.accumulated_ids:
+            torch.autograd.Variable._execution_engine.queue_callback(self.average)  # runs when the backward ends
+        self.accumulated_ids.add(id(param))
+
+    def average(self) -> None:
+        accumulated, self.accumulated_ids = self.accumulated_ids, set()
+        for param in self.params:
+            if id(param) in accumulated:
+                dist.all_reduce(param.grad, group=self.group)
+                param.grad.div_(self.size)
 
 
 def _gloo_group(process_group):
-    """``process_group`` if its backend reduces host memory, else a gloo group of the same ranks (made once)."""
-    if "gloo" in str(dist.get_backend(process_group)):
-        return process_group
+    """A gloo group of ``process_group``'s ranks, made once, for the expert-LoRA gradients alone: DDP's reducer
+    issues its own collectives from the accelerator's autograd thread, and sharing a group with it would interleave
+    theirs and ours in a different order on each rank."""
     key = tuple(dist.get_process_group_ranks(process_group))
     if key not in _GLOO_GROUPS:
         _GLOO_GROUPS[key] = dist.new_group(ranks=list(key), backend="gloo")
