@@ -46,14 +46,15 @@ def _take_over_routed_experts(wrapped, instance, args, kwargs):
 
 
 def _average_across_ranks(params, process_group) -> None:
-    if any(getattr(param, "_kt_patch_gradient_average", None) is not None for param in params):
+    new = [param for param in params if getattr(param, "_kt_patch_gradient_average", None) is None]
+    if not new:
         return  # DDP built again around the same model: its gradients are already averaged
     group = _gloo_group(process_group)
     source = dist.get_global_rank(group, 0)
-    for param in params:
+    for param in new:
         dist.broadcast(param.data, src=source, group=group)
-    averager = _GradientAverage(params, group)
-    for param in params:
+    averager = _GradientAverage(new, group)
+    for param in new:
         param._kt_patch_gradient_average = param.register_post_accumulate_grad_hook(averager.accumulated)
 
 
@@ -62,22 +63,31 @@ class _GradientAverage:
 
     Not in each gradient's own hook: with the model on an accelerator, the host-memory gradients are accumulated on
     the CPU thread of the autograd engine while the accelerator's thread goes on, so their order differs between
-    ranks and collectives issued from the hooks would not match.
+    ranks and collectives issued from the hooks would not match. The ranks first agree on which gradients any of them
+    accumulated (a layer may be missing from one rank's graph), so every rank issues the same collectives; a rank
+    whose backward reached no routed-expert layer at all issues none, and the others then wait for it.
     """
 
     def __init__(self, params, group):
         self.params, self.group, self.size = params, group, dist.get_world_size(group)
         self.accumulated_ids: set[int] = set()
+        self.queued_for = None  # the backward (graph task) whose end runs `average`
 
     def accumulated(self, param) -> None:
-        if not self.accumulated_ids:
-            torch.autograd.Variable._execution_engine.queue_callback(self.average)  # runs when the backward ends
+        backward = torch._C._current_graph_task_id()
+        if self.queued_for != backward:  # also after a backward that failed before its end
+            self.queued_for, self.accumulated_ids = backward, set()
+            torch.autograd.Variable._execution_engine.queue_callback(self.average)
         self.accumulated_ids.add(id(param))
 
     def average(self) -> None:
-        accumulated, self.accumulated_ids = self.accumulated_ids, set()
-        for param in self.params:
-            if id(param) in accumulated:
+        accumulated, self.accumulated_ids, self.queued_for = self.accumulated_ids, set(), None
+        used = torch.tensor([id(param) in accumulated for param in self.params], dtype=torch.int32)
+        dist.all_reduce(used, group=self.group)
+        for param, anywhere in zip(self.params, used.tolist()):
+            if anywhere:
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
                 dist.all_reduce(param.grad, group=self.group)
                 param.grad.div_(self.size)
 
@@ -88,5 +98,6 @@ def _gloo_group(process_group):
     theirs and ours in a different order on each rank."""
     key = tuple(dist.get_process_group_ranks(process_group))
     if key not in _GLOO_GROUPS:
-        _GLOO_GROUPS[key] = dist.new_group(ranks=list(key), backend="gloo")
+        # only these ranks take part, so DDP on a subgroup (several data-parallel groups) makes no world-wide call
+        _GLOO_GROUPS[key] = dist.new_group(ranks=list(key), backend="gloo", use_local_synchronization=True)
     return _GLOO_GROUPS[key]
