@@ -5,7 +5,7 @@ placeholders (one element expanded to the weights' shape; the values live in the
 broadcast cannot write into, and PEFT's expert-LoRA factors, which stay in host memory for the kernel while DDP wants
 every parameter it handles on one device type (and NCCL reduces no host memory). So DDP is told to ignore every
 parameter of the routed experts (through its ``_set_params_and_buffers_to_ignore_for_model``, keeping names the caller
-gave it). Here, on a gloo group of DDP's ranks of their own, the trainable ones are broadcast from rank 0 once and
+gave it). Here, on a gloo group of their own over DDP's ranks, the trainable ones are broadcast from rank 0 once and
 their gradients are averaged at the end of every backward, as DDP would do. Averaging the accumulated gradient on
 every backward (also under ``no_sync``) gives the same sum, since after the first average every rank holds the same
 value.
