@@ -60,11 +60,11 @@ def memory_plan(path: str, dtype, backward_weights: str) -> dict:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     size = torch.finfo(dtype).bits // 8
-    blocks = [(module, family) for module in model.modules() if (family := registry.family_of(module)) is not None]
-    expert_params = sum(p.numel() for module, family in blocks for p in getattr(module, family.experts).parameters())
+    experts = [getattr(block, family.experts) for _, block, family in registry.moe_blocks(model)]
+    expert_params = sum(p.numel() for module in experts for p in module.parameters())
     copies = 2 if backward_weights == "copy" else 1
-    return {"model": f"{config.model_type} ({type(model).__name__})", "layers": len(blocks),
-            "experts": sum(getattr(module, family.experts).gate_up_proj.shape[0] for module, family in blocks),
+    return {"model": f"{config.model_type} ({type(model).__name__})", "layers": len(experts),
+            "experts": sum(module.gate_up_proj.shape[0] for module in experts),
             "kernel_bytes": expert_params * size * copies,
             "accelerator_bytes": (sum(p.numel() for p in model.parameters()) + _saved_buffer_elements(model)
                                   - expert_params) * size}

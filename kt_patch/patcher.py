@@ -32,8 +32,7 @@ def patch_model(model: nn.Module, options: Options) -> PatchSummary | None:
     model_name = type(model).__name__
     if isinstance(getattr(model, "kt_patch_summary", None), PatchSummary):
         return model.kt_patch_summary
-    blocks = [(name, module, family) for name, module in model.named_modules()
-              if (family := registry.family_of(module)) is not None]
+    blocks = registry.moe_blocks(model)
     if not blocks:
         logger.info("kt_patch: %s has no known sparse-MoE block; left untouched (known families: %s)",
                     model_name, ", ".join(registry.names()))

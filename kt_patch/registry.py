@@ -77,6 +77,12 @@ def family_of(module: nn.Module) -> MoeFamily | None:
     return _BY_BLOCK_CLASS.get(type(module).__name__)
 
 
+def moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module, MoeFamily]]:
+    """``(name, block, family)`` of every known sparse-MoE block in ``model``, in module order."""
+    return [(name, module, family) for name, module in model.named_modules()
+            if (family := family_of(module)) is not None]
+
+
 def names() -> list[str]:
     return [family.name for family in FAMILIES]
 
