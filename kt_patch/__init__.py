@@ -2,22 +2,27 @@
 
 ``kt_patch.enable(**options)`` (or ``KT_ENABLE=1``) patches transformers / PEFT through post-import hooks;
 ``kt_patch.disable()`` restores them. Options: see ``kt_patch.options.Options``.
+
+``import kt_patch`` loads only the options: the hooks (and with them torch and the kernel) are loaded by
+``enable()``, so that the ``KT_ENABLE`` start-up hook costs nothing in programs that never train.
 """
 from __future__ import annotations
 
 import logging
 
-from .options import Options, OptionError, resolve
+from . import options as _options
+from .options import OptionError, Options
 
-_options: Options | None = None
 logger = logging.getLogger("kt_patch")
 
 
 def enable(**options) -> Options:
     """Validate the options and install the hooks; calling it again replaces the options."""
-    global _options
-    _options = resolve(options)
-    logger.setLevel(_options.log_level)
+    resolved = _options.resolve(options)
+    from . import integrations  # the deliberate deferral described in the module docstring
+
+    _options.set_current(resolved)
+    logger.setLevel(resolved.log_level)
     if not logger.handlers and not logging.getLogger().handlers:
         # Nothing configured: show the summary lines on stderr; not propagated, so that a logging.basicConfig() made
         # later does not print them twice.
@@ -25,24 +30,21 @@ def enable(**options) -> Options:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
-    from . import integrations
-
     integrations.install()
-    return _options
+    return resolved
 
 
 def disable() -> None:
     """Remove the hooks; models loaded afterwards are stock (models already patched stay patched)."""
-    global _options
-    _options = None
     from . import integrations
 
+    _options.set_current(None)
     integrations.uninstall()
 
 
 def current_options() -> Options | None:
     """The options in force, or None while kt_patch is disabled."""
-    return _options
+    return _options.current()
 
 
-__all__ = ["Options", "OptionError", "current_options", "disable", "enable"]
+__all__ = ["OptionError", "Options", "current_options", "disable", "enable"]

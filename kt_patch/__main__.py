@@ -1,95 +1,27 @@
-"""``python -m kt_patch bench`` (kernel benchmark) and ``python -m kt_patch doctor`` (what this machine runs, and
-where a model's weights would go)."""
-import os
+"""``python -m kt_patch {bench,doctor}``."""
 import sys
 
+from . import bench, doctor
 
-def doctor(argv):
-    import argparse
-    from importlib import metadata
+USAGE = """usage: python -m kt_patch {bench,doctor} [options]
 
-    import torch
-
-    from . import options
-    from .bench import machine
-    from .kernel import supported_isas
-
-    ap = argparse.ArgumentParser(prog="python -m kt_patch doctor", description="What this machine runs, and with "
-                                 "--model, where a model's weights would go under kt_patch.")
-    ap.add_argument("--model", help="a local checkpoint directory or config.json (no downloads)")
-    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    args = ap.parse_args(argv)
-    opts = options.resolve()
-    plan = None
-    if args.model:
-        if not os.path.exists(args.model):
-            ap.error(f"--model {args.model}: no such checkpoint directory or config file")
-        try:
-            plan = memory_plan(args.model, getattr(torch, args.dtype), opts.backward_weights)
-        except (OSError, ValueError) as error:
-            ap.error(f"--model {args.model}: {error}")
-    info, isas = machine(), supported_isas()
-    versions = []
-    for package in ("kt_patch", "torch", "transformers", "peft", "accelerate", "deepspeed"):
-        try:
-            versions.append(f"{package} {metadata.version(package)}")
-        except metadata.PackageNotFoundError:
-            versions.append(f"{package} -")
-    print(f"kt_patch doctor\n  cpu            : {info['cpu']} (family {info.get('cpu_family', '?')} model "
-          f"{info.get('cpu_model', '?')}), {info['cores']} cpus\n  isas available : {', '.join(isas)}\n"
-          f"  isa chosen     : {isas[0] if opts.isa == 'auto' else opts.isa}\n  threads        : {opts.threads} "
-          f"(physical cores available: {options.physical_cores_available()})\n  versions       : "
-          f"{', '.join(versions)}\n  cuda available : {torch.cuda.is_available()}")
-    if plan is not None:
-        print(f"  model          : {plan['model']}, {plan['layers']} MoE layers, {plan['experts']} routed experts\n"
-              f"  host memory    : {_size(plan['kernel_bytes'])} of routed-expert weights in the kernel ({args.dtype},"
-              f" backward_weights={opts.backward_weights}, before padding)\n  accelerator    : "
-              f"{_size(plan['accelerator_bytes'])} of the other weights ({args.dtype}), before LoRA, optimizer state "
-              f"and activations")
+  bench    one MoE layer forward + backward with expert LoRA: the kernel beside a PyTorch bf16 reference
+           (python -m kt_patch bench --help)
+  doctor   what this machine runs (CPU, ISA backends, threads, versions) and, with --model PATH, the host memory a
+           model's routed experts take (python -m kt_patch doctor --help)"""
 
 
-def memory_plan(path: str, dtype, backward_weights: str) -> dict:
-    """Where a model's weights go under kt_patch, counted on an empty (meta) model built from its config."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from . import disable, registry
-
-    disable()  # the model below must not be patched: its weights are not real
-    config = AutoConfig.from_pretrained(path)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    size = torch.finfo(dtype).bits // 8
-    experts = [getattr(block, family.experts) for _, block, family in registry.moe_blocks(model)]
-    expert_params = sum(p.numel() for module in experts for p in module.parameters())
-    copies = 2 if backward_weights == "copy" else 1
-    return {"model": f"{config.model_type} ({type(model).__name__})", "layers": len(experts),
-            "experts": sum(module.gate_up_proj.shape[0] for module in experts),
-            "kernel_bytes": expert_params * size * copies,
-            "accelerator_bytes": (sum(p.numel() for p in model.parameters()) + _saved_buffer_elements(model)
-                                  - expert_params) * size}
-
-
-def _saved_buffer_elements(model) -> int:
-    """Elements of the buffers a checkpoint holds (e.g. DeepSeek's routing bias), not recomputed ones (rotary)."""
-    return sum(buffer.numel() for module in model.modules() for name, buffer in module._buffers.items()
-               if buffer is not None and name not in module._non_persistent_buffers_set)
-
-
-def _size(nbytes: int) -> str:
-    unit, scale = ("GiB", 2**30) if nbytes >= 2**30 else ("MiB", 2**20)
-    return f"{nbytes / scale:.2f} {unit} ({nbytes} bytes)"
-
-
-def main(argv):
+def main(argv) -> int:
     if argv[:1] == ["bench"]:
-        from .bench import main as bench
-
-        return bench(argv[1:])
+        return bench.main(argv[1:]) or 0
     if argv[:1] == ["doctor"]:
-        return doctor(argv[1:])
-    print("usage: python -m kt_patch {bench,doctor} [options]", file=sys.stderr)
+        return doctor.main(argv[1:])
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
+    print(USAGE, file=sys.stderr)
     return 2
 
 
-sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

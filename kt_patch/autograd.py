@@ -6,8 +6,8 @@ torch's AccumulateGrad adds into ``.grad`` — so micro-batch accumulation, ``ze
 behave as for any parameter. The kernel accumulates every gradient in fp32 (with bf16 weights, from bf16 operands,
 as a bf16 GEMM does).
 
-Activation checkpointing (the phase comes from :mod:`kt_patch.integrations.checkpointing`), by option
-``checkpoint_policy``:
+Activation checkpointing (the phase comes from :mod:`kt_patch.phase`), by ``policy`` (the ``checkpoint_policy``
+option):
 
 * ``recompute`` (default): the first forward of a checkpointed region keeps no activation cache; the recompute runs
   the experts again and keeps the cache for the backward. Least host memory; the experts run twice per step.
@@ -30,11 +30,9 @@ from collections.abc import Callable
 
 import torch
 
-from .integrations import checkpointing
-from .integrations.checkpointing import Phase
-from .kernel import ExpertKernel
+from .kernel import NO_LORA, ExpertKernel, ExpertLora
+from .phase import Phase, current_phase
 
-LoraTuple = tuple | None  # (A, B, scaling) in PEFT ParamWrapper layout
 _CACHE_ATTRIBUTE = "kt_activation_cache"
 
 
@@ -46,17 +44,15 @@ def _new_token(cache=None) -> torch.Tensor:
 
 class _ExpertFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, kernel: ExpertKernel, plan: _Plan, x, topk_ids, topk_weights, gu_scaling, dn_scaling, gu_A,
-                gu_B, dn_A, dn_B):
+    def forward(ctx, kernel: ExpertKernel, plan: _Plan, lora: ExpertLora, x, topk_ids, topk_weights, gu_A, gu_B,
+                dn_A, dn_B):
         x_meta, w_meta = (x.device, x.dtype), (topk_weights.device, topk_weights.dtype)
         kept = plan.kept_for_recompute(kernel, x.shape[0])
         if kept is not None:
             y, kctx = kept
         else:
-            kernel.set_lora(None if gu_A is None else (gu_A.detach(), gu_B.detach(), gu_scaling),
-                            None if dn_A is None else (dn_A.detach(), dn_B.detach(), dn_scaling))
             x_cpu = x.detach().to("cpu", kernel.dtype if x.dtype not in (torch.float32, torch.bfloat16) else x.dtype)
-            y, kctx = kernel.forward(x_cpu.contiguous(), topk_ids, topk_weights,
+            y, kctx = kernel.forward(x_cpu.contiguous(), topk_ids, topk_weights, lora,
                                      save_for_backward=plan.keeps_cache(any(ctx.needs_input_grad)))
             plan.ran_kernel()
         out = y.to(*x_meta)
@@ -87,7 +83,7 @@ class _ExpertFunction(torch.autograd.Function):
         lora_out = []
         for key, dtype in zip(("gate_up_A", "gate_up_B", "down_A", "down_B"), ctx.lora_meta):
             lora_out.append(None if dtype is None else grads[key].to(dtype))
-        return (None, None, dx.to(*ctx.x_meta), None, dw.to(*ctx.w_meta), None, None, *lora_out)
+        return (None, None, None, dx.to(*ctx.x_meta), None, dw.to(*ctx.w_meta), *lora_out)
 
 
 class _Plan:
@@ -115,22 +111,17 @@ class _Plan:
 
 
 def expert_forward(kernel: ExpertKernel, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                   gate_up: LoraTuple = None, down: LoraTuple = None, *, policy: str | None = None,
+                   lora: ExpertLora = NO_LORA, *, policy: str = "recompute",
                    on_kernel_run: Callable[[], None] | None = None) -> torch.Tensor:
     """``y[T,H] = sum_j w[t,j] expert_{ids[t,j]}(x[t])`` on the kernel, differentiable in x, topk_weights and the
-    LoRA factors. ``gate_up`` / ``down`` are ``(A, B, scaling)`` of PEFT's ParamWrapper on fused experts.
+    LoRA factors of ``lora`` (PEFT's ParamWrapper factors on fused experts).
 
-    ``policy`` is the checkpoint policy (default: the ``checkpoint_policy`` option); ``on_kernel_run`` is called each
-    time the experts actually run in the kernel (not when a retained output is handed to a recompute).
+    ``policy`` is the checkpoint policy (``recompute`` or ``retain``); ``on_kernel_run`` is called each time the
+    experts actually run in the kernel (not when a retained output is handed to a recompute).
     """
-    if policy is None:
-        from . import current_options
-
-        options = current_options()
-        policy = options.checkpoint_policy if options is not None else "recompute"
-    phase, region = checkpointing.current_phase(kernel.name, policy)
+    phase, region = current_phase(kernel.name, policy)
     plan = _Plan(phase, region, policy, on_kernel_run)
-    gu = gate_up or (None, None, 0.0)
-    dn = down or (None, None, 0.0)
-    return _ExpertFunction.apply(kernel, plan, x, topk_ids, topk_weights, float(gu[2]), float(dn[2]), gu[0], gu[1],
-                                 dn[0], dn[1])
+    factor_tensors = []  # autograd inputs, so that the factors receive their gradients
+    for factors in (lora.gate_up, lora.down):
+        factor_tensors += (None, None) if factors is None else (factors.A, factors.B)
+    return _ExpertFunction.apply(kernel, plan, lora, x, topk_ids, topk_weights, *factor_tensors)

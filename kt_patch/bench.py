@@ -2,9 +2,9 @@
 
 Backends, all on the same random bf16 weights and batches:
   kt_patch    the C++ kernel (this package), ``--threads`` pool threads
-  torch_bf16  a PyTorch loop over experts in bf16 with autograd (the same algorithm as
-              shared/bench/kt_anchor_bench.py), ``--threads`` torch threads
-  kt_kernel   KTransformers' kt-kernel, run through shared/bench/kt_anchor_bench.py when ``kt_kernel`` imports
+  torch_bf16  a PyTorch loop over experts in bf16 with autograd (the same algorithm as the kt-kernel anchor
+              script's torch reference), ``--threads`` torch threads
+  kt_kernel   KTransformers' kt-kernel, run through its anchor script (``--anchor PATH``) when ``kt_kernel`` imports
 
 LoRA: ``target_modules=[gate_proj, up_proj, down_proj], r=8`` as PEFT applies it to fused experts: rank 16 on
 gate_up (gate and up share A), rank 8 on down, alpha 16 — the same adapter capacity kt-kernel gets with rank 8 on
@@ -16,7 +16,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,10 +25,14 @@ import time
 import torch
 import torch.nn.functional as F
 
+from . import _C
+from .kernel import ExpertKernel, ExpertLora, LoraFactors, supported_isas
+from .machine import cpu_info
+from .options import resolve as resolve_options
+
 SHAPES = {"qwen30b": (2048, 768, 128, 8), "small": (1024, 512, 32, 4)}  # hidden, intermediate, experts, top-k
 BACKENDS = ("kt_patch", "torch_bf16", "kt_kernel")
 RANK, ALPHA = 8, 16.0
-ANCHOR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench", "kt_anchor_bench.py")
 
 
 def make_layer(H, I, E, seed=1234):
@@ -62,16 +65,13 @@ def timed(step, min_time, min_iters=3, warmup=1):
 
 
 def run_kt_patch(weights, lora_gu, lora_dn, batches, threads, min_time, profile=False):
-    from . import _C
-    from .kernel import ExpertKernel
-
     kernel = ExpertKernel(*weights, name="bench", threads=threads)
-    kernel.set_lora(lora_gu, lora_dn)
+    lora = ExpertLora(LoraFactors(*lora_gu), LoraFactors(*lora_dn))
     out = {}
     for T, (x, ids, w, dy) in batches.items():
         def step():
             t0 = time.perf_counter()
-            _, ctx = kernel.forward(x, ids, w, save_for_backward=True)
+            _, ctx = kernel.forward(x, ids, w, lora, save_for_backward=True)
             t1 = time.perf_counter()
             kernel.backward(ctx, dy, ctx.new_lora_grads(zeroed=False), accumulate=False)  # as the autograd node
             return t1 - t0, time.perf_counter() - t1
@@ -152,21 +152,7 @@ def run_kt_kernel(shape, qlens, threads, anchor):
 
 
 def machine():
-    info = {"platform": platform.platform(), "cpu": platform.processor(), "cores": os.cpu_count(),
-            "torch": torch.__version__}
-    try:  # the first processor's entry; family/model tell CPU generations apart that share a model name
-        with open("/proc/cpuinfo") as f:
-            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
-        fields = {key.strip(): value.strip() for key, value in fields.items()}
-        info["cpu"] = fields.get("model name", info["cpu"])
-        info.update({f"cpu_{key.replace('cpu ', '')}": fields[key] for key in ("cpu family", "model", "stepping")
-                     if key in fields})
-    except OSError:
-        pass
-    from .kernel import supported_isas
-
-    info["isas"] = supported_isas()
-    return info
+    return {**cpu_info(), "torch": torch.__version__, "isas": supported_isas()}
 
 
 def main(argv=None):
@@ -177,15 +163,14 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="default: the kt_patch threads option")
     ap.add_argument("--backends", default=",".join(BACKENDS))
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds of timed iterations per point")
-    ap.add_argument("--anchor", default=ANCHOR, help="path of shared/bench/kt_anchor_bench.py (for kt_kernel)")
+    ap.add_argument("--anchor", default=None, help="path of kt_anchor_bench.py, which drives kt-kernel (kt_kernel "
+                    "runs only with it)")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--profile", action="store_true", help="print where kt_patch's time goes, per kernel phase")
     args = ap.parse_args(argv)
-    from . import options
-
     if args.profile:
         os.environ["KT_PROFILE"] = "1"  # read by the kernel when its first job runs
-    threads = args.threads or options.resolve().threads
+    threads = args.threads or resolve_options().threads
     shapes, backends = args.shapes.split(","), args.backends.split(",")
     for what, given, allowed in (("shape", shapes, SHAPES), ("backend", backends, BACKENDS)):
         if unknown := [g for g in given if g not in allowed]:
@@ -197,8 +182,10 @@ def main(argv=None):
     if min(qlens) < 1:
         ap.error(f"--qlens must be >= 1, got {args.qlens!r}")
     shapes, backends, qlens = (list(dict.fromkeys(values)) for values in (shapes, backends, qlens))  # once each
-    if "kt_kernel" in backends and not (importlib.util.find_spec("kt_kernel") and os.path.exists(args.anchor)):
-        print("kt_kernel: not importable here (or anchor script missing); skipped", file=sys.stderr)
+    if "kt_kernel" in backends and not (importlib.util.find_spec("kt_kernel") and args.anchor
+                                        and os.path.exists(args.anchor)):
+        print("kt_kernel: skipped (it needs kt_kernel importable and --anchor naming its driver script)",
+              file=sys.stderr)
         backends.remove("kt_kernel")
         if not backends:
             sys.exit("nothing to run: kt_kernel was the only backend asked for")

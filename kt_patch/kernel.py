@@ -1,13 +1,13 @@
 """The Python entry point over the C++ expert kernel: torch CPU tensors in and out.
 
 One :class:`ExpertKernel` holds one MoE layer's routed experts (frozen, packed for the chosen ISA backend) and runs
-their forward and backward, LoRA on the experts included. LoRA factors are given in the layout PEFT's
-``ParamWrapper`` uses on fused experts and are read in place at every call, so optimizer updates are seen without
-any copy::
+their forward and backward, LoRA on the experts included. The LoRA factors of a call are one :class:`ExpertLora`
+value in the layout PEFT's ``ParamWrapper`` uses on fused experts; the kernel reads them in place at that call, so
+optimizer updates are seen without any copy::
 
     kernel = ExpertKernel(experts.gate_up_proj, experts.down_proj, name="layers.3.mlp")
-    kernel.set_lora(gate_up=(A_gu, B_gu, scaling), down=(A_d, B_d, scaling))
-    y, ctx = kernel.forward(x, topk_ids, topk_weights, save_for_backward=True)
+    lora = ExpertLora(gate_up=LoraFactors(A_gu, B_gu, scaling), down=LoraFactors(A_d, B_d, scaling))
+    y, ctx = kernel.forward(x, topk_ids, topk_weights, lora, save_for_backward=True)
     dx, dw = kernel.backward(ctx, dy, lora_grads)      # lora_grads: fp32 buffers, added into
 
 ``submit_forward`` / ``submit_backward`` return at once; ``.wait()`` on the result blocks (without the GIL and
@@ -15,14 +15,16 @@ without spinning) until the CPU is done, so the caller can keep the GPU busy mea
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 
 from . import _C
-from . import options as _options
+from .machine import physical_cores_available
 
 ACTIVATIONS = ("swiglu", "gpt_oss_swiglu")  # silu(gate) * up; GPT-OSS's clamped (up + 1) * gate * sigmoid(alpha gate)
+_BACKWARD_COPY = {"transpose": False, "copy": True}  # backward_weights -> the kernel keeps a backward copy
 _DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
 
@@ -52,6 +54,68 @@ def _gate_then_up(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat((pairs.select(dim + 1, 0), pairs.select(dim + 1, 1)), dim)
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraFactors:
+    """The factors of one PEFT ``ParamWrapper`` on fused experts, read in place by the kernel.
+
+    ``A`` [E*r, in] (expert-major rows), ``B`` [out, E*r] (rank-major columns: column ``j*E + e``), contiguous
+    bfloat16 or float32 CPU tensors of one dtype; ``scaling`` as PEFT computes it (``lora_alpha / r``, or rsLoRA's).
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertLora:
+    """The expert LoRA of one call: factors on the fused ``gate_up`` and on ``down`` projections, either optional."""
+
+    gate_up: Optional[LoraFactors] = None
+    down: Optional[LoraFactors] = None
+
+    def items(self):
+        """``(projection, factors)`` for each projection that has LoRA, gate_up first."""
+        return [(name, f) for name, f in (("gate_up", self.gate_up), ("down", self.down)) if f is not None]
+
+
+NO_LORA = ExpertLora()
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """Everything an :class:`ExpertKernel` is built from besides its weights, so it can be rebuilt with new ones.
+
+    ``isa``: ``auto`` or a backend name (:func:`supported_isas`); ``threads``: pool threads (None: the physical cores
+    available). GPT-OSS stores its experts ``transposed`` (gate_up [E, H, 2I], down [E, I, H], applied as
+    ``x @ W``) with gate and up ``interleaved`` along 2I and uses ``activation="gpt_oss_swiglu"`` with its
+    ``alpha`` and ``limit``; LoRA factors then follow that layout too. ``backward_weights="copy"`` keeps a second
+    copy of the weights packed for the backward (twice the memory, no transposing in the backward); ``"transpose"``
+    transposes the forward's copy as the backward runs.
+    """
+
+    name: str = "moe"
+    isa: str = "auto"
+    threads: Optional[int] = None
+    activation: str = "swiglu"
+    alpha: float = 1.702
+    limit: float = 7.0
+    transposed: bool = False
+    interleaved: bool = False
+    backward_weights: str = "transpose"
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"{self.name}: activation must be one of {', '.join(ACTIVATIONS)}; got "
+                             f"{self.activation!r}")
+        if self.backward_weights not in _BACKWARD_COPY:
+            raise ValueError(f"{self.name}: backward_weights must be one of {', '.join(_BACKWARD_COPY)}; got "
+                             f"{self.backward_weights!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ValueError(f"{self.name}: threads must be an integer >= 1 (or None); got {self.threads!r}")
+
+
 class _Pending:
     """A submitted kernel call; keeps its tensors alive until waited for."""
 
@@ -68,30 +132,24 @@ class ExpertKernel:
     """The routed experts of one MoE layer in the C++ kernel.
 
     ``gate_up_proj`` [E, 2I, H] (gate rows first) and ``down_proj`` [E, H, I] are the transformers 5.x fused expert
-    weights, bf16 (fast path) or fp32 (exact path). They are copied into kernel memory; the caller may free them.
-    GPT-OSS stores its experts ``transposed`` (gate_up [E, H, 2I], down [E, I, H], applied as ``x @ W``) with gate
-    and up ``interleaved`` along 2I, adds biases (``gate_up_bias`` [E, 2I], ``down_bias`` [E, H]) and uses
-    ``activation="gpt_oss_swiglu"`` with its ``alpha`` and ``limit``; LoRA factors then follow that layout too.
-    ``backward_weights="copy"`` keeps a second copy of the weights packed for the backward (twice the memory, no
-    transposing in the backward); ``"transpose"`` transposes the forward's copy as the backward runs.
+    weights, bf16 (fast path) or fp32 (exact path); ``gate_up_bias`` [E, 2I] and ``down_bias`` [E, H] are optional
+    (GPT-OSS). They are copied into kernel memory; the caller may free them. The keyword arguments are the fields of
+    :class:`KernelSpec`, kept as ``kernel.spec``.
     """
 
-    def __init__(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, *, name: str = "moe",
-                 isa: Optional[str] = None, threads: Optional[int] = None, activation: str = "swiglu",
-                 alpha: float = 1.702, limit: float = 7.0, gate_up_bias: Optional[torch.Tensor] = None,
-                 down_bias: Optional[torch.Tensor] = None, transposed: bool = False, interleaved: bool = False,
-                 backward_weights: Optional[str] = None):
+    def __init__(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, *,
+                 gate_up_bias: Optional[torch.Tensor] = None, down_bias: Optional[torch.Tensor] = None, **spec):
+        self.spec = spec = KernelSpec(**spec)
+        name = spec.name
         if gate_up_proj.dim() != 3 or down_proj.dim() != 3:
             raise ValueError(f"{name}: expert weights must be 3-D, got gate_up_proj {tuple(gate_up_proj.shape)} "
                              f"and down_proj {tuple(down_proj.shape)}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"{name}: activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}")
         gu, dn = gate_up_proj.detach().to("cpu"), down_proj.detach().to("cpu")
-        if transposed:
+        if spec.transposed:
             gu, dn = gu.transpose(1, 2), dn.transpose(1, 2)
         E, two_i, H = gu.shape
         if two_i % 2 or dn.shape != (E, H, two_i // 2):
-            layout = "[E, H, 2I] and [E, I, H]" if transposed else "[E, 2I, H] and [E, H, I]"
+            layout = "[E, H, 2I] and [E, I, H]" if spec.transposed else "[E, 2I, H] and [E, H, I]"
             raise ValueError(f"{name}: expected gate_up_proj and down_proj {layout}, got "
                              f"{tuple(gate_up_proj.shape)} and {tuple(down_proj.shape)}")
         if gate_up_proj.dtype != down_proj.dtype or gate_up_proj.dtype not in _DTYPES:
@@ -100,27 +158,29 @@ class ExpertKernel:
         for bias, shape, what in ((gate_up_bias, (E, two_i), "gate_up_bias"), (down_bias, (E, H), "down_bias")):
             if bias is not None and tuple(bias.shape) != shape:
                 raise ValueError(f"{name}: {what} must be {list(shape)}, got {tuple(bias.shape)}")
-        opts = None if None not in (isa, threads, backward_weights) else _options.resolve()
-        backward_weights = opts.backward_weights if backward_weights is None else backward_weights
-        if backward_weights not in _options.BACKWARD_WEIGHTS:
-            raise ValueError(f"{name}: backward_weights must be one of {', '.join(_options.BACKWARD_WEIGHTS)}; got "
-                             f"{backward_weights!r}")
         self.name = name
         self.num_experts, self.hidden_size, self.intermediate_size = E, H, two_i // 2
         self.dtype = gate_up_proj.dtype
-        self._layout = (transposed, interleaved)
-        self.backward_weights = backward_weights
-        gu = _gate_then_up(gu, 1) if interleaved else gu
+        self.backward_weights = spec.backward_weights
+        gu = _gate_then_up(gu, 1) if spec.interleaved else gu
         gu_bias = None if gate_up_bias is None else gate_up_bias.detach().to("cpu", torch.float32)
-        gu_bias = _gate_then_up(gu_bias, 1) if interleaved and gu_bias is not None else gu_bias
+        gu_bias = _gate_then_up(gu_bias, 1) if spec.interleaved and gu_bias is not None else gu_bias
         biases = [None if b is None else b.contiguous() for b in
                   (gu_bias, None if down_bias is None else down_bias.detach().to("cpu", torch.float32))]
         gu, dn = gu.contiguous(), dn.contiguous()
+        threads = spec.threads if spec.threads is not None else physical_cores_available()
         self._layer = _C.MoELayer(name, E, H, self.intermediate_size, gu.data_ptr(), dn.data_ptr(),
-                                  _DTYPES[self.dtype], isa or opts.isa, threads or opts.threads, activation,
-                                  float(alpha), float(limit), *(0 if b is None else b.data_ptr() for b in biases),
-                                  bool(interleaved), backward_weights == "copy")
-        self._lora = {"gate_up": None, "down": None}
+                                  _DTYPES[self.dtype], spec.isa, threads, spec.activation,
+                                  float(spec.alpha), float(spec.limit),
+                                  *(0 if b is None else b.data_ptr() for b in biases),
+                                  bool(spec.interleaved), _BACKWARD_COPY[spec.backward_weights])
+
+    def rebuild(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, *,
+                gate_up_bias: Optional[torch.Tensor] = None, down_bias: Optional[torch.Tensor] = None
+                ) -> "ExpertKernel":
+        """A new kernel from the same spec with other weights (given in this kernel's layout and dtype)."""
+        return ExpertKernel(gate_up_proj.detach().to("cpu", self.dtype), down_proj.detach().to("cpu", self.dtype),
+                            gate_up_bias=gate_up_bias, down_bias=down_bias, **dataclasses.asdict(self.spec))
 
     @property
     def isa(self) -> str:
@@ -141,44 +201,38 @@ class ExpertKernel:
         gate_up = torch.empty(E, 2 * I, H, dtype=self.dtype)
         down = torch.empty(E, H, I, dtype=self.dtype)
         self._layer.export_weights(gate_up.data_ptr(), down.data_ptr())
-        transposed, interleaved = self._layout
-        if interleaved:
+        if self.spec.interleaved:
             gate_up = torch.stack((gate_up[:, :I], gate_up[:, I:]), dim=2).reshape(E, 2 * I, H)
-        if transposed:
+        if self.spec.transposed:
             gate_up, down = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
         return gate_up, down
 
     # ------------------------------------------------------------------------------------------------ LoRA
-    def set_lora(self, gate_up=None, down=None):
-        """Reference (not copy) the LoRA factors: ``(A, B, scaling)`` tuples in PEFT layout, or None for no LoRA."""
+    def _check_lora(self, lora: ExpertLora) -> None:
+        if not isinstance(lora, ExpertLora):
+            raise TypeError(f"{self.name}: lora must be an ExpertLora, got {type(lora).__name__}")
         E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
-        self._lora = {"gate_up": self._check_lora("gate_up", gate_up, H, 2 * I),
-                      "down": self._check_lora("down", down, I, H)}
+        shapes = {"gate_up": (H, 2 * I), "down": (I, H)}
+        for which, factors in lora.items():
+            A, B = factors.A, factors.B
+            in_features, out_features = shapes[which]
+            rank = A.shape[0] // E if A.dim() == 2 else -1
+            if (A.dim() != 2 or B.dim() != 2 or A.shape[0] % E or rank < 1 or A.shape[1] != in_features
+                    or tuple(B.shape) != (out_features, rank * E)):
+                raise ValueError(f"{self.name}: {which} LoRA factors must be A [E*r, {in_features}] and "
+                                 f"B [{out_features}, E*r] with E={E}; got A {tuple(A.shape)} and B {tuple(B.shape)}")
+            for t, n in ((A, "A"), (B, "B")):
+                if t.device.type != "cpu" or t.dtype not in _DTYPES or not t.is_contiguous():
+                    raise ValueError(f"{self.name}: {which} LoRA factor {n} must be a contiguous bfloat16/float32 "
+                                     f"CPU tensor, got {t.dtype} on {t.device}, contiguous={t.is_contiguous()}")
+            if A.dtype != B.dtype:
+                raise ValueError(f"{self.name}: {which} LoRA factors differ in dtype ({A.dtype} vs {B.dtype})")
 
-    def _check_lora(self, which, factors, in_features, out_features):
+    def _lora_arg(self, factors: Optional[LoraFactors]):
         if factors is None:
-            return None
-        A, B, scaling = factors
-        E = self.num_experts
-        rank = A.shape[0] // E if A.dim() == 2 else -1
-        if (A.dim() != 2 or B.dim() != 2 or A.shape[0] % E or rank < 1 or A.shape[1] != in_features
-                or tuple(B.shape) != (out_features, rank * E)):
-            raise ValueError(f"{self.name}: {which} LoRA factors must be A [E*r, {in_features}] and "
-                             f"B [{out_features}, E*r] with E={E}; got A {tuple(A.shape)} and B {tuple(B.shape)}")
-        for t, n in ((A, "A"), (B, "B")):
-            if t.device.type != "cpu" or t.dtype not in _DTYPES or not t.is_contiguous():
-                raise ValueError(f"{self.name}: {which} LoRA factor {n} must be a contiguous bfloat16/float32 CPU "
-                                 f"tensor, got {t.dtype} on {t.device}, contiguous={t.is_contiguous()}")
-        if A.dtype != B.dtype:
-            raise ValueError(f"{self.name}: {which} LoRA factors differ in dtype ({A.dtype} vs {B.dtype})")
-        return A, B, float(scaling), rank
-
-    def _lora_args(self, which):
-        entry = self._lora[which]
-        if entry is None:
             return (0, 0, "f32", 0, 0.0)
-        A, B, scaling, rank = entry
-        return (A.data_ptr(), B.data_ptr(), _DTYPES[A.dtype], rank, scaling)
+        return (factors.A.data_ptr(), factors.B.data_ptr(), _DTYPES[factors.A.dtype],
+                factors.A.shape[0] // self.num_experts, float(factors.scaling))
 
     # ------------------------------------------------------------------------------------------------ compute
     def _check_tokens(self, x, what="x"):
@@ -190,9 +244,10 @@ class ExpertKernel:
             raise ValueError(f"{self.name}: {what} must be contiguous")
 
     def submit_forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                       save_for_backward: bool = False) -> _Pending:
+                       lora: ExpertLora = NO_LORA, save_for_backward: bool = False) -> _Pending:
         """Start the forward; ``.wait()`` returns ``(y, ctx)`` (ctx is None unless save_for_backward)."""
         self._check_tokens(x)
+        self._check_lora(lora)
         T = x.shape[0]
         if topk_ids.dim() != 2 or topk_ids.shape[0] != T or topk_weights.shape != topk_ids.shape:
             raise ValueError(f"{self.name}: topk_ids and topk_weights must both be [T={T}, k], got "
@@ -206,12 +261,12 @@ class ExpertKernel:
         y = torch.empty_like(x)
         handle = self._layer.submit_forward(T, ids.shape[1], x.data_ptr(), _DTYPES[x.dtype], ids.data_ptr(),
                                             weights.data_ptr(), y.data_ptr(), bool(save_for_backward),
-                                            self._lora_args("gate_up"), self._lora_args("down"))
-        keep = (x, ids, weights, y, self._lora)
-        return _Pending(handle, lambda ctx: (y, _Context(ctx, x.dtype, keep) if ctx is not None else None), keep)
+                                            self._lora_arg(lora.gate_up), self._lora_arg(lora.down))
+        keep = (x, ids, weights, y, lora)
+        return _Pending(handle, lambda ctx: (y, _Context(ctx, x.dtype, lora) if ctx is not None else None), keep)
 
-    def forward(self, x, topk_ids, topk_weights, save_for_backward: bool = False):
-        return self.submit_forward(x, topk_ids, topk_weights, save_for_backward).wait()
+    def forward(self, x, topk_ids, topk_weights, lora: ExpertLora = NO_LORA, save_for_backward: bool = False):
+        return self.submit_forward(x, topk_ids, topk_weights, lora, save_for_backward).wait()
 
     def submit_backward(self, ctx: "_Context", dy: torch.Tensor, lora_grads: Optional[dict] = None,
                         accumulate: bool = True) -> _Pending:
@@ -226,24 +281,23 @@ class ExpertKernel:
             raise ValueError(f"{self.name}: dy must be [{ctx.tokens}, {self.hidden_size}] {ctx.dtype} like the "
                              f"forward's x, got {tuple(dy.shape)} {dy.dtype}")
         lora_grads = lora_grads or {}
-        used = ctx.lora_used
-        ptrs = []
+        used = dict(ctx.lora.items())
+        pointers = []
         for which in ("gate_up", "down"):
-            for part, idx in (("A", 0), ("B", 1)):
-                key = f"{which}_{part}"
-                if used[which] is None:
-                    ptrs.append(0)
+            for part in ("A", "B"):
+                if which not in used:
+                    pointers.append(0)
                     continue
-                g = lora_grads.get(key)
-                ref = used[which][idx]
-                if g is None or g.dtype != torch.float32 or g.shape != ref.shape or not g.is_contiguous() \
-                        or g.device.type != "cpu":
+                key, ref = f"{which}_{part}", getattr(used[which], part)
+                grad = lora_grads.get(key)
+                if grad is None or grad.dtype != torch.float32 or grad.shape != ref.shape \
+                        or not grad.is_contiguous() or grad.device.type != "cpu":
                     raise ValueError(f"{self.name}: lora_grads[{key!r}] must be a contiguous fp32 CPU tensor of "
                                      f"shape {tuple(ref.shape)}")
-                ptrs.append(g.data_ptr())
+                pointers.append(grad.data_ptr())
         dx = torch.empty_like(dy)
         dw = torch.empty(ctx.tokens, ctx.top_k, dtype=torch.float32)
-        handle = self._layer.submit_backward(ctx.handle, dy.data_ptr(), dx.data_ptr(), dw.data_ptr(), *ptrs,
+        handle = self._layer.submit_backward(ctx.handle, dy.data_ptr(), dx.data_ptr(), dw.data_ptr(), *pointers,
                                              accumulate=bool(accumulate))
         return _Pending(handle, lambda _: (dx, dw), (ctx, dy, dx, dw, lora_grads))
 
@@ -254,18 +308,16 @@ class ExpertKernel:
 class _Context:
     """What a forward kept for its backward (activations live in C++ until this object is freed)."""
 
-    def __init__(self, handle, dtype, keep):
-        self.handle, self.dtype = handle, dtype
+    def __init__(self, handle, dtype, lora: ExpertLora):
+        self.handle, self.dtype, self.lora = handle, dtype, lora
         self.tokens, self.top_k = handle.tokens, handle.top_k
-        self.lora_used = keep[4]
 
     def new_lora_grads(self, zeroed: bool = True) -> dict:
         """fp32 gradient buffers (PEFT layout) for the LoRA factors this forward used: zeroed, or uninitialised for
         a backward with ``accumulate=False``."""
         new = torch.zeros if zeroed else torch.empty
         grads = {}
-        for which, entry in self.lora_used.items():
-            if entry is not None:
-                grads[f"{which}_A"] = new(entry[0].shape, dtype=torch.float32)
-                grads[f"{which}_B"] = new(entry[1].shape, dtype=torch.float32)
+        for which, factors in self.lora.items():
+            grads[f"{which}_A"] = new(factors.A.shape, dtype=torch.float32)
+            grads[f"{which}_B"] = new(factors.B.shape, dtype=torch.float32)
         return grads

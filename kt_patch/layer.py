@@ -16,9 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import MoeFamily
+from .autograd import expert_forward
+from .expert_lora import active_expert_lora, unwrapped_experts
+from .kernel import NO_LORA, ExpertKernel, ExpertLora
+from .options import CHECKPOINT_POLICIES
+from .registry import EXPERT_WEIGHTS, MoeFamily
 
-EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 _export = threading.local()
 
 
@@ -86,13 +89,14 @@ class KtMoeLayer(nn.Module):
     Public attributes:
 
     * ``checkpoint_policy``: ``"recompute"`` or ``"retain"`` (see :mod:`kt_patch.autograd`), from the
-      ``checkpoint_policy`` option in force when the layer was built; may be changed at any time.
+      ``checkpoint_policy`` option the layer was built with; may be changed at any time.
     * ``expert_runs``: how many times this layer's routed experts have run in the CPU kernel (forward passes: plain,
       checkpointed first forward and recompute; a retained output handed to a recompute does not count). Assign 0 to
       restart the count.
     """
 
-    def __init__(self, block: nn.Module, family: MoeFamily, kernel, lora_experts: LoraExperts | None = None):
+    def __init__(self, block: nn.Module, family: MoeFamily, kernel: ExpertKernel, *, checkpoint_policy: str,
+                 lora_experts: LoraExperts | None = None):
         super().__init__()
         for name, child in block._modules.items():
             self.add_module(name, child)
@@ -103,7 +107,7 @@ class KtMoeLayer(nn.Module):
         self.training = block.training
         self.family = family
         self.kernel = kernel
-        self.checkpoint_policy = _configured_checkpoint_policy()
+        self.checkpoint_policy = checkpoint_policy
         self.expert_runs = 0
         if lora_experts is not None:
             self.lora_experts = lora_experts
@@ -116,15 +120,11 @@ class KtMoeLayer(nn.Module):
         """Undo the take-over: real weights (read back from the kernel) on the stock experts module, hooks removed."""
         for hook in self._expert_weight_hooks:
             hook.remove()
-        experts = self._modules[self.family.experts]
-        while hasattr(experts, "base_layer"):
-            experts = experts.base_layer
+        experts = unwrapped_experts(self._modules[self.family.experts])
         for name, weight in zip(EXPERT_WEIGHTS, self.kernel.export_weights()):
             setattr(experts, name, nn.Parameter(weight, requires_grad=False))
 
     def forward(self, hidden_states: torch.Tensor):
-        from .autograd import expert_forward
-
         shape = hidden_states.shape
         if self.family.jitter_noise and self.training and self.jitter_noise > 0:
             # Same draw as the stock block (it scales its input in place); here out of place.
@@ -140,7 +140,7 @@ class KtMoeLayer(nn.Module):
             side.wait_stream(torch.cuda.current_stream(tokens.device))
         with torch.cuda.stream(side):  # no-op for None
             dense = self._dense_experts(tokens)
-        output = expert_forward(self.kernel, tokens, expert_ids, routing_weights, *self.expert_lora(),
+        output = expert_forward(self.kernel, tokens, expert_ids, routing_weights, self.expert_lora(),
                                 policy=self.checkpoint_policy, on_kernel_run=self._count_expert_run)
         if side is not None:
             torch.cuda.current_stream(tokens.device).wait_stream(side)
@@ -155,8 +155,6 @@ class KtMoeLayer(nn.Module):
 
     @checkpoint_policy.setter
     def checkpoint_policy(self, policy: str) -> None:
-        from .options import CHECKPOINT_POLICIES
-
         if policy not in CHECKPOINT_POLICIES:
             raise ValueError(f"checkpoint_policy must be one of {', '.join(CHECKPOINT_POLICIES)}; got {policy!r}")
         self._checkpoint_policy = policy
@@ -164,16 +162,11 @@ class KtMoeLayer(nn.Module):
     def _count_expert_run(self) -> None:
         self.expert_runs += 1
 
-    def load_expert_weights(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> None:
-        """Replace the routed expert weights: a new kernel from them, same name, dtype, ISA and threads."""
-        k = self.kernel
-        expected = ((k.num_experts, 2 * k.intermediate_size, k.hidden_size),
-                    (k.num_experts, k.hidden_size, k.intermediate_size))
-        if (tuple(gate_up_proj.shape), tuple(down_proj.shape)) != expected:
-            raise ValueError(f"{k.name}: expert weights must be {expected[0]} and {expected[1]}; got "
-                             f"{tuple(gate_up_proj.shape)} and {tuple(down_proj.shape)}")
-        self.kernel = type(k)(gate_up_proj.detach().to("cpu", k.dtype), down_proj.detach().to("cpu", k.dtype),
-                              name=k.name, isa=k.isa, threads=k.threads)
+    def load_expert_weights(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                            gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None) -> None:
+        """Replace the routed expert weights (and biases, for families that have them), given in the stock module's
+        layout: a new kernel built from them with this one's spec."""
+        self.kernel = self.kernel.rebuild(gate_up_proj, down_proj, gate_up_bias=gate_up_bias, down_bias=down_bias)
 
     def _dense_experts(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """Shared experts (gated where the family gates them) plus LoRA Experts, or None when the block has neither."""
@@ -187,17 +180,13 @@ class KtMoeLayer(nn.Module):
             dense = lora if dense is None else dense + lora
         return dense
 
-    def expert_lora(self) -> tuple:
-        """``(gate_up, down)`` factors ``(A, B, scaling)`` of the active PEFT adapter on the routed experts.
+    def expert_lora(self) -> ExpertLora:
+        """The active PEFT adapter's factors on the routed experts.
 
         Looked up on every forward: PEFT may have switched, disabled or re-created adapters since the last step.
         """
         experts = self._modules[self.family.experts]
-        if not hasattr(experts, "base_layer"):
-            return None, None
-        from .integrations.peft import active_expert_lora
-
-        return active_expert_lora(experts)
+        return active_expert_lora(experts) if hasattr(experts, "base_layer") else NO_LORA
 
     def _apply(self, fn, recurse=True):
         # Routed experts (their placeholders and PEFT's expert-LoRA factors, which the kernel reads) stay in host
@@ -214,20 +203,12 @@ class KtMoeLayer(nn.Module):
                 f"intermediate={k.intermediate_size}, dtype={k.dtype}, isa={k.isa} (routed experts in the CPU kernel)")
 
 
-def _configured_checkpoint_policy() -> str:
-    from . import current_options
-    from .options import resolve
-
-    options = current_options()
-    return (options if options is not None else resolve()).checkpoint_policy
-
-
 def route_state_dict_through_kernel(layer: KtMoeLayer, experts: nn.Module) -> list:
     """State-dict hooks on the stock experts module; returns their handles.
 
     Saving (``state_dict()``, ``save_pretrained``) reads the weights back from the layer's kernel over the
     placeholders, so a base checkpoint of a patched model loads in stock transformers. Loading a state dict that holds
-    expert weights (the placeholders cannot take them) builds a new kernel from them.
+    expert weights (the placeholders cannot take them) or biases builds a new kernel from them.
     """
     taken = []  # full keys the load pre-hook consumed; not "missing" for load_state_dict
 
@@ -239,9 +220,18 @@ def route_state_dict_through_kernel(layer: KtMoeLayer, experts: nn.Module) -> li
 
     def load(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         names = [prefix + name for name in EXPERT_WEIGHTS]
+        bias_names = [prefix + name for name in layer.family.expert_biases]
+        if not any(name in state_dict for name in names + bias_names):
+            return
         if all(name in state_dict for name in names):
-            layer.load_expert_weights(*(state_dict.pop(name) for name in names))
+            weights = [state_dict.pop(name) for name in names]
             taken.extend(names)
+        else:  # biases alone: the weights stay
+            weights = layer.kernel.export_weights()
+        # The biases are ordinary parameters of the experts module, which loads them too; the kernel holds a copy.
+        biases = [state_dict[name] if name in state_dict else getattr(module, name[len(prefix):])
+                  for name in bias_names]
+        layer.load_expert_weights(*weights, *biases)
 
     def report_taken(module, incompatible_keys):
         for name in taken:

@@ -5,9 +5,13 @@ DeepSpeed JSON > defaults. Every option has an environment variable ``KT_<NAME u
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import sys
 from typing import Any, Mapping
+
+from .machine import physical_cores_available
 
 ISAS = ("auto", "amx_bf16", "avx512_bf16", "avx2", "scalar")
 CHECKPOINT_POLICIES = ("recompute", "retain")
@@ -19,33 +23,18 @@ class OptionError(ValueError):
     """An unknown option or a bad value."""
 
 
-def physical_cores_available() -> int:
-    """Physical cores in this process's affinity mask (SMT siblings counted once)."""
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    cores = set()
-    for cpu in cpus:
-        base = f"/sys/devices/system/cpu/cpu{cpu}/topology"
-        try:
-            with open(f"{base}/physical_package_id") as f:
-                pkg = f.read().strip()
-            with open(f"{base}/core_id") as f:
-                core = f.read().strip()
-            cores.add((pkg, core))
-        except OSError:
-            cores.add(("cpu", str(cpu)))
-    return max(1, len(cores))
-
-
 def default_threads() -> int:
     """All physical cores, less one for the thread that feeds the GPU when there is one."""
     cores = physical_cores_available()
-    try:
-        import torch
+    return max(1, cores - 1) if _feeds_accelerator() and cores > 2 else cores
 
-        feeds_gpu = torch.cuda.is_available()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        feeds_gpu = False
-    return max(1, cores - 1) if feeds_gpu and cores > 2 else cores
+
+def _feeds_accelerator() -> bool:
+    """Whether this process drives a GPU, decided without importing torch when it is not imported yet (options are
+    resolved at interpreter start-up under KT_ENABLE): the device nodes of the NVIDIA and AMD drivers."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"].cuda.is_available()
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/kfd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,3 +112,27 @@ def resolve(kwargs: Mapping[str, Any] | None = None, deepspeed_block: Mapping[st
             raise OptionError(f"unknown kt_patch option(s) {unknown} in {source}; known options: {', '.join(FIELDS)}")
         merged.update(values)
     return Options(**merged)
+
+
+_current: Options | None = None
+
+
+def current() -> Options | None:
+    """The options in force (set by ``kt_patch.enable``), or None while kt_patch is disabled."""
+    return _current
+
+
+def set_current(options: Options | None) -> None:
+    global _current
+    _current = options
+
+
+@contextlib.contextmanager
+def suspended():
+    """Within this block no model is patched; the options in force before are restored after it."""
+    previous = _current
+    set_current(None)
+    try:
+        yield
+    finally:
+        set_current(previous)

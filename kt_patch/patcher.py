@@ -7,8 +7,10 @@ import logging
 from torch import nn
 
 from . import registry
-from .layer import EXPERT_WEIGHTS, KtMoeLayer, LoraExperts
+from .kernel import ACTIVATIONS, ExpertKernel
+from .layer import KtMoeLayer, LoraExperts
 from .options import Options
+from .registry import EXPERT_WEIGHTS
 
 logger = logging.getLogger("kt_patch")
 
@@ -44,21 +46,19 @@ def patch_model(model: nn.Module, options: Options) -> PatchSummary | None:
                         model_name, ", ".join(skipped), list(options.architectures))
             return None
 
-    from . import kernel as kernel_module
-
     for name, block, family in blocks:
-        reason = registry.unsupported_reason(block, family, kernel_module.ACTIVATIONS)
+        reason = registry.unsupported_reason(block, family, ACTIVATIONS)
         if reason is not None:
             logger.warning("kt_patch: %s left untouched: %s (at %s)", model_name, reason, name)
             return None
 
-    summary = _replace_blocks(model, blocks, options, kernel_module.ExpertKernel)
+    summary = _replace_blocks(model, blocks, options)
     model.kt_patch_summary = summary
     logger.info("kt_patch: patched %s - %s", model_name, summary)
     return summary
 
 
-def _replace_blocks(model, blocks, options: Options, kernel_class) -> PatchSummary:
+def _replace_blocks(model, blocks, options: Options) -> PatchSummary:
     """Move each block's experts into a kernel and swap in its KtMoeLayer; on any failure undo all swaps."""
     from transformers.utils.logging import tqdm
 
@@ -69,11 +69,11 @@ def _replace_blocks(model, blocks, options: Options, kernel_class) -> PatchSumma
             parent_name, _, child_name = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             experts = getattr(block, family.experts)
-            kernel = kernel_class(*(getattr(experts, w).detach().to("cpu") for w in EXPERT_WEIGHTS), name=name,
-                                  isa=None if options.isa == "auto" else options.isa, threads=options.threads,
-                                  backward_weights=options.backward_weights,
+            kernel = ExpertKernel(*(getattr(experts, w).detach().to("cpu") for w in EXPERT_WEIGHTS), name=name,
+                                  isa=options.isa, threads=options.threads, backward_weights=options.backward_weights,
                                   **registry.kernel_arguments(experts, family))
-            layer = KtMoeLayer(block, family, kernel, _lora_experts(block, family, kernel, options))
+            layer = KtMoeLayer(block, family, kernel, checkpoint_policy=options.checkpoint_policy,
+                               lora_experts=_lora_experts(block, family, kernel, options))
             frozen = [p for p in experts.parameters() if p.requires_grad]
             swapped.append((parent, child_name, block, layer, frozen))
             for param in frozen:  # the kernel computes with frozen copies (GPT-OSS biases too)

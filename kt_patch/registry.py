@@ -13,6 +13,7 @@ from torch import nn
 
 SWIGLU = "swiglu"  # act(gate) * up with act = silu, gate rows first in gate_up_proj
 GPT_OSS_SWIGLU = "gpt_oss_swiglu"  # interleaved gate/up, clamped, (up + 1) * gate * sigmoid(alpha * gate), biases
+EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")  # the fused routed-expert parameters of every family
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +27,11 @@ class MoeFamily:
     jitter_noise: bool = False  # the block multiplies its input by U(1-j, 1+j) in training (block.jitter_noise)
     returns_router_scores: bool = False  # the block returns (hidden_states, routing_weights)
     activation: str = SWIGLU
+
+    @property
+    def expert_biases(self) -> tuple[str, ...]:
+        """The experts module's bias parameters that the kernel computes with (copies of them)."""
+        return ("gate_up_proj_bias", "down_proj_bias") if self.activation == GPT_OSS_SWIGLU else ()
 
 
 FAMILIES: list[MoeFamily] = [

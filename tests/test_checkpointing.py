@@ -15,7 +15,7 @@ import torch.utils.checkpoint
 
 import kt_patch
 import tiny_models
-from kt_patch.integrations.checkpointing import CheckpointPhaseError
+from kt_patch.phase import CheckpointPhaseError
 from kt_patch.kernel import live_contexts
 from kt_patch.layer import KtMoeLayer
 

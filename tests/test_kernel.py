@@ -10,8 +10,8 @@ import torch
 
 from kt_patch import _C
 from kt_patch.autograd import expert_forward
-from kt_patch.kernel import (ExpertKernel, cached_activation_bytes, live_contexts, release_cached_activations,
-                             supported_isas)
+from kt_patch.kernel import (ExpertKernel, ExpertLora, LoraFactors, cached_activation_bytes, live_contexts,
+                             release_cached_activations, supported_isas)
 from moe_reference import gpt_oss_forward, limit_in_a_gap, random_batch, random_layer, reference_grads, rel_l2
 
 ISAS = supported_isas()
@@ -23,9 +23,13 @@ def seed(*parts):
     return (hash(parts) + RUN_SEED) % (1 << 31)
 
 
+def lora_of(gate_up, down):
+    """The typed LoRA value of ``(A, B, scaling)`` tuples (or None)."""
+    return ExpertLora(*(None if f is None else LoraFactors(*f) for f in (gate_up, down)))
+
+
 def run_kernel(kernel, x, ids, w, dy, lora_gu, lora_dn, grads=None):
-    kernel.set_lora(lora_gu, lora_dn)
-    y, ctx = kernel.forward(x, ids, w, save_for_backward=True)
+    y, ctx = kernel.forward(x, ids, w, lora_of(lora_gu, lora_dn), save_for_backward=True)
     grads = ctx.new_lora_grads() if grads is None else grads
     dx, dw = kernel.backward(ctx, dy, grads)
     return {"y": y, "dx": dx, "dw": dw, **grads}
@@ -105,9 +109,9 @@ def test_stale_executor_memory_is_never_read(isa, dtype, accumulate):
         weights, lora_gu, lora_dn = random_layer(8, 136, 168, 72, 72, dtype, 11)
         nan = lambda t: torch.full_like(t, float("nan"))
         kernel = ExpertKernel(*map(nan, weights), isa=isa, threads=threads)
-        kernel.set_lora(*((nan(A), nan(B), s) for A, B, s in (lora_gu, lora_dn)))
+        lora = lora_of(*((nan(A), nan(B), s) for A, B, s in (lora_gu, lora_dn)))
         x, ids, w, dy = random_batch(400, 136, 8, 4, dtype, 12)
-        y, ctx = kernel.forward(nan(x), ids, w, save_for_backward=True)
+        y, ctx = kernel.forward(nan(x), ids, w, lora, save_for_backward=True)
         kernel.backward(ctx, nan(dy), ctx.new_lora_grads())
         assert y.isnan().all()
 
@@ -115,9 +119,8 @@ def test_stale_executor_memory_is_never_read(isa, dtype, accumulate):
     weights, lora_gu, lora_dn = random_layer(E, H, I, 40, 12, dtype, seed("stale", isa, dtype))
     x, ids, w, dy = random_batch(T, H, E - 3, k, dtype, seed("stalex", isa, dtype))  # the last 3 experts idle
     kernel = ExpertKernel(*weights, isa=isa, threads=threads)
-    kernel.set_lora(lora_gu, lora_dn)
     poison()
-    y, ctx = kernel.forward(x, ids, w, save_for_backward=True)
+    y, ctx = kernel.forward(x, ids, w, lora_of(lora_gu, lora_dn), save_for_backward=True)
     poison()
     grads = ctx.new_lora_grads(zeroed=accumulate)
     dx, dw = kernel.backward(ctx, dy, grads, accumulate=accumulate)
@@ -192,9 +195,9 @@ def test_same_expert_twice_for_a_token_is_summed(isa):
 def test_empty_batch(isa):
     weights, lora_gu, lora_dn = random_layer(4, 32, 16, 4, 4, torch.bfloat16, 0)
     kernel = ExpertKernel(*weights, isa=isa, threads=2)
-    kernel.set_lora(lora_gu, lora_dn)
     x = torch.empty(0, 32, dtype=torch.bfloat16)
-    y, ctx = kernel.forward(x, torch.empty(0, 2, dtype=torch.int64), torch.empty(0, 2), save_for_backward=True)
+    y, ctx = kernel.forward(x, torch.empty(0, 2, dtype=torch.int64), torch.empty(0, 2), lora_of(lora_gu, lora_dn),
+                            save_for_backward=True)
     grads = ctx.new_lora_grads()
     dx, dw = kernel.backward(ctx, torch.empty(0, 32, dtype=torch.bfloat16), grads)
     assert y.shape == (0, 32) and dx.shape == (0, 32) and dw.shape == (0, 2)
@@ -209,10 +212,10 @@ def test_outputs_are_fully_written(isa):
     x, ids, w, dy = random_batch(T, H, E, k, torch.float32, seed("poisonx", isa))
     ids = ids.contiguous()
     kernel = ExpertKernel(*weights, isa=isa, threads=2)
-    kernel.set_lora(lora_gu, lora_dn)
+    lora = lora_of(lora_gu, lora_dn)
     y = torch.full((T, H), float("nan"))
     handle = kernel._layer.submit_forward(T, k, x.data_ptr(), "f32", ids.data_ptr(), w.data_ptr(), y.data_ptr(),
-                                          True, kernel._lora_args("gate_up"), kernel._lora_args("down"))
+                                          True, kernel._lora_arg(lora.gate_up), kernel._lora_arg(lora.down))
     ctx = handle.wait()
     dx, dw = torch.full((T, H), float("nan")), torch.full((T, k), float("nan"))
     grads = {n: torch.zeros_like(g) for n, g in zip(("a", "b", "c", "d"), (*lora_gu[:2], *lora_dn[:2]))}
@@ -232,8 +235,7 @@ def test_lora_grads_overwrite_poisoned_buffers(isa, dtype, T):
     weights, lora_gu, lora_dn = random_layer(E, H, I, 8, 4, dtype, seed("overwrite", isa, dtype, T))
     x, ids, w, dy = random_batch(T, H, E - 3, k, dtype, seed("overwritex", isa, dtype, T))  # the last 3 idle
     kernel = ExpertKernel(*weights, isa=isa, threads=3)
-    kernel.set_lora(lora_gu, lora_dn)
-    y, ctx = kernel.forward(x, ids, w, save_for_backward=True)
+    y, ctx = kernel.forward(x, ids, w, lora_of(lora_gu, lora_dn), save_for_backward=True)
     grads = {n: g.fill_(float("nan")) for n, g in ctx.new_lora_grads(zeroed=False).items()}
     dx, dw = kernel.backward(ctx, dy, grads, accumulate=False)
     idle = sorted(set(range(E)) - set(ids.flatten().tolist()))
@@ -268,12 +270,12 @@ def test_lora_factors_changed_in_place_are_seen(isa):
     weights, lora_gu, lora_dn = random_layer(E, H, I, 4, 4, torch.float32, seed("inplace", isa))
     kernel = ExpertKernel(*weights, isa=isa, threads=2)
     x, ids, w, dy = random_batch(T, H, E, k, torch.float32, seed("inplacex", isa))
-    kernel.set_lora(lora_gu, lora_dn)
-    y0, _ = kernel.forward(x, ids, w)
+    lora = lora_of(lora_gu, lora_dn)
+    y0, _ = kernel.forward(x, ids, w, lora)
     g = torch.Generator().manual_seed(seed("step", isa))
     for t in (*lora_gu[:2], *lora_dn[:2]):  # what an optimizer step does
         t.add_(torch.randn(t.shape, generator=g) * 0.05)
-    y1, _ = kernel.forward(x, ids, w)
+    y1, _ = kernel.forward(x, ids, w, lora)
     ref = reference_grads(x, ids, w, dy, weights, lora_gu, lora_dn)
     assert rel_l2(y1, ref["y"]) <= 1e-5
     assert rel_l2(y0, ref["y"]) > 1e-3
@@ -285,10 +287,10 @@ def test_concurrent_layers_in_flight():
     for i in range(3):
         weights, lora_gu, lora_dn = random_layer(8, 40, 24, 4, 4, torch.float32, seed("conc", i))
         kernel = ExpertKernel(*weights, isa=isa, threads=2)
-        kernel.set_lora(lora_gu, lora_dn)
         layers.append((kernel, weights, lora_gu, lora_dn))
         batches.append(random_batch(29, 40, 8, 2, torch.float32, seed("concx", i)))
-    pending = [k.submit_forward(x, ids, w, True) for (k, *_), (x, ids, w, _) in zip(layers, batches)]
+    pending = [k.submit_forward(x, ids, w, lora_of(gu, dn), True)
+               for (k, _, gu, dn), (x, ids, w, _) in zip(layers, batches)]
     results = [p.wait() for p in pending]
     back = [k.submit_backward(ctx, b[3], ctx.new_lora_grads()) for (k, *_), (_, ctx), b in
             zip(layers, results, batches)]
@@ -306,7 +308,8 @@ def test_autograd_node_gives_ordinary_grads():
     params = [torch.nn.Parameter(t.clone()) for t in (*lora_gu[:2], *lora_dn[:2])]
     xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
     for _ in range(2):  # two micro-batches accumulate into .grad like any parameter
-        y = expert_forward(kernel, xr, ids, wr, (params[0], params[1], lora_gu[2]), (params[2], params[3], lora_dn[2]))
+        y = expert_forward(kernel, xr, ids, wr, lora_of((params[0], params[1], lora_gu[2]),
+                                                        (params[2], params[3], lora_dn[2])))
         y.backward(dy)
     ref = reference_grads(x, ids, w, dy, weights, lora_gu, lora_dn)
     got = {"dx": xr.grad / 2, "dw": wr.grad / 2}
@@ -318,10 +321,9 @@ def test_autograd_node_gives_ordinary_grads():
 def test_contexts_are_freed():
     weights, lora_gu, lora_dn = random_layer(4, 32, 16, 4, 4, torch.float32, 1)
     kernel = ExpertKernel(*weights, threads=2)
-    kernel.set_lora(lora_gu, lora_dn)
     x, ids, w, _ = random_batch(9, 32, 4, 2, torch.float32, 2)
     before = live_contexts()
-    _, ctx = kernel.forward(x, ids, w, save_for_backward=True)
+    _, ctx = kernel.forward(x, ids, w, lora_of(lora_gu, lora_dn), save_for_backward=True)
     assert live_contexts() == before + 1
     del ctx
     kernel.forward(x, ids, w)
@@ -335,13 +337,13 @@ def test_freed_activations_are_reused_then_released():
     E, H, I, k = 8, 72, 40, 4
     weights, lora_gu, lora_dn = random_layer(E, H, I, 8, 8, torch.bfloat16, seed("cache"))
     kernel = ExpertKernel(*weights, threads=6)  # a thread count no other test uses: an executor of its own
-    kernel.set_lora(lora_gu, lora_dn)
     release_cached_activations()
     assert cached_activation_bytes() == 0
 
     def nan_forward(T):  # leaves NaN in every activation buffer the context got
         x, ids, w, _ = random_batch(T, H, E, k, torch.bfloat16, seed("cachenan", T))
-        return kernel.forward(torch.full_like(x, float("nan")), ids, w, save_for_backward=True)[1]
+        return kernel.forward(torch.full_like(x, float("nan")), ids, w, lora_of(lora_gu, lora_dn),
+                              save_for_backward=True)[1]
 
     small, large = nan_forward(200), nan_forward(300)
     del small
@@ -366,10 +368,8 @@ def test_export_weights_round_trip():
 # ------------------------------------------------------------------------------------------------ bad input
 @pytest.fixture
 def kernel():
-    weights, lora_gu, lora_dn = random_layer(4, 32, 16, 4, 4, torch.float32, 4)
-    k = ExpertKernel(*weights, name="layers.0.mlp", threads=1)
-    k.set_lora(lora_gu, lora_dn)
-    return k
+    weights, _, _ = random_layer(4, 32, 16, 0, 0, torch.float32, 4)
+    return ExpertKernel(*weights, name="layers.0.mlp", threads=1)
 
 
 def test_expert_id_out_of_range_names_layer_and_token(kernel):
@@ -400,8 +400,9 @@ def test_bad_weights_and_lora_raise(kernel):
         ExpertKernel(torch.randn(4, 31, 8), torch.randn(4, 8, 15))
     with pytest.raises(ValueError, match="bfloat16 or float32"):
         ExpertKernel(torch.randn(4, 32, 8).half(), torch.randn(4, 8, 16).half())
+    x, ids, w, _ = random_batch(5, 32, 4, 2, torch.float32, 6)
     with pytest.raises(ValueError, match=r"down LoRA factors must be A \[E\*r, 16\]"):
-        kernel.set_lora(None, (torch.randn(8, 15), torch.randn(32, 8), 1.0))
+        kernel.forward(x, ids, w, lora_of(None, (torch.randn(8, 15), torch.randn(32, 8), 1.0)))
 
 
 def test_backward_needs_a_saved_forward(kernel):
@@ -410,7 +411,8 @@ def test_backward_needs_a_saved_forward(kernel):
     assert ctx is None
     with pytest.raises(ValueError, match="save_for_backward=True"):
         kernel.backward(ctx, dy)
-    _, ctx = kernel.forward(x, ids, w, save_for_backward=True)
+    lora = lora_of(*random_layer(4, 32, 16, 4, 4, torch.float32, 7)[1:])
+    _, ctx = kernel.forward(x, ids, w, lora, save_for_backward=True)
     with pytest.raises(ValueError, match=r"lora_grads\['gate_up_A'\]"):
         kernel.backward(ctx, dy, {})
 
@@ -428,9 +430,12 @@ def test_unknown_or_unavailable_isa_is_an_error():
         ExpertKernel(*weights, isa="sse9", threads=1)
 
 
-def test_isa_override_from_environment(monkeypatch):
+def test_kernel_reads_no_environment(monkeypatch):
+    """Options are resolved once, by kt_patch.enable(), and handed down: a kernel built directly takes only its
+    arguments."""
     weights, _, _ = random_layer(2, 16, 16, 0, 0, torch.float32, 9)
     monkeypatch.setenv("KT_ISA", "scalar")
-    assert ExpertKernel(*weights).isa == "scalar"
-    assert ExpertKernel(*weights, isa=ISAS[0], threads=1).isa == ISAS[0]
-    assert "scalar" in _C.supported_isas()
+    monkeypatch.setenv("KT_BACKWARD_WEIGHTS", "copy")
+    kernel = ExpertKernel(*weights, threads=1)
+    assert kernel.isa == ISAS[0] and kernel.backward_weights == "transpose"
+    assert ExpertKernel(*weights, isa="scalar", threads=1).isa == "scalar"

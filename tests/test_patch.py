@@ -54,7 +54,7 @@ LOAD_AND_REPORT = """
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["o_proj"],
                                 target_parameters=["experts.gate_up_proj", "experts.down_proj"]))
     layers = [m for m in peft_model.modules() if type(m).__name__ == "KtMoeLayer"]
-    print("layers", len(layers), "lora", sum(l.expert_lora()[0] is not None for l in layers))
+    print("layers", len(layers), "lora", sum(l.expert_lora().gate_up is not None for l in layers))
 """
 
 
@@ -228,7 +228,7 @@ def test_device_moves_skip_routed_experts(checkpoints):
     kept = set()
     for layer in (m for m in model.modules() if isinstance(m, KtMoeLayer)):
         kept |= {id(p) for p in layer._modules["experts"].parameters()}
-        kept |= {id(t) for factors in layer.expert_lora() for t in factors[:2]}
+        kept |= {id(t) for _, factors in layer.expert_lora().items() for t in (factors.A, factors.B)}
     seen = []
     model._apply(lambda t: seen.append(id(t)) or t)
     assert kept and not kept & set(seen)
@@ -238,19 +238,43 @@ def test_device_moves_skip_routed_experts(checkpoints):
             assert is_placeholder(param) and param.device.type == "cpu"
 
 
-def test_load_state_dict_puts_new_expert_weights_in_the_kernel():
+@pytest.mark.parametrize("model_type,backward_weights", [("qwen2_moe", "transpose"), ("gpt_oss", "transpose"),
+                                                          ("mixtral", "copy")])
+def test_load_state_dict_puts_new_expert_weights_in_the_kernel(model_type, backward_weights):
+    """Every layout (plain; GPT-OSS transposed, interleaved and biased) and the kernel's spec survive a load: the new
+    kernel is built from the old one's spec with the new weights and biases."""
     from kt_patch.options import resolve
     from kt_patch.patcher import patch_model
 
-    patched, other = tiny_models.build("qwen2_moe", seed=0), tiny_models.build("qwen2_moe", seed=1)
-    patch_model(patched, resolve({}))
+    patched, other = tiny_models.build(model_type, seed=0), tiny_models.build(model_type, seed=1)
+    patch_model(patched, resolve({"backward_weights": backward_weights, "isa": "scalar", "threads": 1}))
+    specs = [layer.kernel.spec for layer in patched.modules() if isinstance(layer, KtMoeLayer)]
     result = patched.load_state_dict(other.state_dict(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
+    layers = [layer for layer in patched.modules() if isinstance(layer, KtMoeLayer)]
+    assert [layer.kernel.spec for layer in layers] == specs and specs[0].backward_weights == backward_weights
+    assert all(layer.kernel.isa == "scalar" for layer in layers)
     ids = torch.randint(3, 128, (2, 9))
     assert rel(patched(input_ids=ids).logits, other(input_ids=ids).logits) < 1e-5
     state = patched.state_dict()
     for name, tensor in other.state_dict().items():
         assert torch.equal(state[name], tensor), name
+
+
+def test_load_state_dict_of_biases_alone_reaches_the_kernel():
+    from kt_patch.options import resolve
+    from kt_patch.patcher import patch_model
+
+    patched, other = tiny_models.build("gpt_oss", seed=0), tiny_models.build("gpt_oss", seed=0)
+    patch_model(patched, resolve({"threads": 1}))
+    g = torch.Generator().manual_seed(7)
+    biases = {name: torch.randn(tensor.shape, generator=g) for name, tensor in other.state_dict().items()
+              if name.endswith("_proj_bias") and ".experts." in name}
+    assert biases
+    other.load_state_dict(biases, strict=False)
+    patched.load_state_dict(biases, strict=False)
+    ids = torch.randint(3, 128, (2, 9))
+    assert rel(patched(input_ids=ids).logits, other(input_ids=ids).logits) < 1e-5
 
 
 def test_single_device_maps_are_recognised():

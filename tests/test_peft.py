@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import kt_patch
 import tiny_models
+from kt_patch.kernel import NO_LORA
 from kt_patch.layer import KtMoeLayer
 
 checkpoints = tiny_models.checkpoints_fixture()
@@ -141,7 +142,7 @@ def test_target_forms_peft_rewrites(checkpoints, tmp_path, model_type, variant):
     """v4 expert names and all-linear (which also puts LoRA on the router, trained through the routing weights)."""
     stock = stock_peft(checkpoints, model_type, tiny_models.lora_config(model_type, variant))
     patched = patched_peft(checkpoints, model_type, tiny_models.lora_config(model_type, variant))
-    assert all(layer.expert_lora()[0] is not None for layer in patched.modules() if isinstance(layer, KtMoeLayer))
+    assert all(layer.expert_lora().gate_up is not None for layer in patched.modules() if isinstance(layer, KtMoeLayer))
     for a, b in zip(train_steps(stock), train_steps(patched)):
         assert abs(a - b) <= 1e-4 * abs(a)
     stock.save_pretrained(str(tmp_path / "stock"))
@@ -173,11 +174,11 @@ def test_load_adapter_paths_on_patched_model(checkpoints, tmp_path):
         kt_patch.disable()
     for model in (via_peft, via_transformers):
         layers = [m for m in model.modules() if isinstance(m, KtMoeLayer)]
-        assert len(layers) == 2 and all(layer.expert_lora()[1] is not None for layer in layers)
+        assert len(layers) == 2 and all(layer.expert_lora().down is not None for layer in layers)
         with torch.no_grad():
             assert rel(model(input_ids=ids).logits, expected) <= 1e-4
     with via_peft.disable_adapter(), torch.no_grad():  # adapters off: the kernel runs without LoRA
-        assert all(layer.expert_lora() == (None, None) for layer in via_peft.modules() if isinstance(layer, KtMoeLayer))
+        assert all(layer.expert_lora() == NO_LORA for layer in via_peft.modules() if isinstance(layer, KtMoeLayer))
         assert rel(via_peft(input_ids=ids).logits, expected) > 1e-3
 
 

@@ -110,9 +110,9 @@ def test_register_adds_a_family():
 
 def test_failure_midway_restores_every_block(monkeypatch):
     """Never half-patched: when the second kernel cannot be built, the first block gets its weights back."""
-    import kt_patch.kernel
+    import kt_patch.patcher
 
-    real = kt_patch.kernel.ExpertKernel
+    real = kt_patch.patcher.ExpertKernel
     built = []
 
     def second_fails(*args, **kwargs):
@@ -121,7 +121,7 @@ def test_failure_midway_restores_every_block(monkeypatch):
         built.append(real(*args, **kwargs))
         return built[-1]
 
-    monkeypatch.setattr(kt_patch.kernel, "ExpertKernel", second_fails)
+    monkeypatch.setattr(kt_patch.patcher, "ExpertKernel", second_fails)
     model = tiny_models.build("deepseek_v3", seed=5)
     before = {n: t.clone() for n, t in model.state_dict().items()}
     classes = [type(m) for m in model.modules()]

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..layer import KtMoeLayer
+
 _GLOO_GROUPS: dict = {}
 
 
@@ -26,8 +28,6 @@ def install(distributed_module, patches) -> None:
 
 
 def _take_over_routed_experts(wrapped, instance, args, kwargs):
-    from ..layer import KtMoeLayer
-
     module = args[0] if args else kwargs.get("module")
     experts = {}  # full name -> parameter, over the routed experts of every KtMoeLayer in the module
     if module is not None:

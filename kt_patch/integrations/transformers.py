@@ -18,6 +18,10 @@ import threading
 import torch
 from torch import nn
 
+from .. import options
+from ..patcher import patch_model
+from .checkpointing import wrap_model_checkpoint_function
+
 logger = logging.getLogger("kt_patch")
 _nesting = threading.local()
 _PLACEMENT_POLICIES = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -30,8 +34,6 @@ def install(modeling_utils, patches) -> None:
 
 
 def _set_gradient_checkpointing(wrapped, instance, args, kwargs):
-    from .checkpointing import wrap_model_checkpoint_function
-
     arguments = inspect.signature(wrapped).bind(*args, **kwargs)
     arguments.apply_defaults()
     if arguments.arguments.get("enable") and "gradient_checkpointing_func" in arguments.arguments:
@@ -53,10 +55,8 @@ def _single_device(device_map) -> torch.device | None:
 
 
 def _patch_loaded_model(wrapped, instance, args, kwargs):
-    from .. import current_options
-
     device = None
-    if getattr(_nesting, "depth", 0) == 0 and current_options() is not None:
+    if getattr(_nesting, "depth", 0) == 0 and options.current() is not None:
         device = _single_device(kwargs.get("device_map"))
         if device is not None and kwargs.get("quantization_config") is None:
             # Load into host memory and move only the non-expert part afterwards, so that routed experts never
@@ -82,12 +82,9 @@ def _patch_built_model(wrapped, instance, args, kwargs):
     finally:
         _nesting.depth = depth
     if depth == 0:
-        from .. import current_options
-        from ..patcher import patch_model
-
-        options = current_options()
+        in_force = options.current()
         # from_pretrained(..., output_loading_info=True) returns (model, loading_info)
         model = result[0] if isinstance(result, tuple) else result
-        if options is not None and isinstance(model, nn.Module):
-            patch_model(model, options)
+        if in_force is not None and isinstance(model, nn.Module):
+            patch_model(model, in_force)
     return result
