@@ -362,9 +362,17 @@ struct Core {
     float* acc = scratch_f32(p, worker, 0);
     for (int t = t0; t < t1; ++t) {
       const T* src = static_cast<const T*>(p.rows_out) + static_cast<size_t>(t) * p.k * p.Hp;
-      for (int h = 0; h < p.H; ++h) acc[h] = Elem<T>::to(src[h]);
-      for (int j = 1; j < p.k; ++j)
-        for (int h = 0; h < p.H; ++h) acc[h] += Elem<T>::to(src[static_cast<size_t>(j) * p.Hp + h]);
+      const uint8_t* present = p.slot_present ? p.slot_present + static_cast<size_t>(t) * p.k : nullptr;
+      int j = 0;
+      while (present && j < p.k && !present[j]) ++j;
+      if (j == p.k) {
+        for (int h = 0; h < p.H; ++h) acc[h] = 0.f;
+      } else {
+        for (int h = 0; h < p.H; ++h) acc[h] = Elem<T>::to(src[static_cast<size_t>(j) * p.Hp + h]);
+      }
+      for (++j; j < p.k; ++j)
+        if (!present || present[j])
+          for (int h = 0; h < p.H; ++h) acc[h] += Elem<T>::to(src[static_cast<size_t>(j) * p.Hp + h]);
       if (p.io == DType::bf16) {
         bf16* o = static_cast<bf16*>(out) + static_cast<size_t>(t) * p.H;
         for (int h = 0; h < p.H; ++h) o[h] = f32_to_bf16(acc[h]);

@@ -316,12 +316,14 @@ class LayerJob : public Job {
     plan_.offsets = ctx_->offsets.data();
     plan_.row_src = ctx_->row_src.data();
     plan_.row_weight = ctx_->row_weight.data();
+    plan_.slot_present = ctx_->slot_present.empty() ? nullptr : ctx_->slot_present.data();
     plan_.items = ctx_->active.data();
   }
   void finish() override { ctx_.reset(); }
 
  protected:
-  size_t rows() const { return static_cast<size_t>(plan_.T) * plan_.k; }
+  size_t rows() const { return static_cast<size_t>(ctx_->offsets.back()); }  // (token, slot) pairs computed here
+  size_t slots() const { return static_cast<size_t>(plan_.T) * plan_.k; }
   size_t es() const { return dtype_size(layer_.compute()); }
   size_t active() const { return ctx_->active.size(); }
   size_t blocks(int cols) const { return active() * plan_.column_blocks(cols); }
@@ -339,7 +341,7 @@ class LayerJob : public Job {
     plan_.lora_pk_stride = std::max({2 * static_cast<size_t>(p.Ip) * p.r1p, static_cast<size_t>(p.Hp) * p.r2p,
                                      static_cast<size_t>(p.Ip) * p.r2p, static_cast<size_t>(p.Hp) * p.r1p});
     plan_.lora_pk = ex.lora_pk.reserve(plan_.lora_pk_stride * p.E * es());
-    plan_.rows_out = ex.rows_out.reserve(rows() * p.Hp * es());
+    plan_.rows_out = ex.rows_out.reserve(slots() * p.Hp * es());
     plan_.gu_Bt = static_cast<float*>(ex.gu_Bt.reserve(static_cast<size_t>(p.E) * p.gu.rank * 2 * p.I * 4));
     plan_.dn_Bt = static_cast<float*>(ex.dn_Bt.reserve(static_cast<size_t>(p.E) * p.dn.rank * p.H * 4));
   }
@@ -488,24 +490,31 @@ MoELayer::Submitted MoELayer::submit_forward(int T, int k, const void* x, DType 
   ctx->io = io;
   ctx->gu = lora.gu;
   ctx->dn = lora.dn;
-  // Group the (token, slot) pairs by expert with a stable counting sort.
+  // Group the (token, slot) pairs by expert with a stable counting sort. Slots with id -1 are computed elsewhere
+  // (another executor tier): they get no row, and the slot sum leaves them out.
   const size_t R = static_cast<size_t>(T) * k;
   ctx->offsets.assign(E_ + 1, 0);
   for (size_t i = 0; i < R; ++i) {
     const int64_t e = ids[i];
+    if (e == -1) {
+      if (ctx->slot_present.empty()) ctx->slot_present.assign(R, 1);
+      ctx->slot_present[i] = 0;
+      continue;
+    }
     if (e < 0 || e >= E_)
       fail("expert id " + std::to_string(e) + " at token " + std::to_string(i / k) + ", slot " +
-           std::to_string(i % k) + " is out of range [0, " + std::to_string(E_) + ")");
+           std::to_string(i % k) + " is out of range [0, " + std::to_string(E_) + ") (or -1: skipped)");
     ++ctx->offsets[e + 1];
   }
   for (int e = 0; e < E_; ++e) {
     if (ctx->offsets[e + 1]) ctx->active.push_back(e);
     ctx->offsets[e + 1] += ctx->offsets[e];
   }
-  ctx->row_src.resize(R);
-  ctx->row_weight.resize(R);
+  ctx->row_src.resize(ctx->offsets[E_]);
+  ctx->row_weight.resize(ctx->offsets[E_]);
   std::vector<int64_t> fill(ctx->offsets.begin(), ctx->offsets.end() - 1);
   for (size_t i = 0; i < R; ++i) {
+    if (ids[i] == -1) continue;
     const int64_t r = fill[ids[i]]++;
     ctx->row_src[r] = static_cast<int32_t>(i);
     ctx->row_weight[r] = weights[i];
@@ -525,6 +534,8 @@ MoELayer::Submitted MoELayer::submit_backward(std::shared_ptr<ForwardContext> ct
   if (ctx->T > 0 && (!dy || !dx || !dw)) fail("missing gradient input or output");
   if (ctx->gu.rank > 0 && (!grads.gu.A || !grads.gu.B)) fail("gate_up LoRA gradient buffers are missing");
   if (ctx->dn.rank > 0 && (!grads.dn.A || !grads.dn.B)) fail("down LoRA gradient buffers are missing");
+  for (size_t i = 0; i < ctx->slot_present.size(); ++i)  // a skipped slot's routing weight has no gradient here
+    if (!ctx->slot_present[i]) dw[i] = 0.f;
   auto job = std::make_shared<BackwardJob>(*this, std::move(ctx), *exec_, dy, dx, dw, grads);
   exec_->pool.submit(job);
   return {job, nullptr};

@@ -87,6 +87,7 @@ struct ForwardContext {
   LoraRef gu, dn;
   std::vector<int64_t> offsets;
   std::vector<int32_t> row_src, active;
+  std::vector<uint8_t> slot_present;  // [T*k] when some slot was skipped (id -1), else empty
   std::vector<float> row_weight;
   std::unique_ptr<SavedActivations> saved;  // with save_for_backward; returns to `cache` with the context
   uint64_t forward_id = 0;                  // see Executor::lora_layout_of

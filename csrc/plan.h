@@ -88,6 +88,7 @@ struct Plan {
   const int64_t* offsets = nullptr;  // [E + 1]
   const int32_t* row_src = nullptr;  // [R]
   const float* row_weight = nullptr; // [R]
+  const uint8_t* slot_present = nullptr;  // [T*k] 0 for a skipped slot (no row, left out of the sum); null: all
   const int32_t* items = nullptr;    // per phase work list, see moe_layer.cpp
   int col_block = 64;                // columns per (expert, column block) item
   int column_blocks(int cols) const { return (cols + col_block - 1) / col_block; }

@@ -377,8 +377,8 @@ def test_expert_id_out_of_range_names_layer_and_token(kernel):
     ids[3, 1] = 4
     with pytest.raises(ValueError, match=r"layers\.0\.mlp: expert id 4 at token 3, slot 1 is out of range \[0, 4\)"):
         kernel.forward(x, ids, w)
-    ids[3, 1] = -1
-    with pytest.raises(ValueError, match="expert id -1"):
+    ids[3, 1] = -2  # -1 is a skipped slot
+    with pytest.raises(ValueError, match="expert id -2"):
         kernel.forward(x, ids, w)
 
 
@@ -439,3 +439,25 @@ def test_kernel_reads_no_environment(monkeypatch):
     kernel = ExpertKernel(*weights, threads=1)
     assert kernel.isa == ISAS[0] and kernel.backward_weights == "transpose"
     assert ExpertKernel(*weights, isa="scalar", threads=1).isa == "scalar"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_skipped_slots_are_left_to_another_tier(isa, dtype):
+    """Slots with expert id -1 (computed by another executor tier) get no row: y and the LoRA gradients are those of
+    the other slots alone, their dw is 0, and the outputs are still fully written (NaN-poisoned dw)."""
+    E, H, I, T, k = 8, 72, 40, 45, 4
+    weights, lora_gu, lora_dn = random_layer(E, H, I, 8, 4, dtype, seed("skip", isa, dtype))
+    x, ids, w, dy = random_batch(T, H, E, k, dtype, seed("skipx", isa, dtype))
+    g = torch.Generator().manual_seed(seed("skipmask", isa, dtype))
+    skipped = torch.rand(T, k, generator=g) < 0.4
+    skipped[0] = True  # a token with every slot elsewhere
+    kernel = ExpertKernel(*weights, isa=isa, threads=2)
+    y, ctx = kernel.forward(x, ids.masked_fill(skipped, -1), w, lora_of(lora_gu, lora_dn), save_for_backward=True)
+    grads = {n: t.fill_(float("nan")) for n, t in ctx.new_lora_grads(zeroed=False).items()}
+    dx, dw = kernel.backward(ctx, dy, grads, accumulate=False)
+    ref = reference_grads(x, ids, w.masked_fill(skipped, 0.0), dy, weights, lora_gu, lora_dn)
+    assert torch.equal(dw[skipped], torch.zeros(int(skipped.sum())))
+    ref["dw"] = ref["dw"].masked_fill(skipped, 0.0)
+    assert_close({"y": y, "dx": dx, "dw": dw, **grads}, ref, TOL[dtype], f"{isa}")
+    assert float(y[0].abs().sum()) == 0
