@@ -142,6 +142,46 @@ def test_option_typo_is_an_error_naming_it():
     assert kt_patch.current_options() is None
 
 
+@pytest.mark.parametrize("variable, suggestion", [("KT_THREAD", "KT_THREADS"),
+                                                   ("KT_CHECKPOINT_POLICYY", "KT_CHECKPOINT_POLICY")])
+def test_misspelled_environment_variable_is_an_error_naming_the_option(monkeypatch, variable, suggestion):
+    for not_an_option in ("KT_ENABLE", "KT_PROFILE", "KT_KERNEL_CPU_VARIANT"):  # read by kt_patch or kt-kernel
+        monkeypatch.setenv(not_an_option, "1")
+    monkeypatch.setenv(variable, "retain")
+    with pytest.raises(kt_patch.OptionError, match=f"{variable} is not a kt_patch option .did you mean {suggestion}"):
+        kt_patch.enable()
+    monkeypatch.delenv(variable)
+    assert kt_patch.enable().architectures == ("all",)
+    kt_patch.disable()
+
+
+def test_bad_option_values_are_option_errors_at_enable():
+    from kt_patch.kernel import supported_isas
+
+    bad = {"architectures": ["qwen3moe", 5, ["qwen3_moe", None]], "threads": [0, 2**40, 100000, 2.0],
+           "isa": [isa for isa in ("amx_bf16", "avx512_bf16", "avx2") if isa not in supported_isas()]}
+    for name, values in bad.items():
+        for value in values:
+            with pytest.raises(kt_patch.OptionError, match=name):
+                kt_patch.enable(**{name: value})
+    with pytest.raises(kt_patch.OptionError, match="did you mean qwen3_moe"):
+        kt_patch.enable(architectures="olmoe,qwen3moe")
+    if bad["isa"]:
+        with pytest.raises(kt_patch.OptionError, match=f"cannot run '{bad['isa'][0]}'; it runs auto, "):
+            kt_patch.enable(isa=bad["isa"][0])
+    assert kt_patch.current_options() is None
+
+
+def test_keyword_beats_environment(monkeypatch):
+    monkeypatch.setenv("KT_ISA", "scalar")
+    monkeypatch.setenv("KT_THREADS", "3")
+    try:
+        assert (kt_patch.enable(isa="auto").isa, kt_patch.current_options().threads) == ("auto", 3)
+        assert kt_patch.enable(threads=1).isa == "scalar"
+    finally:
+        kt_patch.disable()
+
+
 def test_unknown_model_untouched_with_one_log_line(enabled, caplog):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
