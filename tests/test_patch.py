@@ -37,14 +37,14 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def run_python(code: str, env_extra=None, timeout=240):
+def run_python(code: str, env_extra=None, timeout=240, stderr=False):
     env = {k: v for k, v in os.environ.items() if not k.startswith("KT_")}
     env.update(env_extra or {})
     env["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "tests"), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    return proc.stderr if stderr else proc.stdout
 
 
 LOAD_AND_REPORT = """
@@ -102,6 +102,25 @@ def test_kt_enable_is_a_boolean_and_costs_no_torch_at_start_up():
     for word in ("maybe", "2"):
         proc = run(KT_ENABLE=word)
         assert proc.returncode == 2 and "KT_ENABLE must be one of 1, true, yes, on (on) or" in proc.stderr, word
+
+
+def test_kt_enable_log_lines_follow_the_scripts_logging_and_log_level():
+    pth = os.path.join(REPO, "kt_patch", "kt_patch.pth")
+    script = f"""
+        exec(open({pth!r}).read())
+        import logging, sys, tiny_models
+        import transformers  # kt_patch.enable() runs here, before the script configures logging
+        tiny_models.build("qwen3_moe")
+        sys.stderr.write("CONFIGURED\\n")
+        logging.basicConfig(format="SCRIPT|%(name)s|%(levelname)s|%(message)s")
+        tiny_models.build("qwen3_moe")
+    """
+    info = run_python(script, {"KT_ENABLE": "1"}, stderr=True).split("CONFIGURED")
+    assert [part.count("kt_patch: patched") for part in info] == [1, 1]
+    assert "\nkt_patch: patched" in info[0] and "\nSCRIPT|kt_patch|INFO|kt_patch: patched" in info[1]
+    assert "SCRIPT" not in info[0] and all("moving experts to the CPU kernel" in part for part in info)
+    warning = run_python(script, {"KT_ENABLE": "1", "KT_LOG_LEVEL": "WARNING"}, stderr=True)
+    assert "kt_patch" not in warning  # neither the summary line nor the progress bar
 
 
 INSTALLED_PTH = os.path.join(sysconfig.get_paths()["purelib"], "kt_patch.pth")
