@@ -360,6 +360,21 @@ def test_load_state_dict_of_biases_alone_reaches_the_kernel():
     assert rel(patched(input_ids=ids).logits, other(input_ids=ids).logits) < 1e-5
 
 
+def test_host_device_maps_draw_no_accelerator_warning(checkpoints, caplog):
+    warning = "loads routed experts onto the accelerator"
+    kt_patch.enable()
+    try:
+        for device_map in ({"": torch.device("cpu")}, {"": "cpu"}, "cpu", {"model": "cpu", "lm_head": "cpu"}, "auto"):
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="kt_patch"):
+                model = tiny_models_load(checkpoints, device_map=device_map)
+            assert sum(isinstance(m, KtMoeLayer) for m in model.modules()) == 2
+            # "auto" may place layers on an accelerator when there is one: kt_patch cannot tell beforehand
+            assert (warning in caplog.text) == (device_map == "auto"), device_map
+    finally:
+        kt_patch.disable()
+
+
 def test_single_device_maps_are_recognised():
     from kt_patch.integrations.transformers import _single_device
 
