@@ -4,13 +4,14 @@ Everything is built locally (no downloads). The training part is an ordinary HF/
 lines; the routed experts and their LoRA run in the CPU kernel. At the end a separate interpreter without kt_patch
 loads the saved adapter into the stock model and must reproduce the patched model's logits.
 
-    python examples/finetune_tiny_moe.py [--steps 30] [--out /tmp/kt_patch_example]
+    python examples/finetune_tiny_moe.py [--steps 30] [--output-dir DIR]
 """
 import argparse
 import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -50,10 +51,13 @@ def training_rows(count: int, length: int, vocab: int):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--out", default="/tmp/kt_patch_example")
+    parser.add_argument("--output-dir", help="where the checkpoint and the adapter go (default: a new temporary "
+                                                 "folder, so that runs at the same time never share one)")
     args = parser.parse_args()
+    out = args.output_dir or tempfile.mkdtemp(prefix="kt_patch_example_")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    base_path, adapter_path = os.path.join(args.out, "base"), os.path.join(args.out, "adapter")
+    print(f"writing to {out}")
+    base_path, adapter_path = os.path.join(out, "base"), os.path.join(out, "adapter")
     build_base_model(base_path)
 
     import kt_patch
@@ -70,7 +74,7 @@ def main():
     model.print_trainable_parameters()
 
     rows = training_rows(64, 128, model.config.vocab_size)
-    training_args = TrainingArguments(output_dir=os.path.join(args.out, "trainer"), max_steps=args.steps,
+    training_args = TrainingArguments(output_dir=os.path.join(out, "trainer"), max_steps=args.steps,
                                       per_device_train_batch_size=4, gradient_accumulation_steps=2,
                                       learning_rate=2e-3, logging_steps=10, report_to=[], save_strategy="no",
                                       use_cpu=not use_gpu, bf16=use_gpu, disable_tqdm=True)
@@ -87,7 +91,7 @@ def main():
     model.save_pretrained(adapter_path)
 
     eval_tokens = torch.randint(3, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(2))
-    tokens_file, logits_file = os.path.join(args.out, "eval_tokens.pt"), os.path.join(args.out, "stock_logits.pt")
+    tokens_file, logits_file = os.path.join(out, "eval_tokens.pt"), os.path.join(out, "stock_logits.pt")
     torch.save(eval_tokens, tokens_file)
     model.eval()
     with torch.no_grad():

@@ -64,7 +64,13 @@ def timed(step, min_time, min_iters=3, warmup=1):
     return statistics.median(fwd), statistics.median(bwd)
 
 
-def run_kt_patch(weights, lora_gu, lora_dn, batches, threads, min_time, profile=False):
+def point_done(backend: str, shape: str, T: int, fwd: float, bwd: float) -> None:
+    """One progress line per measured point, at once (stderr, flushed): a full run takes long on small machines."""
+    print(f"bench: {backend} {shape} qlen {T}: {fwd * 1e3:.1f} + {bwd * 1e3:.1f} ms, {T / (fwd + bwd):.0f} tok/s",
+          file=sys.stderr, flush=True)
+
+
+def run_kt_patch(shape, weights, lora_gu, lora_dn, batches, threads, min_time, profile=False):
     kernel = ExpertKernel(*weights, name="bench", threads=threads)
     lora = ExpertLora(LoraFactors(*lora_gu), LoraFactors(*lora_dn))
     out = {}
@@ -78,6 +84,7 @@ def run_kt_patch(weights, lora_gu, lora_dn, batches, threads, min_time, profile=
 
         _C.profile(True)
         out[T] = timed(step, min_time)
+        point_done("kt_patch", shape, T, *out[T])
         if profile:
             phases = _C.profile(True)
             total = sum(s for s, _ in phases.values())
@@ -113,7 +120,7 @@ def torch_moe(x, ids, w, weights, lora_gu, lora_dn):
     return x.new_zeros(x.shape).index_add(0, torch.cat(toks), torch.cat(outs))
 
 
-def run_torch(weights, lora_gu, lora_dn, batches, threads, min_time):
+def run_torch(shape, weights, lora_gu, lora_dn, batches, threads, min_time):
     torch.set_num_threads(threads)
     lgu = tuple(t.to(torch.bfloat16).requires_grad_(True) for t in lora_gu[:2]) + lora_gu[2:]
     ldn = tuple(t.to(torch.bfloat16).requires_grad_(True) for t in lora_dn[:2]) + lora_dn[2:]
@@ -130,6 +137,7 @@ def run_torch(weights, lora_gu, lora_dn, batches, threads, min_time):
             return t1 - t0, time.perf_counter() - t1
 
         out[T] = timed(step, min_time)
+        point_done("torch_bf16", shape, T, *out[T])
     return out
 
 
@@ -148,7 +156,10 @@ def run_kt_kernel(shape, qlens, threads, anchor):
         print(f"kt_kernel: the anchor run failed (rc {run.returncode}):\n{run.stdout[-1500:]}{run.stderr[-1500:]}",
               file=sys.stderr)
         return None
-    return {int(q): (res[str(q)]["fwd_s"], res[str(q)]["bwd_s"]) for q in qlens}
+    out = {int(q): (res[str(q)]["fwd_s"], res[str(q)]["bwd_s"]) for q in qlens}
+    for T, (fwd, bwd) in out.items():
+        point_done("kt_kernel", shape, T, fwd, bwd)
+    return out
 
 
 def machine():
@@ -158,8 +169,10 @@ def machine():
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m kt_patch bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default="small,qwen30b", help=f"comma list of {', '.join(SHAPES)}")
-    ap.add_argument("--qlens", default="128,512,2048")
+    # The defaults finish in minutes on a 2-core AVX2 machine; the README's table is
+    # --shapes qwen30b,small --qlens 128,512,2048.
+    ap.add_argument("--shapes", default="small", help=f"comma list of {', '.join(SHAPES)}")
+    ap.add_argument("--qlens", default="128,512")
     ap.add_argument("--threads", type=int, default=None, help="default: the kt_patch threads option")
     ap.add_argument("--backends", default=",".join(BACKENDS))
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds of timed iterations per point")
@@ -199,11 +212,11 @@ def main(argv=None):
         batches = {T: make_batch(T, H, E, k, seed=T) for T in qlens}
         timings, config = {}, None
         if "kt_patch" in backends:
-            timings["kt_patch"], config = run_kt_patch(weights, lora_gu, lora_dn, batches, threads, args.min_time,
-                                                       args.profile)
+            timings["kt_patch"], config = run_kt_patch(shape, weights, lora_gu, lora_dn, batches, threads,
+                                                       args.min_time, args.profile)
             report["kt_patch"] = config
         if "torch_bf16" in backends:
-            timings["torch_bf16"] = run_torch(weights, lora_gu, lora_dn, batches, threads, args.min_time)
+            timings["torch_bf16"] = run_torch(shape, weights, lora_gu, lora_dn, batches, threads, args.min_time)
         if "kt_kernel" in backends:
             kt_kernel = run_kt_kernel(shape, qlens, threads, args.anchor)
             if kt_kernel:

@@ -21,8 +21,18 @@ def test_bench_json_report(tmp_path, capsys):
         assert row["shape"] == "small" and row["threads"] == 1
         assert row["fwd_ms"] > 0 and row["bwd_ms"] > 0
         assert row["tokens_per_s"] == pytest.approx(qlen / ((row["fwd_ms"] + row["bwd_ms"]) / 1e3))
-    table = capsys.readouterr().out
-    assert "x torch_bf16" in table and table.count("kt_patch ") >= 2
+    output = capsys.readouterr()
+    assert "x torch_bf16" in output.out and output.out.count("kt_patch ") >= 2
+    progress = [line for line in output.err.splitlines() if line.startswith("bench: ")]
+    assert [line.split(":")[1] for line in progress] == [f" {b} small qlen {q}" for b in ("kt_patch", "torch_bf16")
+                                                         for q in (7, 33)]
+
+
+def test_bench_defaults_are_the_short_run(tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(["--threads", "1", "--min-time", "0", "--backends", "kt_patch", "--json", str(out)])
+    assert {(r["shape"], r["qlen"]) for r in json.loads(out.read_text())["results"]} == {("small", 128),
+                                                                                          ("small", 512)}
 
 
 @pytest.mark.parametrize("args, message", [
