@@ -1,11 +1,12 @@
 """Builds kt_patch and its C++ kernel. Each ISA backend is compiled with its own flags; the rest of the extension
 targets the baseline ISA, and the backend is chosen at run time (never -march=native)."""
-import platform
-
 import os
+import platform
 import shutil
+import sys
+import time
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
@@ -20,7 +21,8 @@ BACKEND_FLAGS = {
 
 
 class BuildExt(build_ext):
-    """Adds the per-file ISA flags of BACKEND_FLAGS when compiling those sources."""
+    """Adds the per-file ISA flags of BACKEND_FLAGS when compiling those sources, and prints a line per file (the
+    sources compile in parallel: ParallelCompile below)."""
 
     def build_extensions(self):
         compile_one = self.compiler._compile
@@ -28,10 +30,18 @@ class BuildExt(build_ext):
         def _compile(obj, src, ext, cc_args, extra_postargs, pp_opts):
             extra = [flag for path, flags in BACKEND_FLAGS.items() if src.replace("\\", "/").endswith(path)
                      for flag in flags]
+            started = time.monotonic()
+            _progress(f"compiling {src}")
             compile_one(obj, src, ext, cc_args, list(extra_postargs) + extra, pp_opts)
+            _progress(f"compiled {src} in {time.monotonic() - started:.0f} s")
 
         self.compiler._compile = _compile
         super().build_extensions()
+
+
+def _progress(message: str) -> None:
+    # stderr, flushed: pip shows a build's output with -v
+    print(f"kt_patch build: {message}", file=sys.stderr, flush=True)
 
 
 class BuildPy(build_py):
@@ -58,6 +68,9 @@ class BuildPy(build_py):
         return os.path.join(os.path.dirname(data), "purelib", "kt_patch.pth")
 
 
+# One compiler process per core (NPY_NUM_BUILD_JOBS=N overrides, the variable numpy's builds read): every source,
+# each ISA backend included, is an independent translation unit.
+ParallelCompile("NPY_NUM_BUILD_JOBS").install()
 sources = ["csrc/binding.cpp", "csrc/moe_layer.cpp", "csrc/thread_pool.cpp", "csrc/backends/scalar.cpp",
            *BACKEND_FLAGS]
 setup(
