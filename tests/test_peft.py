@@ -207,6 +207,17 @@ def test_unsupported_expert_lora_is_a_clear_error(checkpoints, unsupported):
         patched_peft(checkpoints, "qwen3_moe", config)
 
 
+def test_expert_lora_with_a_peft_too_old_for_it_is_refused_at_injection(checkpoints, monkeypatch):
+    import peft
+
+    # 0.19.0 and older lay out fused-expert LoRA otherwise (checked with the real releases; see README)
+    monkeypatch.setattr(peft, "__version__", "0.19.0")
+    with pytest.raises(ValueError, match=r"LoRA on routed experts needs peft >= 0\.19\.1 \(installed: 0\.19\.0\)"):
+        patched_peft(checkpoints, "qwen3_moe", tiny_models.lora_config("qwen3_moe"))
+    attention_only = patched_peft(checkpoints, "qwen3_moe", peft.LoraConfig(r=4, target_modules=["o_proj"]))
+    assert any(".o_proj.lora_A." in name for name, _ in attention_only.named_parameters())
+
+
 def test_two_active_adapters_on_experts_is_an_error(checkpoints):
     model = patched_peft(checkpoints, "qwen3_moe", tiny_models.lora_config("qwen3_moe"))
     model.add_adapter("second", tiny_models.lora_config("qwen3_moe"))

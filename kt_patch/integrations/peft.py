@@ -7,12 +7,16 @@ experts, routers) stays plain PEFT.
 """
 from __future__ import annotations
 
+from packaging.version import Version
 from torch import nn
 
 from ..expert_lora import check_expert_wrappers, param_wrappers
 from ..layer import KtMoeLayer, is_placeholder, skip_expert_export
 
 LORA_EXPERTS = "lora_experts"
+# The oldest PEFT with LoRA on fused experts as the kernel reads it (A [E*r, in], B [out, E*r] per parameter): older
+# ones lay the factors out otherwise (0.19.0 and before), which the kernel would meet only at the first forward.
+PEFT_FOR_EXPERT_LORA = "0.19.1"
 MERGE_REFUSED = ("kt_patch: cannot merge LoRA into routed experts that live in the CPU kernel; merge the saved "
                  "adapter into a model loaded without kt_patch")
 
@@ -60,8 +64,15 @@ def _inject_adapter(wrapped, instance, args, kwargs):
         if LORA_EXPERTS not in modules_to_save:
             config.modules_to_save = sorted(modules_to_save | {LORA_EXPERTS})
     result = wrapped(*args, **kwargs)
+    import peft  # imported already (this is its own method); at module level it would import it for every user
+
     for layer in layers:
-        check_expert_wrappers(layer._modules[layer.family.experts], layer.family.name)
+        experts_slot = layer._modules[layer.family.experts]
+        if next(param_wrappers(experts_slot), None) is not None and \
+                Version(peft.__version__) < Version(PEFT_FOR_EXPERT_LORA):
+            raise ValueError(f"kt_patch: LoRA on routed experts needs peft >= {PEFT_FOR_EXPERT_LORA} (installed: "
+                             f"{peft.__version__}); upgrade peft, or leave the experts out of the LoRA targets")
+        check_expert_wrappers(experts_slot, layer.family.name)
     return result
 
 
