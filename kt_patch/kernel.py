@@ -117,15 +117,13 @@ class KernelSpec:
 
 
 class _Pending:
-    """A submitted kernel call; keeps its tensors alive until waited for."""
+    """A submitted kernel call (its handle keeps the call's tensors alive until the job is done)."""
 
-    def __init__(self, handle, result, keep):
-        self._handle, self._result, self._keep = handle, result, keep
+    def __init__(self, handle, result):
+        self._handle, self._result = handle, result
 
     def wait(self):
-        ctx = self._handle.wait()
-        self._keep = None
-        return self._result(ctx)
+        return self._result(self._handle.wait())
 
 
 class ExpertKernel:
@@ -230,9 +228,9 @@ class ExpertKernel:
 
     def _lora_arg(self, factors: Optional[LoraFactors]):
         if factors is None:
-            return (0, 0, "f32", 0, 0.0)
-        return (factors.A.data_ptr(), factors.B.data_ptr(), _DTYPES[factors.A.dtype],
-                factors.A.shape[0] // self.num_experts, float(factors.scaling))
+            return None
+        return _C.LoraFactors(factors.A.data_ptr(), factors.B.data_ptr(), _DTYPES[factors.A.dtype],
+                              factors.A.shape[0] // self.num_experts, float(factors.scaling))
 
     # ------------------------------------------------------------------------------------------------ compute
     def _check_tokens(self, x, what="x"):
@@ -259,11 +257,11 @@ class ExpertKernel:
         ids = topk_ids.to("cpu", torch.int64).contiguous()
         weights = topk_weights.detach().to("cpu", torch.float32).contiguous()
         y = torch.empty_like(x)
+        keep = (x, ids, weights, y, lora)
         handle = self._layer.submit_forward(T, ids.shape[1], x.data_ptr(), _DTYPES[x.dtype], ids.data_ptr(),
                                             weights.data_ptr(), y.data_ptr(), bool(save_for_backward),
-                                            self._lora_arg(lora.gate_up), self._lora_arg(lora.down))
-        keep = (x, ids, weights, y, lora)
-        return _Pending(handle, lambda ctx: (y, _Context(ctx, x.dtype, lora) if ctx is not None else None), keep)
+                                            self._lora_arg(lora.gate_up), self._lora_arg(lora.down), keep)
+        return _Pending(handle, lambda ctx: (y, _Context(ctx, x.dtype, lora) if ctx is not None else None))
 
     def forward(self, x, topk_ids, topk_weights, lora: ExpertLora = NO_LORA, save_for_backward: bool = False):
         return self.submit_forward(x, topk_ids, topk_weights, lora, save_for_backward).wait()
@@ -298,8 +296,8 @@ class ExpertKernel:
         dx = torch.empty_like(dy)
         dw = torch.empty(ctx.tokens, ctx.top_k, dtype=torch.float32)
         handle = self._layer.submit_backward(ctx.handle, dy.data_ptr(), dx.data_ptr(), dw.data_ptr(), *pointers,
-                                             accumulate=bool(accumulate))
-        return _Pending(handle, lambda _: (dx, dw), (ctx, dy, dx, dw, lora_grads))
+                                             accumulate=bool(accumulate), keep=(ctx, dy, dx, dw, lora_grads))
+        return _Pending(handle, lambda _: (dx, dw))
 
     def backward(self, ctx, dy, lora_grads=None, accumulate=True):
         return self.submit_backward(ctx, dy, lora_grads, accumulate).wait()
