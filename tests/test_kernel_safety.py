@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from kt_patch import _C
-from kt_patch.kernel import ExpertKernel
+from kt_patch.kernel import ExpertKernel, ExpertLora, LoraFactors
 from moe_reference import random_batch, random_layer
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -28,20 +28,19 @@ import gc, os, signal, sys, time
 sys.path.insert(0, {TESTS!r})
 import torch
 from kt_patch import _C
-from kt_patch.kernel import ExpertKernel
+from kt_patch.kernel import ExpertKernel, ExpertLora, LoraFactors
 from moe_reference import random_batch, random_layer
 SEED = {RUN_SEED}
 E, H, I, T, k = 8, 96, 64, 300, 4
 weights, lora_gu, lora_dn = random_layer(E, H, I, 8, 8, torch.bfloat16, SEED)
 x, ids, w, dy = random_batch(T, H, E, k, torch.bfloat16, SEED + 1)
+LORA = ExpertLora(LoraFactors(*lora_gu), LoraFactors(*lora_dn))
 
 def make_kernel(name="moe", threads=2):
-    kernel = ExpertKernel(*weights, name=name, threads=threads)
-    kernel.set_lora(lora_gu, lora_dn)
-    return kernel
+    return ExpertKernel(*weights, name=name, threads=threads)
 
 def step(kernel):
-    y, ctx = kernel.forward(x, ids, w, save_for_backward=True)
+    y, ctx = kernel.forward(x, ids, w, LORA, save_for_backward=True)
     dx, dw = kernel.backward(ctx, dy, ctx.new_lora_grads(zeroed=False), accumulate=False)
     return y, dx, dw
 """
@@ -68,18 +67,18 @@ def test_pending_dropped_before_wait_waits_for_its_job():
     destructor waits. The output held elsewhere then equals a waited run's."""
     assert_ok(run_child("""
         kernel = make_kernel()
-        y_ref, _ = kernel.forward(x, ids, w)
+        y_ref, _ = kernel.forward(x, ids, w, LORA)
         for _ in range(20):  # the ExpertKernel handle dropped at once, with every tensor it was given
             xi, idsi, wi = x.clone(), ids.clone(), w.clone()
-            kernel.submit_forward(xi, idsi, wi, save_for_backward=True)
+            kernel.submit_forward(xi, idsi, wi, LORA, save_for_backward=True)
             del xi, idsi, wi
             gc.collect()
             torch.randn(T, H).mul_(3)  # reuse freed memory
         y = torch.empty_like(x)
         xi, idsi, wi = x.clone(), ids.clone(), w.clone()
         handle = kernel._layer.submit_forward(T, k, xi.data_ptr(), "bf16", idsi.data_ptr(), wi.data_ptr(),
-                                              y.data_ptr(), False, kernel._lora_args("gate_up"),
-                                              kernel._lora_args("down"), (xi, idsi, wi))
+                                              y.data_ptr(), False, kernel._lora_arg(LORA.gate_up),
+                                              kernel._lora_arg(LORA.down), (xi, idsi, wi))
         del handle, xi, idsi, wi  # the destructor waits: y is complete afterwards
         assert torch.equal(y, y_ref), (y - y_ref).abs().max()
         print("ok")
@@ -93,7 +92,7 @@ def test_kernel_dropped_while_its_job_runs():
         y_ref, dx_ref, dw_ref = step(make_kernel())
         for i in range(30):
             kernel = make_kernel(threads=3)  # a thread count of its own: its pool goes when the kernel goes
-            pending = kernel.submit_forward(x, ids, w, save_for_backward=True)
+            pending = kernel.submit_forward(x, ids, w, LORA, save_for_backward=True)
             del kernel
             gc.collect()
             if i % 2:
@@ -206,13 +205,13 @@ def test_fork_child_gets_an_error_not_a_hang():
     for a job submitted before it raises, a kernel made in the child works, and exiting the child does not hang."""
     assert_ok(run_child("""
         kernel = make_kernel()
-        y_ref, _ = kernel.forward(x, ids, w)
-        pending = kernel.submit_forward(x, ids, w)
+        y_ref, _ = kernel.forward(x, ids, w, LORA)
+        pending = kernel.submit_forward(x, ids, w, LORA)
         pid = os.fork()
         if pid == 0:
             status = 0
             try:
-                kernel.forward(x, ids, w)
+                kernel.forward(x, ids, w, LORA)
                 status = 3
             except RuntimeError as e:
                 status = 0 if "does not survive fork()" in str(e) else 4
@@ -222,7 +221,7 @@ def test_fork_child_gets_an_error_not_a_hang():
             except RuntimeError:
                 pass
             fresh = make_kernel()
-            y, _ = fresh.forward(x, ids, w)
+            y, _ = fresh.forward(x, ids, w, LORA)
             status = status or (0 if torch.equal(y, y_ref) else 6)
             del kernel, pending, fresh
             gc.collect()
@@ -239,7 +238,7 @@ def test_fork_child_exits_without_waiting_for_the_parents_threads():
     """A child that never calls the kernel exits normally (interpreter teardown frees the kernel)."""
     assert_ok(run_child("""
         kernel = make_kernel()
-        kernel.forward(x, ids, w)
+        kernel.forward(x, ids, w, LORA)
         pid = os.fork()
         if pid == 0:
             sys.exit(0)
@@ -259,7 +258,6 @@ def test_thread_count_out_of_range_is_refused(threads):
 def test_set_profiling_switches_the_profile():
     weights, gu, dn = random_layer(4, 32, 16, 4, 4, torch.float32, RUN_SEED)
     kernel = ExpertKernel(*weights, threads=2)
-    kernel.set_lora(gu, dn)
     x, ids, w, _ = random_batch(9, 32, 4, 2, torch.float32, RUN_SEED + 1)
     try:
         _C.set_profiling(False)
