@@ -178,6 +178,28 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("threads", &MoELayer::threads)
       .def_property_readonly("weight_bytes", &MoELayer::weight_bytes)
       .def(
+          "packed_weights",
+          [](const MoELayer& L) {
+            py::dict out;
+            const std::pair<const char*, MoELayer::PackedMatrix> matrices[] = {
+                {"gate", L.packed_gate()}, {"up", L.packed_up()}, {"down", L.packed_down()}};
+            for (const auto& [name, m] : matrices)
+              out[name] = py::make_tuple(reinterpret_cast<uintptr_t>(m.data), m.bytes);
+            return out;
+          },
+          "{'gate'|'up'|'down': (address, bytes)} of the forward's packed weights (valid while the layer lives)")
+      .def(
+          "packed_layout",
+          [](const MoELayer& L) {
+            py::dict out;
+            out["panel"] = kPanel;
+            out["pair"] = L.compute() == DType::bf16 ? 2 : 1;
+            out["hidden"] = L.padded_hidden();
+            out["intermediate"] = L.padded_intermediate();
+            return out;
+          },
+          "the panel layout of packed_weights(): 16-column panels of `pair` consecutive k, padded H and I")
+      .def(
           "submit_forward",
           [](const std::shared_ptr<MoELayer>& L, int T, int k, uintptr_t x, const std::string& io, uintptr_t ids,
              uintptr_t w, uintptr_t y, bool save, std::optional<LoraRef> gate_up, std::optional<LoraRef> down,

@@ -58,7 +58,8 @@ const IsaEntry kIsas[] = {
     {"scalar", backend_scalar, [] { return true; }},
 };
 
-size_t dtype_size(DType d) { return d == DType::bf16 ? 2 : 4; }
+using kt::MoELayer;
+size_t dtype_size(DType d) { return MoELayer::dtype_size(d); }
 
 std::atomic<int64_t> g_live_contexts{0};
 

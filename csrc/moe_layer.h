@@ -151,6 +151,19 @@ class MoELayer : public std::enable_shared_from_this<MoELayer> {
   int intermediate() const { return I_; }
   DType compute() const { return compute_; }
   size_t weight_bytes() const;  // both copies when the backward has its own
+  static size_t dtype_size(DType d) { return d == DType::bf16 ? 2 : 4; }
+
+  // The forward's packed weights, per expert gate [I][H], up [I][H], down [H][I] in the panel layout of plan.h,
+  // for an accelerator that streams them from host memory (this memory, registered as pinned: no second copy).
+  struct PackedMatrix {
+    const void* data;
+    size_t bytes;
+  };
+  PackedMatrix packed_gate() const { return {wg_.data(), E_ * gu_stride_ * dtype_size(compute_)}; }
+  PackedMatrix packed_up() const { return {wu_.data(), E_ * gu_stride_ * dtype_size(compute_)}; }
+  PackedMatrix packed_down() const { return {wd_.data(), E_ * d_stride_ * dtype_size(compute_)}; }
+  int padded_hidden() const { return Hp_; }
+  int padded_intermediate() const { return Ip_; }
 
   // Reads the frozen weights back in the transformers layout (for saving a base checkpoint).
   void export_weights(void* gate_up, void* down) const;

@@ -15,6 +15,7 @@ without spinning) until the CPU is done, so the caller can keep the GPU busy mea
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 from typing import Optional
 
@@ -192,6 +193,27 @@ class ExpertKernel:
     def weight_bytes(self) -> int:
         """Host memory of the packed weights (both copies with ``backward_weights="copy"``)."""
         return self._layer.weight_bytes
+
+    def packed_weights(self) -> dict[str, torch.Tensor]:
+        """The forward's packed weights in place (no copy): ``gate``, ``up`` [E, Ip*Hp] and ``down`` [E, Hp*Ip] in the
+        kernel's dtype, valid while this kernel lives. :func:`unpack` turns rows of them back into ``W[N][K]``."""
+        out = {}
+        for name, (address, nbytes) in self._layer.packed_weights().items():
+            storage = (ctypes.c_uint8 * nbytes).from_address(address)
+            out[name] = torch.frombuffer(storage, dtype=self.dtype).view(self.num_experts, -1)
+        return out
+
+    def unpack(self, rows: torch.Tensor, matrix: str) -> torch.Tensor:
+        """``W[n, N, K]`` (gate/up: [n, I, H]; down: [n, H, I]) from rows of :meth:`packed_weights` (on any device).
+
+        The packed layout (csrc/plan.h) stores element (n, k) at ``((n/16)*(Kp/P) + k/P)*16*P + (n%16)*P + k%P``: a
+        view [N/16, Kp/P, 16, P] whose middle axes swap."""
+        layout = self._layer.packed_layout()
+        Hp, Ip, panel, pair = layout["hidden"], layout["intermediate"], layout["panel"], layout["pair"]
+        (Np, Kp), (N, K) = ((Ip, Hp), (self.intermediate_size, self.hidden_size)) if matrix != "down" else \
+            ((Hp, Ip), (self.hidden_size, self.intermediate_size))
+        tiles = rows.view(-1, Np // panel, Kp // pair, panel, pair).permute(0, 1, 3, 2, 4)
+        return tiles.reshape(-1, Np, Kp)[:, :N, :K]
 
     def export_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The frozen weights back in the layout they were given in (for saving a base checkpoint)."""

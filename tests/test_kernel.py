@@ -461,3 +461,18 @@ def test_skipped_slots_are_left_to_another_tier(isa, dtype):
     ref["dw"] = ref["dw"].masked_fill(skipped, 0.0)
     assert_close({"y": y, "dx": dx, "dw": dw, **grads}, ref, TOL[dtype], f"{isa}")
     assert float(y[0].abs().sum()) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_packed_weights_unpack_to_the_given_weights(dtype):
+    """The accelerator tiers stream the kernel's own packed buffers: viewed in place and unpacked, they are the
+    weights the kernel was given, bit for bit (H and I not multiples of the padding)."""
+    E, H, I = 5, 72, 40
+    weights, _, _ = random_layer(E, H, I, 0, 0, dtype, seed("packed", dtype))
+    kernel = ExpertKernel(*weights, threads=1)
+    packed = kernel.packed_weights()
+    experts = torch.tensor([4, 1])
+    gate, up = kernel.unpack(packed["gate"][experts], "gate"), kernel.unpack(packed["up"][experts], "up")
+    down = kernel.unpack(packed["down"][experts], "down")
+    assert torch.equal(gate, weights[0][experts, :I]) and torch.equal(up, weights[0][experts, I:])
+    assert torch.equal(down, weights[1][experts])
