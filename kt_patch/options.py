@@ -17,6 +17,7 @@ ISAS = ("auto", "amx_bf16", "avx512_bf16", "avx2", "scalar")
 CHECKPOINT_POLICIES = ("recompute", "retain")
 BACKWARD_WEIGHTS = ("transpose", "copy")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+EXECUTORS = ("auto", "cpu", "accelerator", "hybrid")
 
 
 class OptionError(ValueError):
@@ -47,6 +48,9 @@ class Options:
     log_level: str = "INFO"
     lora_experts: int = 0
     lora_expert_intermediate_size: int = 64
+    executor: str = "auto"
+    gpu_expert_budget: Any = "auto"  # "auto" or GiB (a number >= 0)
+    accelerator_fraction: Any = None  # None, or the fraction of each layer's experts forced onto the accelerator
 
     def __post_init__(self):
         _check_int(self, "threads", minimum=0)
@@ -56,6 +60,12 @@ class Options:
         _check_choice(self, "log_level", LOG_LEVELS)
         _check_int(self, "lora_experts", minimum=0)
         _check_int(self, "lora_expert_intermediate_size", minimum=1)
+        _check_choice(self, "executor", EXECUTORS)
+        budget = self.gpu_expert_budget
+        if budget != "auto":
+            _check_number(self, "gpu_expert_budget", 0.0, float("inf"), "'auto' or a number of GiB >= 0")
+        if self.accelerator_fraction is not None:
+            _check_number(self, "accelerator_fraction", 0.0, 1.0, "a number in [0, 1] (or unset)")
         archs = self.architectures
         if isinstance(archs, str):
             archs = tuple(a.strip() for a in archs.split(",") if a.strip())
@@ -78,6 +88,17 @@ def _check_choice(opts, name, allowed):
     if value not in allowed:
         raise OptionError(f"kt_patch option {name!r} must be one of {', '.join(allowed)}; got {getattr(opts, name)!r}")
     object.__setattr__(opts, name, value)
+
+
+def _check_number(opts, name, low, high, allowed):
+    value = getattr(opts, name)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not low <= number <= high:
+        raise OptionError(f"kt_patch option {name!r} must be {allowed}; got {value!r}")
+    object.__setattr__(opts, name, number)
 
 
 def _check_int(opts, name, minimum):

@@ -7,6 +7,7 @@ import logging
 from torch import nn
 
 from . import registry
+from .executor import GpuExpertBudget
 from .kernel import ACTIVATIONS, ExpertKernel
 from .layer import KtMoeLayer, LoraExperts
 from .options import Options
@@ -23,10 +24,12 @@ class PatchSummary:
     host_bytes: int
     isa: str
     threads: int
+    split: str = ""
 
     def __str__(self) -> str:
         return (f"{', '.join(self.families)}: {self.layers} MoE layers, {self.experts} routed experts moved to the CPU "
-                f"kernel ({self.host_bytes / 2**30:.3f} GiB of host memory), ISA {self.isa}, {self.threads} threads")
+                f"kernel ({self.host_bytes / 2**30:.3f} GiB of host memory), ISA {self.isa}, {self.threads} threads; "
+                f"{self.split}")
 
 
 def patch_model(model: nn.Module, options: Options) -> PatchSummary | None:
@@ -63,7 +66,9 @@ def _replace_blocks(model, blocks, options: Options) -> PatchSummary:
     from transformers.utils.logging import tqdm
 
     swapped = []
-    summary = PatchSummary(sorted({family.name for _, _, family in blocks}), 0, 0, 0, "", options.threads)
+    gpu_budget = GpuExpertBudget(options.gpu_expert_budget)  # the model's layers share it
+    summary = PatchSummary(sorted({family.name for _, _, family in blocks}), 0, 0, 0, "", options.threads,
+                           _split_description(options))
     try:
         for name, block, family in tqdm(blocks, desc="kt_patch: moving experts to the CPU kernel", leave=False):
             parent_name, _, child_name = name.rpartition(".")
@@ -73,6 +78,8 @@ def _replace_blocks(model, blocks, options: Options) -> PatchSummary:
                                   isa=options.isa, threads=options.threads, backward_weights=options.backward_weights,
                                   **registry.kernel_arguments(experts, family))
             layer = KtMoeLayer(block, family, kernel, checkpoint_policy=options.checkpoint_policy,
+                               executor=options.executor, gpu_budget=gpu_budget,
+                               accelerator_fraction=options.accelerator_fraction,
                                lora_experts=_lora_experts(block, family, kernel, options))
             frozen = [p for p in experts.parameters() if p.requires_grad]
             swapped.append((parent, child_name, block, layer, frozen))
@@ -99,3 +106,18 @@ def _lora_experts(block, family, kernel, options: Options) -> LoraExperts | None
     router_weight = next(getattr(block, family.router).parameters())
     return LoraExperts(options.lora_experts, kernel.hidden_size, options.lora_expert_intermediate_size,
                        device=router_weight.device)
+
+
+def _split_description(options: Options) -> str:
+    """How the routed experts are split between the tiers, for the summary line."""
+    forced = (f"{options.accelerator_fraction:.0%} of each layer's busiest experts forced onto the accelerator"
+              if options.accelerator_fraction is not None else "split per call so that both sides finish together")
+    budget = options.gpu_expert_budget
+    budget = "auto" if budget == "auto" else f"{budget:g} GiB"
+    if options.executor == "cpu":
+        return "executor cpu: every expert in the CPU kernel"
+    if options.executor == "accelerator":
+        return f"executor accelerator: every expert on the model's device (resident within {budget}, else streamed)"
+    where = "when the model is on an accelerator, " if options.executor == "auto" else ""
+    return (f"executor {options.executor}: {where}experts on the accelerator (resident within {budget}, else "
+            f"streamed) and in the CPU kernel, {forced}")
