@@ -1,6 +1,7 @@
 """Replace every known sparse-MoE block of a built model by a KtMoeLayer, or leave the model untouched."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 
@@ -69,11 +70,13 @@ def _replace_blocks(model, blocks, options: Options) -> PatchSummary:
             parent_name, _, child_name = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             experts = getattr(block, family.experts)
-            kernel = ExpertKernel(*(getattr(experts, w).detach().to("cpu") for w in EXPERT_WEIGHTS), name=name,
-                                  isa=options.isa, threads=options.threads, backward_weights=options.backward_weights,
-                                  **registry.kernel_arguments(experts, family))
-            layer = KtMoeLayer(block, family, kernel, checkpoint_policy=options.checkpoint_policy,
-                               lora_experts=_lora_experts(block, family, kernel, options))
+            with _gathered(experts):  # ZeRO-3 partitioned (zero.Init): whole for the copy into the kernel
+                kernel = ExpertKernel(*(getattr(experts, w).detach().to("cpu") for w in EXPERT_WEIGHTS), name=name,
+                                      isa=options.isa, threads=options.threads,
+                                      backward_weights=options.backward_weights,
+                                      **registry.kernel_arguments(experts, family))
+                layer = KtMoeLayer(block, family, kernel, checkpoint_policy=options.checkpoint_policy,
+                                   lora_experts=_lora_experts(block, family, kernel, options))
             frozen = [p for p in experts.parameters() if p.requires_grad]
             swapped.append((parent, child_name, block, layer, frozen))
             for param in frozen:  # the kernel computes with frozen copies (GPT-OSS biases too)
@@ -91,6 +94,17 @@ def _replace_blocks(model, blocks, options: Options) -> PatchSummary:
             setattr(parent, child_name, block)
         raise
     return summary
+
+
+def _gathered(experts: nn.Module):
+    """DeepSpeed ZeRO-3 parameters of a routed-experts module (built under ``zero.Init``) gathered for the block's
+    take-over; they are replaced by placeholders inside, so no partitioned parameter is left for them."""
+    if not any(hasattr(param, "ds_id") for param in experts.parameters(recurse=False)):
+        return contextlib.nullcontext()
+    import deepspeed  # only for DeepSpeed's parameters
+
+    # modifier_rank=None: every rank reads the whole weights (one layer at a time), none writes them back
+    return deepspeed.zero.GatheredParameters(list(experts.parameters(recurse=False)), modifier_rank=None)
 
 
 def _lora_experts(block, family, kernel, options: Options) -> LoraExperts | None:
