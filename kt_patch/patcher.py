@@ -48,7 +48,8 @@ def patch_model(model: nn.Module, options: Options) -> PatchSummary | None:
             return None
 
     for name, block, family in blocks:
-        reason = registry.unsupported_reason(block, family, ACTIVATIONS)
+        with _gathered(getattr(block, family.experts)):  # ZeRO-3: the check reads the whole shapes
+            reason = registry.unsupported_reason(block, family, ACTIVATIONS)
         if reason is not None:
             logger.warning("kt_patch: %s left untouched: %s (at %s)", model_name, reason, name)
             return None

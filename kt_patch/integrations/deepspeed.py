@@ -96,6 +96,13 @@ def install_engine(engine_module) -> None:
         replacement = _bind(wrapper, original)
         replacement._kt_patch = True
         setattr(engine, name, replacement)
+    # ZeRO-3 releases every parameter of the module at each step (DeepSpeedZeRoOffload.partition_all_parameters)
+    from deepspeed.runtime.zero import parameter_offload
+
+    offload = parameter_offload.DeepSpeedZeRoOffload
+    replacement = _bind(_offload_with_experts_detached, offload.partition_all_parameters)
+    replacement._kt_patch = True
+    offload.partition_all_parameters = replacement
     _installed_engine = True
 
 
@@ -133,9 +140,12 @@ def _detached(layers):
         yield
     finally:
         for layer, name, order, experts in reversed(taken):
-            layer._modules[name] = experts
+            others = dict(layer._modules)
+            others[name] = experts
+            layer._modules.clear()
             for key in order:  # original order: named_modules / state_dict order unchanged
-                layer._modules.move_to_end(key)
+                layer._modules[key] = others.pop(key)
+            layer._modules.update(others)  # children added meanwhile
 
 
 def _with_experts_detached(original, engine, args, kwargs):
@@ -144,6 +154,14 @@ def _with_experts_detached(original, engine, args, kwargs):
         return original(engine, *args, **kwargs)
     with _detached(state.layers):
         return original(engine, *args, **kwargs)
+
+
+def _offload_with_experts_detached(original, offload, args, kwargs):
+    layers = getattr(offload.module, "_kt_patch_ds_layers", None)
+    if not layers:
+        return original(offload, *args, **kwargs)
+    with _detached(layers):
+        return original(offload, *args, **kwargs)
 
 
 def _engine_init(original, engine, args, kwargs):
@@ -178,6 +196,7 @@ def _engine_init(original, engine, args, kwargs):
                           "DeepSpeed; train in bf16 or fp32")
 
     optimizer, groups = _take_out_of_optimizer(arguments, trainable)
+    model.__dict__["_kt_patch_ds_layers"] = layers  # not a module attribute: nn.Module's __setattr__ would register
     with _detached(layers):
         result = original(*bound.args, **bound.kwargs)
     engine._kt_patch_experts = _ExpertLora(engine, layers, trainable, optimizer, groups,
@@ -324,10 +343,10 @@ class _ExpertLora:
 
         ds_optimizer.unscale_and_clip_grads = unscale_and_clip_grads
 
-    def step(self, ds_optimizer) -> None:
+    def step(self, live) -> None:
+        """One step of the companion optimizer with the hyper-parameters DeepSpeed's groups had for this step."""
         if self.optimizer is None:
             return
-        live = getattr(ds_optimizer, "param_groups", None) or []
         for (index, hyper, _), group in zip(self.groups, self.optimizer.param_groups):
             source = live[index] if index is not None and index < len(live) else hyper
             for key, value in source.items():
@@ -376,8 +395,12 @@ def _take_model_step(original, engine, args, kwargs):
     if state is None:
         return original(engine, *args, **kwargs)
     state.reduce()  # averaged before DeepSpeed's step, so stage 0's clip_fp32_gradients sees the averaged values
+    live = [dict(group) for group in getattr(engine.optimizer, "param_groups", None) or []]  # before its scheduler
+    grads = [param.grad for param in state.params]  # stage 0's zero_grad walks the module's parameters: ours too
     result = original(engine, *args, **kwargs)
-    state.step(engine.optimizer)
+    for param, grad in zip(state.params, grads):
+        param.grad = grad
+    state.step(live)
     return result
 
 
