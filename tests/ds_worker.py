@@ -35,7 +35,8 @@ def finish():
     os._exit(0)
 
 
-checkpoint, out, mode = sys.argv[1:4]
+ARGV = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
+checkpoint, out, mode = ARGV[:3]
 deepspeed.init_distributed(dist_backend="gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 GLOBAL_BATCH = 4
@@ -124,7 +125,7 @@ def run_plain(spec):
 
 results = {}
 if mode == "plain":
-    for spec in sys.argv[4].split(","):
+    for spec in ARGV[3].split(","):
         results[spec] = run_plain(spec)
 if rank == 0:
     torch.save(results, out)
