@@ -137,6 +137,42 @@ def resolve(kwargs: Mapping[str, Any] | None = None, deepspeed_block: Mapping[st
 
 _current: Options | None = None
 
+# The DeepSpeed JSON's "kt_patch" block (set by kt_patch.integrations.deepspeed when a config carrying one is seen)
+# and the keywords of the last enable() call, so that a block seen later re-resolves with the right precedence.
+_deepspeed_block: dict | None = None
+_requested: dict = {}
+
+
+def check_deepspeed_block(block: Any) -> dict:
+    """The block as a dict of options; "auto" (which accelerate fills in everywhere) or a non-dict is an error."""
+    if not isinstance(block, Mapping):
+        raise OptionError(f"the DeepSpeed config's 'kt_patch' block must be an object of options "
+                          f"({', '.join(FIELDS)}); got {block!r}")
+    for name, value in block.items():
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            raise OptionError(f"kt_patch option {name!r} in the DeepSpeed config's 'kt_patch' block is \"auto\": "
+                              "the block takes explicit values only (leave the option out for its default)")
+    return dict(block)
+
+
+def deepspeed_block() -> dict | None:
+    return _deepspeed_block
+
+
+def set_deepspeed_block(block: Mapping[str, Any] | None) -> None:
+    global _deepspeed_block
+    _deepspeed_block = None if block is None else check_deepspeed_block(block)
+
+
+def requested() -> dict:
+    """The keywords of the last ``kt_patch.enable`` call."""
+    return dict(_requested)
+
+
+def set_requested(kwargs: Mapping[str, Any]) -> None:
+    global _requested
+    _requested = dict(kwargs)
+
 
 def current() -> Options | None:
     """The options in force (set by ``kt_patch.enable``), or None while kt_patch is disabled."""

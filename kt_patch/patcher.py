@@ -1,6 +1,7 @@
 """Replace every known sparse-MoE block of a built model by a KtMoeLayer, or leave the model untouched."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 
@@ -50,7 +51,8 @@ def patch_model(model: nn.Module, options: Options) -> PatchSummary | None:
             return None
 
     for name, block, family in blocks:
-        reason = registry.unsupported_reason(block, family, ACTIVATIONS)
+        with _gathered(getattr(block, family.experts)):  # ZeRO-3: the check reads the whole shapes
+            reason = registry.unsupported_reason(block, family, ACTIVATIONS)
         if reason is not None:
             logger.warning("kt_patch: %s left untouched: %s (at %s)", model_name, reason, name)
             return None
@@ -74,13 +76,15 @@ def _replace_blocks(model, blocks, options: Options) -> PatchSummary:
             parent_name, _, child_name = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             experts = getattr(block, family.experts)
-            kernel = ExpertKernel(*(getattr(experts, w).detach().to("cpu") for w in EXPERT_WEIGHTS), name=name,
-                                  isa=options.isa, threads=options.threads, backward_weights=options.backward_weights,
-                                  **registry.kernel_arguments(experts, family))
-            layer = KtMoeLayer(block, family, kernel, checkpoint_policy=options.checkpoint_policy,
-                               executor=options.executor, gpu_budget=gpu_budget,
-                               accelerator_fraction=options.accelerator_fraction,
-                               lora_experts=_lora_experts(block, family, kernel, options))
+            with _gathered(experts):  # ZeRO-3 partitioned (zero.Init): whole for the copy into the kernel
+                kernel = ExpertKernel(*(getattr(experts, w).detach().to("cpu") for w in EXPERT_WEIGHTS), name=name,
+                                      isa=options.isa, threads=options.threads,
+                                      backward_weights=options.backward_weights,
+                                      **registry.kernel_arguments(experts, family))
+                layer = KtMoeLayer(block, family, kernel, checkpoint_policy=options.checkpoint_policy,
+                                   executor=options.executor, gpu_budget=gpu_budget,
+                                   accelerator_fraction=options.accelerator_fraction,
+                                   lora_experts=_lora_experts(block, family, kernel, options))
             frozen = [p for p in experts.parameters() if p.requires_grad]
             swapped.append((parent, child_name, block, layer, frozen))
             for param in frozen:  # the kernel computes with frozen copies (GPT-OSS biases too)
@@ -98,6 +102,17 @@ def _replace_blocks(model, blocks, options: Options) -> PatchSummary:
             setattr(parent, child_name, block)
         raise
     return summary
+
+
+def _gathered(experts: nn.Module):
+    """DeepSpeed ZeRO-3 parameters of a routed-experts module (built under ``zero.Init``) gathered for the block's
+    take-over; they are replaced by placeholders inside, so no partitioned parameter is left for them."""
+    if not any(hasattr(param, "ds_id") for param in experts.parameters(recurse=False)):
+        return contextlib.nullcontext()
+    import deepspeed  # only for DeepSpeed's parameters
+
+    # modifier_rank=None: every rank reads the whole weights (one layer at a time), none writes them back
+    return deepspeed.zero.GatheredParameters(list(experts.parameters(recurse=False)), modifier_rank=None)
 
 
 def _lora_experts(block, family, kernel, options: Options) -> LoraExperts | None:
