@@ -25,12 +25,12 @@ def test_split_on_cuda_equals_the_cpu_kernel_alone(resident, fraction):
     kernel = ExpertKernel(*weights, threads=4)
     layer_bytes = sum(t.numel() * t.element_size() for t in kernel.packed_weights().values())
     reference = run_layer(kernel, None, x, ids, w, dy, lora_gu, lora_dn)
-    torch.zeros(1, device="cuda")  # the CUDA context's own host memory is not the tier's
-    rss = psutil.Process().memory_info().rss
     tier = AcceleratorTier(kernel, torch.device("cuda"), executor="hybrid",
                            budget=GpuExpertBudget((3 if resident else 1.5) * layer_bytes / 2**30),
                            accelerator_fraction=fraction)
     assert tier.tier_name == ("resident" if resident else "streamed")
+    run_layer(kernel, tier, x.cuda(), ids.cuda(), w.cuda(), dy.cuda(), lora_gu, lora_dn)  # CUDA, cuBLAS loaded
+    rss = psutil.Process().memory_info().rss
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     got = run_layer(kernel, tier, x.cuda(), ids.cuda(), w.cuda(), dy.cuda(), lora_gu, lora_dn)
