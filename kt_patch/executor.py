@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +76,20 @@ class GpuExpertBudget:
         return True
 
 
+def _pin_in_place(kernel: ExpertKernel, tensors) -> None:
+    """Register the kernel's packed buffers as pinned memory (async copies, no second host copy), once per kernel;
+    unregistered when the kernel goes, so that memory reused at the same address can be registered again."""
+    if getattr(kernel, "_pinned", False):
+        return
+    cudart = torch.cuda.cudart()
+    addresses = []
+    for tensor in tensors:
+        cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0)
+        addresses.append(tensor.data_ptr())
+    kernel._pinned = True
+    weakref.finalize(kernel, lambda: [cudart.cudaHostUnregister(address) for address in addresses])
+
+
 class _Rates:
     """Exponential averages of measured seconds: per CPU row, per accelerator row, per streamed expert."""
 
@@ -107,8 +122,7 @@ class AcceleratorTier:
         if budget.take(layer_bytes, layer_bytes, device):
             self.resident = {name: kernel.unpack(self.packed[name].to(device), name) for name in _MATRICES}
         elif device.type == "cuda":
-            for tensor in self.packed.values():  # pinned in place: async copies, no second host copy
-                torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0)
+            _pin_in_place(kernel, self.packed.values())
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" and self.resident is None else None
         gu_bias = None if gate_up_bias is None else gate_up_bias.detach().float()
         gu_bias = _gate_then_up(gu_bias, 1) if gu_bias is not None and self.interleaved else gu_bias
