@@ -119,7 +119,8 @@ class AcceleratorTier:
         expert_bytes = sum(t[0].numel() * t.element_size() for t in self.packed.values())
         self.resident = None
         layer_bytes = expert_bytes * kernel.num_experts
-        if budget.take(layer_bytes, layer_bytes, device):
+        # a streamed layer holds its packed rows and their unpacked copy at once
+        if budget.take(layer_bytes, 2 * layer_bytes, device):
             self.resident = {name: kernel.unpack(self.packed[name].to(device), name) for name in _MATRICES}
         elif device.type == "cuda":
             _pin_in_place(kernel, self.packed.values())

@@ -28,8 +28,8 @@ def seed(*parts):
 
 
 def budget_of(kernel, layers):
-    """A budget of ``layers`` times one layer's packed experts: a layer is resident from 2 (its own and the stream
-    buffers of one layer), streamed below."""
+    """A budget of ``layers`` times one layer's packed experts: a layer is resident from 3 (its own and the stream
+    buffers of one layer, packed and unpacked), streamed below."""
     layer_bytes = sum(t.numel() * t.element_size() for t in kernel.packed_weights().values())
     return GpuExpertBudget(layers * layer_bytes / 2**30)
 
@@ -64,7 +64,7 @@ def test_split_equals_the_cpu_kernel_alone(dtype, fraction, resident, gpt_oss):
             if dtype == torch.float32 else 7.0
     kernel = ExpertKernel(*weights, threads=2, **extra)
     biases = {name: extra[name] for name in ("gate_up_bias", "down_bias") if name in extra}
-    tier = AcceleratorTier(kernel, CPU, executor="hybrid", budget=budget_of(kernel, 3 if resident else 1.5),
+    tier = AcceleratorTier(kernel, CPU, executor="hybrid", budget=budget_of(kernel, 4 if resident else 2.5),
                            accelerator_fraction=fraction, **biases)
     assert tier.tier_name == ("resident" if resident else "streamed")
     reference = run_layer(kernel, None, x, ids, w, dy, lora_gu, lora_dn)
@@ -77,9 +77,9 @@ def test_plan_puts_the_busiest_experts_on_the_accelerator_and_balances_by_rates(
     weights, _, _ = random_layer(8, 32, 16, 0, 0, torch.float32, seed("plan"))
     kernel = ExpertKernel(*weights, threads=1)
     ids = torch.tensor([[5, 2], [5, 2], [5, 1], [5, 7], [2, 0]])
-    tier = AcceleratorTier(kernel, CPU, executor="hybrid", budget=budget_of(kernel, 1.5), accelerator_fraction=0.25)
+    tier = AcceleratorTier(kernel, CPU, executor="hybrid", budget=budget_of(kernel, 2.5), accelerator_fraction=0.25)
     assert torch.nonzero(tier.plan(ids, refresh_rates=True).on_accelerator).flatten().tolist() == [2, 5]
-    balanced = AcceleratorTier(kernel, CPU, executor="hybrid", budget=budget_of(kernel, 1.5),
+    balanced = AcceleratorTier(kernel, CPU, executor="hybrid", budget=budget_of(kernel, 2.5),
                                accelerator_fraction=None)
     balanced.rates.cpu_row, balanced.rates.accelerator_row, balanced.rates.stream_expert = 1.0, 1.0, 0.0
     # rows per expert 4 (5), 3 (2), 1, 1, 1: equal rates split the 10 rows as near half as the experts allow

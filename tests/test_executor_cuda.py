@@ -26,7 +26,7 @@ def test_split_on_cuda_equals_the_cpu_kernel_alone(resident, fraction):
     layer_bytes = sum(t.numel() * t.element_size() for t in kernel.packed_weights().values())
     reference = run_layer(kernel, None, x, ids, w, dy, lora_gu, lora_dn)
     tier = AcceleratorTier(kernel, torch.device("cuda"), executor="hybrid",
-                           budget=GpuExpertBudget((3 if resident else 1.5) * layer_bytes / 2**30),
+                           budget=GpuExpertBudget((4 if resident else 2.5) * layer_bytes / 2**30),
                            accelerator_fraction=fraction)
     assert tier.tier_name == ("resident" if resident else "streamed")
     run_layer(kernel, tier, x.cuda(), ids.cuda(), w.cuda(), dy.cuda(), lora_gu, lora_dn)  # CUDA, cuBLAS loaded
@@ -38,5 +38,5 @@ def test_split_on_cuda_equals_the_cpu_kernel_alone(resident, fraction):
     assert max(errors.values()) <= 1e-2, f"run seed {RUN_SEED}: {errors}"
     if not resident:  # pinned in place: no host copy of the streamed experts
         assert psutil.Process().memory_info().rss - rss < layer_bytes / 2
-        # the stream buffers of one layer, its activations and LoRA copies: well under two layers' weights
-        assert torch.cuda.max_memory_allocated() - base < 2 * layer_bytes
+        # one layer's packed rows and their unpacked copy (the stream buffers the budget reserves), plus activations
+        assert torch.cuda.max_memory_allocated() - base < 2.5 * layer_bytes
