@@ -16,6 +16,23 @@ from .options import OptionError, Options
 logger = logging.getLogger("kt_patch")
 
 
+class _UnconfiguredLoggingHandler(logging.StreamHandler):
+    """kt_patch's lines on stderr for as long as the root logger has no handler.
+
+    Records always propagate, so once the script configures logging (often after ``enable()``, which under
+    ``KT_ENABLE`` runs when transformers is first imported) they come out through its handlers, in its format, and
+    this handler stays silent.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not logging.getLogger().handlers:
+            super().emit(record)
+
+
 def enable(**options) -> Options:
     """Validate the options and install the hooks; calling it again replaces the options."""
     resolved = _options.resolve(options, deepspeed_block=_options.deepspeed_block())
@@ -24,13 +41,8 @@ def enable(**options) -> Options:
 
     _options.set_current(resolved)
     logger.setLevel(resolved.log_level)
-    if not logger.handlers and not logging.getLogger().handlers:
-        # Nothing configured: show the summary lines on stderr; not propagated, so that a logging.basicConfig() made
-        # later does not print them twice.
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.propagate = False
+    if not logger.handlers:
+        logger.addHandler(_UnconfiguredLoggingHandler())
     integrations.install()
     return resolved
 

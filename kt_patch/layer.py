@@ -131,6 +131,9 @@ class KtMoeLayer(nn.Module):
         for name, weight in zip(EXPERT_WEIGHTS, self.kernel.export_weights()):
             setattr(experts, name, nn.Parameter(weight, requires_grad=False))
 
+    # torch.compile: the whole MoE block is a graph break (it runs eagerly), since Dynamo cannot trace the kernel's
+    # pybind objects, the checkpoint phase it reads, or the side-stream switch; the rest of the model compiles.
+    @torch.compiler.disable
     def forward(self, hidden_states: torch.Tensor):
         shape = hidden_states.shape
         if self.family.jitter_noise and self.training and self.jitter_noise > 0:

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import os
 import sys
 from typing import Any, Mapping
 
+from . import registry
 from .machine import physical_cores_available
 
 ISAS = ("auto", "amx_bf16", "avx512_bf16", "avx2", "scalar")
@@ -18,6 +20,12 @@ CHECKPOINT_POLICIES = ("recompute", "retain")
 BACKWARD_WEIGHTS = ("transpose", "copy")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 EXECUTORS = ("auto", "cpu", "accelerator", "hybrid")
+MAX_THREADS = 4096  # a pool size no host reaches; larger values are typos, and the pool would try to start them all
+# KT_* variables that are not options: kt_patch's switch, the kernel's profiler switch (read in C++), and those of
+# KTransformers' kt-kernel, which the benchmark runs beside kt_patch in one environment.
+NON_OPTION_VARIABLES = ("KT_ENABLE", "KT_PROFILE", "KT_KERNEL_CPU_VARIANT", "KT_KERNEL_DEBUG")
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off", "")
 
 
 class OptionError(ValueError):
@@ -40,7 +48,7 @@ def _feeds_accelerator() -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    threads: int = 0  # 0: default_threads()
+    threads: int | None = None  # None: default_threads()
     isa: str = "auto"
     checkpoint_policy: str = "recompute"
     backward_weights: str = "transpose"
@@ -53,8 +61,11 @@ class Options:
     accelerator_fraction: Any = None  # None, or the fraction of each layer's experts forced onto the accelerator
 
     def __post_init__(self):
-        _check_int(self, "threads", minimum=0)
+        if self.threads is None:
+            object.__setattr__(self, "threads", default_threads())
+        _check_int(self, "threads", minimum=1, maximum=MAX_THREADS)
         _check_choice(self, "isa", ISAS)
+        _check_isa_runs_here(self.isa)
         _check_choice(self, "checkpoint_policy", CHECKPOINT_POLICIES)
         _check_choice(self, "backward_weights", BACKWARD_WEIGHTS)
         _check_choice(self, "log_level", LOG_LEVELS)
@@ -66,14 +77,7 @@ class Options:
             _check_number(self, "gpu_expert_budget", 0.0, float("inf"), "'auto' or a number of GiB >= 0")
         if self.accelerator_fraction is not None:
             _check_number(self, "accelerator_fraction", 0.0, 1.0, "a number in [0, 1] (or unset)")
-        archs = self.architectures
-        if isinstance(archs, str):
-            archs = tuple(a.strip() for a in archs.split(",") if a.strip())
-        if not archs or not all(isinstance(a, str) for a in archs):
-            raise OptionError(f"kt_patch option 'architectures' must be 'all' or a list of family names, got {archs!r}")
-        object.__setattr__(self, "architectures", tuple(archs))
-        if self.threads == 0:
-            object.__setattr__(self, "threads", default_threads())
+        object.__setattr__(self, "architectures", _architectures(self.architectures))
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Options)}
@@ -101,15 +105,53 @@ def _check_number(opts, name, low, high, allowed):
     object.__setattr__(opts, name, number)
 
 
-def _check_int(opts, name, minimum):
+def _check_int(opts, name, minimum, maximum=None):
     value = getattr(opts, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise OptionError(f"kt_patch option {name!r} must be an integer >= {minimum}; got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum and value > maximum):
+        allowed = f"from {minimum} to {maximum}" if maximum else f">= {minimum}"
+        raise OptionError(f"kt_patch option {name!r} must be an integer {allowed}; got {value!r}")
+
+
+def _check_isa_runs_here(isa: str) -> None:
+    if isa == "auto":
+        return
+    from . import _C  # the extension alone (no torch): the CPU's features as the kernel's dispatcher reads them
+
+    runs = list(_C.supported_isas())
+    if isa not in runs:
+        raise OptionError(f"kt_patch option 'isa': this CPU cannot run {isa!r}; it runs {', '.join(['auto', *runs])}")
+
+
+def _architectures(value) -> tuple[str, ...]:
+    """'all' or known family names, from a comma list or a sequence of names."""
+    names = tuple(a.strip() for a in value.split(",") if a.strip()) if isinstance(value, str) else value
+    if not isinstance(names, (tuple, list)) or not names or not all(isinstance(a, str) for a in names):
+        raise OptionError(f"kt_patch option 'architectures' must be 'all' or a list of family names; got {value!r}")
+    known = registry.names()
+    for name in names:
+        if name != "all" and name not in known:
+            raise OptionError(f"kt_patch option 'architectures': unknown family {name!r}{_did_you_mean(name, known)}"
+                              f"; known families: all, {', '.join(known)}")
+    return tuple(names)
+
+
+def _did_you_mean(name: str, candidates) -> str:
+    close = difflib.get_close_matches(name, candidates, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def parse_bool(name: str, raw: str) -> bool:
+    """An environment switch: 1/true/yes/on or 0/false/no/off/empty, any case; anything else is an error."""
+    word = raw.strip().lower()
+    if word in TRUE_WORDS or word in FALSE_WORDS:
+        return word in TRUE_WORDS
+    raise OptionError(f"environment variable {name} must be one of {', '.join(TRUE_WORDS)} (on) or "
+                      f"{', '.join(FALSE_WORDS[:-1])} or empty (off); got {raw!r}")
 
 
 def _coerce(name: str, raw: str) -> Any:
     """Turn an environment string into the option's type."""
-    if FIELDS[name].type in ("int", int):
+    if FIELDS[name].type.startswith("int"):  # "int" or "int | None" (the annotations are strings)
         try:
             return int(raw)
         except ValueError:
@@ -118,8 +160,15 @@ def _coerce(name: str, raw: str) -> Any:
 
 
 def env_options(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The options set by ``KT_*`` variables; a ``KT_*`` variable that names no option is an error (a typo)."""
     environ = os.environ if environ is None else environ
-    return {name: _coerce(name, environ[f"KT_{name.upper()}"]) for name in FIELDS if f"KT_{name.upper()}" in environ}
+    variables = {f"KT_{name.upper()}": name for name in FIELDS}
+    for variable in sorted(environ):
+        if variable.startswith("KT_") and variable not in variables and variable not in NON_OPTION_VARIABLES:
+            raise OptionError(f"environment variable {variable} is not a kt_patch option"
+                              f"{_did_you_mean(variable, [*variables, *NON_OPTION_VARIABLES])}; options: "
+                              f"{', '.join(variables)}")
+    return {name: _coerce(name, environ[variable]) for variable, name in variables.items() if variable in environ}
 
 
 def resolve(kwargs: Mapping[str, Any] | None = None, deepspeed_block: Mapping[str, Any] | None = None,
@@ -130,7 +179,8 @@ def resolve(kwargs: Mapping[str, Any] | None = None, deepspeed_block: Mapping[st
                            ("enable()", kwargs or {})):
         unknown = sorted(set(values) - set(FIELDS))
         if unknown:
-            raise OptionError(f"unknown kt_patch option(s) {unknown} in {source}; known options: {', '.join(FIELDS)}")
+            raise OptionError(f"unknown kt_patch option(s) {unknown} in {source}"
+                              f"{_did_you_mean(unknown[0], FIELDS)}; known options: {', '.join(FIELDS)}")
         merged.update(values)
     return Options(**merged)
 

@@ -72,7 +72,8 @@ def _replace_blocks(model, blocks, options: Options) -> PatchSummary:
     summary = PatchSummary(sorted({family.name for _, _, family in blocks}), 0, 0, 0, "", options.threads,
                            _split_description(options))
     try:
-        for name, block, family in tqdm(blocks, desc="kt_patch: moving experts to the CPU kernel", leave=False):
+        for name, block, family in tqdm(blocks, desc="kt_patch: moving experts to the CPU kernel", leave=False,
+                                        disable=not logger.isEnabledFor(logging.INFO)):  # log_level hides it too
             parent_name, _, child_name = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             experts = getattr(block, family.experts)

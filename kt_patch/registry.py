@@ -8,8 +8,10 @@ where those pieces live and what the block does around them; adding a family is 
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where a model is looked at: the option check reads names() without it
+    from torch import nn
 
 SWIGLU = "swiglu"  # act(gate) * up with act = silu, gate rows first in gate_up_proj
 GPT_OSS_SWIGLU = "gpt_oss_swiglu"  # interleaved gate/up, clamped, (up + 1) * gate * sigmoid(alpha * gate), biases
@@ -99,6 +101,8 @@ def unsupported_reason(block: nn.Module, family: MoeFamily, activations: tuple[s
     ``activations`` are the activation variants the kernel implements. Checked for every block before anything is
     moved, so that a model is patched completely or not at all.
     """
+    from torch import nn
+
     if family.activation not in activations:
         return f"the kernel does not implement the {family.activation} expert activation of {family.name}"
     for attr in (family.router, family.experts, family.shared_expert, family.shared_expert_gate):

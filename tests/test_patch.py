@@ -37,14 +37,14 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def run_python(code: str, env_extra=None, timeout=240):
+def run_python(code: str, env_extra=None, timeout=240, stderr=False):
     env = {k: v for k, v in os.environ.items() if not k.startswith("KT_")}
     env.update(env_extra or {})
     env["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "tests"), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    return proc.stderr if stderr else proc.stdout
 
 
 LOAD_AND_REPORT = """
@@ -75,9 +75,52 @@ def test_kt_enable_env_through_pth_line(checkpoints):
     script = textwrap.dedent(LOAD_AND_REPORT).format(path=os.path.join(checkpoints, "qwen3_moe"))
     start = f"import sys\nexec(open({pth!r}).read())\nprint('preloaded', 'kt_patch' in sys.modules)\n"
     unmodified = start + "from peft import get_peft_model\n" + script
-    assert "preloaded True" in (out := run_python(unmodified, {"KT_ENABLE": "1"})) and "layers 2 lora 2" in out
+    assert "preloaded True" in (out := run_python(unmodified, {"KT_ENABLE": "true"})) and "layers 2 lora 2" in out
     out = run_python(unmodified)
     assert "preloaded False" in out and "layers 0 lora 0" in out
+
+
+def test_kt_enable_is_a_boolean_and_costs_no_torch_at_start_up():
+    # -S: only the repository's .pth runs (an installed copy may be another version); site-packages still on the path
+    site_packages = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    pth = os.path.join(REPO, "kt_patch", "kt_patch.pth")
+    probe = (f"import sys; sys.path += {site_packages!r}; exec(open({pth!r}).read())\n"
+             "print('kt_patch' in sys.modules, 'torch' in sys.modules)\n"
+             "import kt_patch; kt_patch.enable(threads=1); import peft; print(kt_patch.current_options().threads)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KT_")}
+
+    def run(**variables):
+        return subprocess.run([sys.executable, "-S", "-c", probe], env={**env, "PYTHONPATH": REPO, **variables},
+                              capture_output=True, text=True, timeout=120)
+
+    for word in ("0", "false", "No", "off", ""):
+        assert run(KT_ENABLE=word).stdout.split() == ["False", "False", "1"], word
+    # The options are checked at start-up (an ISA and a family list make the check read the CPU and the registry),
+    # torch waits for the first training library, and a script's own enable(...) before that import stays in force.
+    on = run(KT_ENABLE="yes", KT_ISA="scalar", KT_ARCHITECTURES="qwen3_moe,mixtral")
+    assert on.stdout.split() == ["True", "False", "1"], on.stderr[-2000:]
+    for word in ("maybe", "2"):
+        proc = run(KT_ENABLE=word)
+        assert proc.returncode == 2 and "KT_ENABLE must be one of 1, true, yes, on (on) or" in proc.stderr, word
+
+
+def test_kt_enable_log_lines_follow_the_scripts_logging_and_log_level():
+    pth = os.path.join(REPO, "kt_patch", "kt_patch.pth")
+    script = f"""
+        exec(open({pth!r}).read())
+        import logging, sys, tiny_models
+        import transformers  # kt_patch.enable() runs here, before the script configures logging
+        tiny_models.build("qwen3_moe")
+        sys.stderr.write("CONFIGURED\\n")
+        logging.basicConfig(format="SCRIPT|%(name)s|%(levelname)s|%(message)s")
+        tiny_models.build("qwen3_moe")
+    """
+    info = run_python(script, {"KT_ENABLE": "1"}, stderr=True).split("CONFIGURED")
+    assert [part.count("kt_patch: patched") for part in info] == [1, 1]
+    assert "\nkt_patch: patched" in info[0] and "\nSCRIPT|kt_patch|INFO|kt_patch: patched" in info[1]
+    assert "SCRIPT" not in info[0] and all("moving experts to the CPU kernel" in part for part in info)
+    warning = run_python(script, {"KT_ENABLE": "1", "KT_LOG_LEVEL": "WARNING"}, stderr=True)
+    assert "kt_patch" not in warning  # neither the summary line nor the progress bar
 
 
 INSTALLED_PTH = os.path.join(sysconfig.get_paths()["purelib"], "kt_patch.pth")
@@ -140,6 +183,46 @@ def test_option_typo_is_an_error_naming_it():
     with pytest.raises(kt_patch.OptionError, match="checkpoint_policy"):
         kt_patch.enable(checkpoint_policy="sometimes")
     assert kt_patch.current_options() is None
+
+
+@pytest.mark.parametrize("variable, suggestion", [("KT_THREAD", "KT_THREADS"),
+                                                   ("KT_CHECKPOINT_POLICYY", "KT_CHECKPOINT_POLICY")])
+def test_misspelled_environment_variable_is_an_error_naming_the_option(monkeypatch, variable, suggestion):
+    for not_an_option in ("KT_ENABLE", "KT_PROFILE", "KT_KERNEL_CPU_VARIANT"):  # read by kt_patch or kt-kernel
+        monkeypatch.setenv(not_an_option, "1")
+    monkeypatch.setenv(variable, "retain")
+    with pytest.raises(kt_patch.OptionError, match=f"{variable} is not a kt_patch option .did you mean {suggestion}"):
+        kt_patch.enable()
+    monkeypatch.delenv(variable)
+    assert kt_patch.enable().architectures == ("all",)
+    kt_patch.disable()
+
+
+def test_bad_option_values_are_option_errors_at_enable():
+    from kt_patch.kernel import supported_isas
+
+    bad = {"architectures": ["qwen3moe", 5, ["qwen3_moe", None]], "threads": [0, 2**40, 100000, 2.0],
+           "isa": [isa for isa in ("amx_bf16", "avx512_bf16", "avx2") if isa not in supported_isas()]}
+    for name, values in bad.items():
+        for value in values:
+            with pytest.raises(kt_patch.OptionError, match=name):
+                kt_patch.enable(**{name: value})
+    with pytest.raises(kt_patch.OptionError, match="did you mean qwen3_moe"):
+        kt_patch.enable(architectures="olmoe,qwen3moe")
+    if bad["isa"]:
+        with pytest.raises(kt_patch.OptionError, match=f"cannot run '{bad['isa'][0]}'; it runs auto, "):
+            kt_patch.enable(isa=bad["isa"][0])
+    assert kt_patch.current_options() is None
+
+
+def test_keyword_beats_environment(monkeypatch):
+    monkeypatch.setenv("KT_ISA", "scalar")
+    monkeypatch.setenv("KT_THREADS", "3")
+    try:
+        assert (kt_patch.enable(isa="auto").isa, kt_patch.current_options().threads) == ("auto", 3)
+        assert kt_patch.enable(threads=1).isa == "scalar"
+    finally:
+        kt_patch.disable()
 
 
 def test_unknown_model_untouched_with_one_log_line(enabled, caplog):
@@ -275,6 +358,42 @@ def test_load_state_dict_of_biases_alone_reaches_the_kernel():
     patched.load_state_dict(biases, strict=False)
     ids = torch.randint(3, 128, (2, 9))
     assert rel(patched(input_ids=ids).logits, other(input_ids=ids).logits) < 1e-5
+
+
+def test_host_device_maps_draw_no_accelerator_warning(checkpoints, caplog):
+    warning = "loads routed experts onto the accelerator"
+    kt_patch.enable()
+    try:
+        for device_map in ({"": torch.device("cpu")}, {"": "cpu"}, "cpu", {"model": "cpu", "lm_head": "cpu"}, "auto"):
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="kt_patch"):
+                model = tiny_models_load(checkpoints, device_map=device_map)
+            assert sum(isinstance(m, KtMoeLayer) for m in model.modules()) == 2
+            # "auto" may place layers on an accelerator when there is one: kt_patch cannot tell beforehand
+            assert (warning in caplog.text) == (device_map == "auto"), device_map
+    finally:
+        kt_patch.disable()
+
+
+def test_torch_compile_matches_eager():
+    # backend aot_eager: Dynamo's capture and AOTAutograd's joint graph as inductor gets them, without inductor's C++
+    # build, which takes minutes on a CI runner's two cores.
+    kt_patch.enable(threads=1)
+    try:
+        model = tiny_models.build("qwen3_moe").train()
+    finally:
+        kt_patch.disable()
+    assert any(isinstance(m, KtMoeLayer) for m in model.modules())
+    ids = torch.randint(3, 128, (2, 11))
+    results = []
+    for run in (model, torch.compile(model, backend="aot_eager")):
+        model.zero_grad(set_to_none=True)
+        loss = run(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    assert rel(compiled_loss, eager_loss) <= 1e-5 and sorted(compiled_grads) == sorted(eager_grads)
+    assert all(rel(compiled_grads[n], g) <= 1e-4 for n, g in eager_grads.items())
 
 
 def test_single_device_maps_are_recognised():

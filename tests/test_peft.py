@@ -305,11 +305,22 @@ def test_adapter_save_does_not_read_experts_back(checkpoints, tmp_path, monkeypa
     assert os.path.exists(tmp_path / "adapter_model.safetensors")
 
 
-def test_merging_into_kernel_experts_is_a_clear_error(checkpoints):
-    model = patched_peft(checkpoints, "qwen3_moe", tiny_models.lora_config("qwen3_moe"))
+def test_merging_into_kernel_experts_is_refused_before_anything_merges(checkpoints):
+    config = tiny_models.lora_config("qwen3_moe")
+    config.init_lora_weights = False  # random B: a merged attention LoRA would change the outputs
+    model = patched_peft(checkpoints, "qwen3_moe", config)
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        before = ({name: p.clone() for name, p in model.named_parameters()}, model(input_ids=ids).logits)
     kt_patch.enable()
     try:
-        with pytest.raises(ValueError, match="cannot merge LoRA into routed experts"):
-            model.merge_and_unload()
+        for merge in (model.merge_and_unload, model.merge_adapter):
+            with pytest.raises(ValueError, match="cannot merge LoRA into routed experts"):
+                merge()
     finally:
         kt_patch.disable()
+    with torch.no_grad():
+        after = ({name: p.clone() for name, p in model.named_parameters()}, model(input_ids=ids).logits)
+    assert sorted(after[0]) == sorted(before[0]) and any(".o_proj.lora_A." in name for name in after[0])
+    assert all(torch.equal(after[0][name], value) for name, value in before[0].items())
+    assert torch.equal(after[1], before[1])

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..expert_lora import check_expert_wrappers
+from ..expert_lora import check_expert_wrappers, param_wrappers
 from ..layer import KtMoeLayer, is_placeholder, skip_expert_export
 
 LORA_EXPERTS = "lora_experts"
+MERGE_REFUSED = ("kt_patch: cannot merge LoRA into routed experts that live in the CPU kernel; merge the saved "
+                 "adapter into a model loaded without kt_patch")
 
 
 def install_tuner_hook(tuners_utils, patches) -> None:
     # inject_adapter is reached by get_peft_model, PeftModel.from_pretrained / load_adapter, inject_adapter_in_model
     # and transformers' model.load_adapter, however they were imported.
     patches.wrap(tuners_utils.BaseTuner, "inject_adapter", _inject_adapter)
+    # Every merge (merge_and_unload, merge_adapter) asks _check_merge_allowed before it touches a module.
+    patches.wrap(tuners_utils.BaseTuner, "_check_merge_allowed", _check_merge_allowed)
 
 
 def install_save_hook(peft_model, patches) -> None:
@@ -29,10 +33,15 @@ def install_merge_hook(lora_layer, patches) -> None:
     patches.wrap(lora_layer.ParamWrapper, "merge", _merge)
 
 
+def _check_merge_allowed(wrapped, instance, args, kwargs):
+    if any(next(param_wrappers(layer._modules[layer.family.experts]), None) for layer in _kt_layers(instance.model)):
+        raise ValueError(MERGE_REFUSED)
+    return wrapped(*args, **kwargs)
+
+
 def _merge(wrapped, instance, args, kwargs):
-    if is_placeholder(instance.get_param()):
-        raise ValueError("kt_patch: cannot merge LoRA into routed experts that live in the CPU kernel; merge the "
-                         "saved adapter into a model loaded without kt_patch")
+    if is_placeholder(instance.get_param()):  # a wrapper merged on its own, outside the tuner's entry points
+        raise ValueError(MERGE_REFUSED)
     return wrapped(*args, **kwargs)
 
 

@@ -54,6 +54,15 @@ def _single_device(device_map) -> torch.device | None:
     return None
 
 
+def _on_host(device_map) -> bool:
+    """Whether a ``device_map`` puts every weight in host memory, as loading without one does."""
+    if isinstance(device_map, dict):
+        return all(_on_host(device) for device in device_map.values())
+    if isinstance(device_map, torch.device):
+        return device_map.type == "cpu"
+    return device_map is None or (isinstance(device_map, str) and device_map.partition(":")[0] == "cpu")
+
+
 def _patch_loaded_model(wrapped, instance, args, kwargs):
     device = None
     if getattr(_nesting, "depth", 0) == 0 and options.current() is not None:
@@ -64,7 +73,7 @@ def _patch_loaded_model(wrapped, instance, args, kwargs):
             kwargs = {k: v for k, v in kwargs.items() if k != "device_map"}
         else:
             device = None
-            if kwargs.get("device_map") not in (None, "cpu"):
+            if not _on_host(kwargs.get("device_map")):
                 logger.warning("kt_patch: device_map=%r loads routed experts onto the accelerator before they move "
                                "into the CPU kernel; load on the CPU (or a single device) to avoid that peak",
                                kwargs["device_map"])
