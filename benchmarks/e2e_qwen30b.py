@@ -62,15 +62,22 @@ def main():
     ap.add_argument("--experts-lora", type=int, default=1)
     ap.add_argument("--gc", type=int, default=1, help="non-reentrant gradient checkpointing")
     ap.add_argument("--exact-init", action="store_true", help="draw every weight (slow at 48 layers)")
+    ap.add_argument("--executor", default="auto", help="kt_patch executor: auto, cpu, accelerator, hybrid")
+    ap.add_argument("--gpu-expert-budget", default="auto", help="GiB for resident experts and stream buffers")
+    ap.add_argument("--accelerator-fraction", type=float, default=None, help="force this share of each layer's "
+                    "busiest experts onto the GPU (default: balanced on measured rates)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.steps < 2:
         ap.error("--steps must be at least 2 (the first step is warm-up)")
-    kt_patch.enable()
+    kt_patch.enable(executor=args.executor, gpu_expert_budget=args.gpu_expert_budget,
+                    accelerator_fraction=args.accelerator_fraction)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from kt_patch import _C
+
+    _C.set_profiling(True)  # the kernel's own time per step
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = AutoConfig.for_model(
@@ -125,7 +132,8 @@ def main():
     counted = slice(1, None)
     mean = lambda values: sum(values[counted]) / len(values[counted])  # noqa: E731
     result = {
-        "layers": args.layers, "qlen": args.qlen, "experts_lora": args.experts_lora, "gc": args.gc,
+        "layers": args.layers, "qlen": args.qlen, "executor": args.executor,
+        "gpu_expert_budget": args.gpu_expert_budget, "accelerator_fraction": args.accelerator_fraction, "experts_lora": args.experts_lora, "gc": args.gc,
         "trainable": sum(p.numel() for p in trainable), "build_s": round(build_s, 1),
         "step_s": [round(s, 3) for s in step_s], "forward_backward_optimizer_s": parts_s, "cpu_expert_s": [round(s, 3) for s in expert_s],
         "tok_s": round(args.qlen / mean(step_s), 1),

@@ -35,7 +35,8 @@ class _UnconfiguredLoggingHandler(logging.StreamHandler):
 
 def enable(**options) -> Options:
     """Validate the options and install the hooks; calling it again replaces the options."""
-    resolved = _options.resolve(options)
+    resolved = _options.resolve(options, deepspeed_block=_options.deepspeed_block())
+    _options.set_requested(options)
     from . import integrations  # the deliberate deferral described in the module docstring
 
     _options.set_current(resolved)

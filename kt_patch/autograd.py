@@ -26,10 +26,12 @@ rejects ``lora_dropout != 0`` itself, so there is no mask to repeat across the f
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
 
+from .executor import AcceleratorTier, TierPlan
 from .kernel import NO_LORA, ExpertKernel, ExpertLora
 from .phase import Phase, current_phase
 
@@ -47,13 +49,22 @@ class _ExpertFunction(torch.autograd.Function):
     def forward(ctx, kernel: ExpertKernel, plan: _Plan, lora: ExpertLora, x, topk_ids, topk_weights, gu_A, gu_B,
                 dn_A, dn_B):
         x_meta, w_meta = (x.device, x.dtype), (topk_weights.device, topk_weights.dtype)
+        tiers = plan.tiers
         kept = plan.kept_for_recompute(kernel, x.shape[0])
+        if kept is None:
+            x_cpu = x.detach().to("cpu", kernel.dtype if x.dtype not in (torch.float32, torch.bfloat16) else x.dtype)
+            kernel_ids = topk_ids if tiers is None else tiers.cpu_ids(topk_ids).cpu()
+            started = time.perf_counter()
+            pending = kernel.submit_forward(x_cpu.contiguous(), kernel_ids, topk_weights, lora,
+                                            save_for_backward=plan.keeps_cache(any(ctx.needs_input_grad)))
+        # the accelerator's experts run while the CPU kernel computes its own
+        accelerated = None if tiers is None else plan.accelerator.forward(x, topk_ids, topk_weights, lora, tiers)
         if kept is not None:
             y, kctx = kept
         else:
-            x_cpu = x.detach().to("cpu", kernel.dtype if x.dtype not in (torch.float32, torch.bfloat16) else x.dtype)
-            y, kctx = kernel.forward(x_cpu.contiguous(), topk_ids, topk_weights, lora,
-                                     save_for_backward=plan.keeps_cache(any(ctx.needs_input_grad)))
+            y, kctx = pending.wait()
+            if tiers is not None:
+                plan.accelerator.record_cpu_time(time.perf_counter() - started, int((kernel_ids >= 0).sum()))
             plan.ran_kernel()
         out = y.to(*x_meta)
         if plan.region is not None and plan.phase is Phase.FIRST_FORWARD:
@@ -61,15 +72,18 @@ class _ExpertFunction(torch.autograd.Function):
             if kctx is not None and out.data_ptr() == y.data_ptr():
                 out = out.clone()  # the output the region keeps must not be the tensor the model goes on with
             kctx = None  # owned by the region until the recompute takes it
-        ctx.kernel, ctx.kctx = kernel, kctx
-        ctx.save_for_backward(_new_token(kctx if plan.phase is Phase.RECOMPUTE else None))
+        if accelerated is not None:
+            out = (out.float() + accelerated).to(x_meta[1])
+        ctx.kernel, ctx.kctx, ctx.tiers, ctx.accelerator, ctx.lora = kernel, kctx, tiers, plan.accelerator, lora
+        token = _new_token(kctx if plan.phase is Phase.RECOMPUTE else None)
+        ctx.save_for_backward(token, *((x, topk_ids, topk_weights) if tiers is not None else ()))
         ctx.x_meta, ctx.w_meta = x_meta, w_meta
         ctx.lora_meta = [None if t is None else t.dtype for t in (gu_A, gu_B, dn_A, dn_B)]
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        (token,) = ctx.saved_tensors  # under non-reentrant checkpointing this runs the recompute if not done yet
+        token, *routed = ctx.saved_tensors  # under non-reentrant checkpointing this runs the recompute if not done
         # the activations go now, not when the graph object is collected
         kctx = ctx.kctx if ctx.kctx is not None else getattr(token, _CACHE_ATTRIBUTE, None)
         ctx.kctx = None
@@ -79,19 +93,32 @@ class _ExpertFunction(torch.autograd.Function):
                                "used by a backward (kt_patch expert nodes do not support retain_graph=True), or a "
                                "checkpoint recompute did not run this layer")
         grads = kctx.new_lora_grads(zeroed=False)  # written whole by the kernel; AccumulateGrad adds them up
-        dx, dw = ctx.kernel.backward(kctx, dy.detach().to("cpu", kctx.dtype).contiguous(), grads, accumulate=False)
+        pending = ctx.kernel.submit_backward(kctx, dy.detach().to("cpu", kctx.dtype).contiguous(), grads,
+                                             accumulate=False)
+        accelerated = None
+        if ctx.tiers is not None:  # the accelerator's backward runs while the CPU kernel computes its own
+            accelerated = ctx.accelerator.backward(*routed, ctx.lora, ctx.tiers, dy)
+        dx, dw = pending.wait()
+        dx, dw = dx.to(*ctx.x_meta), dw.to(*ctx.w_meta)
+        if accelerated is not None:
+            dx_accelerator, dw_accelerator, add_lora_grads = accelerated
+            dx = (dx.float() + dx_accelerator.float()).to(ctx.x_meta[1])
+            dw = dw + dw_accelerator.to(dw)
+            add_lora_grads(grads)
         lora_out = []
         for key, dtype in zip(("gate_up_A", "gate_up_B", "down_A", "down_B"), ctx.lora_meta):
             lora_out.append(None if dtype is None else grads[key].to(dtype))
-        return (None, None, None, dx.to(*ctx.x_meta), None, dw.to(*ctx.w_meta), *lora_out)
+        return (None, None, None, dx, None, dw, *lora_out)
 
 
 class _Plan:
     """What one expert call does in its checkpointing phase (decided before autograd turns grad mode off)."""
 
-    def __init__(self, phase: Phase, region, policy: str, on_kernel_run: Callable[[], None] | None):
+    def __init__(self, phase: Phase, region, policy: str, on_kernel_run: Callable[[], None] | None,
+                 accelerator: AcceleratorTier | None, tiers: TierPlan | None):
         self.phase, self.region, self.policy = phase, region, policy
         self._on_kernel_run = on_kernel_run
+        self.accelerator, self.tiers = accelerator, tiers
 
     def keeps_cache(self, needs_backward: bool) -> bool:
         if self.phase is Phase.FIRST_FORWARD:
@@ -112,15 +139,21 @@ class _Plan:
 
 def expert_forward(kernel: ExpertKernel, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                    lora: ExpertLora = NO_LORA, *, policy: str = "recompute",
-                   on_kernel_run: Callable[[], None] | None = None) -> torch.Tensor:
+                   on_kernel_run: Callable[[], None] | None = None,
+                   accelerator: AcceleratorTier | None = None) -> torch.Tensor:
     """``y[T,H] = sum_j w[t,j] expert_{ids[t,j]}(x[t])`` on the kernel, differentiable in x, topk_weights and the
     LoRA factors of ``lora`` (PEFT's ParamWrapper factors on fused experts).
 
     ``policy`` is the checkpoint policy (``recompute`` or ``retain``); ``on_kernel_run`` is called each time the
-    experts actually run in the kernel (not when a retained output is handed to a recompute).
+    experts actually run in the kernel (not when a retained output is handed to a recompute). With ``accelerator``,
+    the experts its plan chooses for this call run there instead (:mod:`kt_patch.executor`).
     """
     phase, region = current_phase(kernel.name, policy)
-    plan = _Plan(phase, region, policy, on_kernel_run)
+    tiers = None
+    if accelerator is not None:
+        tiers = accelerator.plan(topk_ids, refresh_rates=phase is not Phase.RECOMPUTE)
+        tiers = tiers if tiers.any else None
+    plan = _Plan(phase, region, policy, on_kernel_run, accelerator, tiers)
     factor_tensors = []  # autograd inputs, so that the factors receive their gradients
     for factors in (lora.gate_up, lora.down):
         factor_tensors += (None, None) if factors is None else (factors.A, factors.B)

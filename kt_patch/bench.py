@@ -181,8 +181,8 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--profile", action="store_true", help="print where kt_patch's time goes, per kernel phase")
     args = ap.parse_args(argv)
-    if args.profile:
-        os.environ["KT_PROFILE"] = "1"  # read by the kernel when its first job runs
+    if args.profile or os.environ.get("KT_PROFILE", "0") not in ("", "0"):
+        _C.set_profiling(True)
     threads = args.threads or resolve_options().threads
     shapes, backends = args.shapes.split(","), args.backends.split(",")
     for what, given, allowed in (("shape", shapes, SHAPES), ("backend", backends, BACKENDS)):

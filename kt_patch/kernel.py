@@ -15,6 +15,7 @@ without spinning) until the CPU is done, so the caller can keep the GPU busy mea
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 from typing import Optional
 
@@ -117,15 +118,13 @@ class KernelSpec:
 
 
 class _Pending:
-    """A submitted kernel call; keeps its tensors alive until waited for."""
+    """A submitted kernel call (its handle keeps the call's tensors alive until the job is done)."""
 
-    def __init__(self, handle, result, keep):
-        self._handle, self._result, self._keep = handle, result, keep
+    def __init__(self, handle, result):
+        self._handle, self._result = handle, result
 
     def wait(self):
-        ctx = self._handle.wait()
-        self._keep = None
-        return self._result(ctx)
+        return self._result(self._handle.wait())
 
 
 class ExpertKernel:
@@ -195,6 +194,27 @@ class ExpertKernel:
         """Host memory of the packed weights (both copies with ``backward_weights="copy"``)."""
         return self._layer.weight_bytes
 
+    def packed_weights(self) -> dict[str, torch.Tensor]:
+        """The forward's packed weights in place (no copy): ``gate``, ``up`` [E, Ip*Hp] and ``down`` [E, Hp*Ip] in the
+        kernel's dtype, valid while this kernel lives. :func:`unpack` turns rows of them back into ``W[N][K]``."""
+        out = {}
+        for name, (address, nbytes) in self._layer.packed_weights().items():
+            storage = (ctypes.c_uint8 * nbytes).from_address(address)
+            out[name] = torch.frombuffer(storage, dtype=self.dtype).view(self.num_experts, -1)
+        return out
+
+    def unpack(self, rows: torch.Tensor, matrix: str) -> torch.Tensor:
+        """``W[n, N, K]`` (gate/up: [n, I, H]; down: [n, H, I]) from rows of :meth:`packed_weights` (on any device).
+
+        The packed layout (csrc/plan.h) stores element (n, k) at ``((n/16)*(Kp/P) + k/P)*16*P + (n%16)*P + k%P``: a
+        view [N/16, Kp/P, 16, P] whose middle axes swap."""
+        layout = self._layer.packed_layout()
+        Hp, Ip, panel, pair = layout["hidden"], layout["intermediate"], layout["panel"], layout["pair"]
+        (Np, Kp), (N, K) = ((Ip, Hp), (self.intermediate_size, self.hidden_size)) if matrix != "down" else \
+            ((Hp, Ip), (self.hidden_size, self.intermediate_size))
+        tiles = rows.view(-1, Np // panel, Kp // pair, panel, pair).permute(0, 1, 3, 2, 4)
+        return tiles.reshape(-1, Np, Kp)[:, :N, :K]
+
     def export_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The frozen weights back in the layout they were given in (for saving a base checkpoint)."""
         E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
@@ -230,9 +250,9 @@ class ExpertKernel:
 
     def _lora_arg(self, factors: Optional[LoraFactors]):
         if factors is None:
-            return (0, 0, "f32", 0, 0.0)
-        return (factors.A.data_ptr(), factors.B.data_ptr(), _DTYPES[factors.A.dtype],
-                factors.A.shape[0] // self.num_experts, float(factors.scaling))
+            return None
+        return _C.LoraFactors(factors.A.data_ptr(), factors.B.data_ptr(), _DTYPES[factors.A.dtype],
+                              factors.A.shape[0] // self.num_experts, float(factors.scaling))
 
     # ------------------------------------------------------------------------------------------------ compute
     def _check_tokens(self, x, what="x"):
@@ -259,11 +279,11 @@ class ExpertKernel:
         ids = topk_ids.to("cpu", torch.int64).contiguous()
         weights = topk_weights.detach().to("cpu", torch.float32).contiguous()
         y = torch.empty_like(x)
+        keep = (x, ids, weights, y, lora)
         handle = self._layer.submit_forward(T, ids.shape[1], x.data_ptr(), _DTYPES[x.dtype], ids.data_ptr(),
                                             weights.data_ptr(), y.data_ptr(), bool(save_for_backward),
-                                            self._lora_arg(lora.gate_up), self._lora_arg(lora.down))
-        keep = (x, ids, weights, y, lora)
-        return _Pending(handle, lambda ctx: (y, _Context(ctx, x.dtype, lora) if ctx is not None else None), keep)
+                                            self._lora_arg(lora.gate_up), self._lora_arg(lora.down), keep)
+        return _Pending(handle, lambda ctx: (y, _Context(ctx, x.dtype, lora) if ctx is not None else None))
 
     def forward(self, x, topk_ids, topk_weights, lora: ExpertLora = NO_LORA, save_for_backward: bool = False):
         return self.submit_forward(x, topk_ids, topk_weights, lora, save_for_backward).wait()
@@ -298,8 +318,8 @@ class ExpertKernel:
         dx = torch.empty_like(dy)
         dw = torch.empty(ctx.tokens, ctx.top_k, dtype=torch.float32)
         handle = self._layer.submit_backward(ctx.handle, dy.data_ptr(), dx.data_ptr(), dw.data_ptr(), *pointers,
-                                             accumulate=bool(accumulate))
-        return _Pending(handle, lambda _: (dx, dw), (ctx, dy, dx, dw, lora_grads))
+                                             accumulate=bool(accumulate), keep=(ctx, dy, dx, dw, lora_grads))
+        return _Pending(handle, lambda _: (dx, dw))
 
     def backward(self, ctx, dy, lora_grads=None, accumulate=True):
         return self.submit_backward(ctx, dy, lora_grads, accumulate).wait()

@@ -9,6 +9,7 @@ the accelerator.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import threading
 
@@ -17,12 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .autograd import expert_forward
+from .executor import AcceleratorTier, GpuExpertBudget
 from .expert_lora import active_expert_lora, unwrapped_experts
 from .kernel import NO_LORA, ExpertKernel, ExpertLora
 from .options import CHECKPOINT_POLICIES
 from .registry import EXPERT_WEIGHTS, MoeFamily
 
 _export = threading.local()
+logger = logging.getLogger("kt_patch")
 
 
 @contextlib.contextmanager
@@ -96,7 +99,8 @@ class KtMoeLayer(nn.Module):
     """
 
     def __init__(self, block: nn.Module, family: MoeFamily, kernel: ExpertKernel, *, checkpoint_policy: str,
-                 lora_experts: LoraExperts | None = None):
+                 executor: str = "cpu", gpu_budget: GpuExpertBudget | None = None,
+                 accelerator_fraction: float | None = None, lora_experts: LoraExperts | None = None):
         super().__init__()
         for name, child in block._modules.items():
             self.add_module(name, child)
@@ -108,6 +112,9 @@ class KtMoeLayer(nn.Module):
         self.family = family
         self.kernel = kernel
         self.checkpoint_policy = checkpoint_policy
+        self.executor, self.accelerator_fraction = executor, accelerator_fraction
+        self._gpu_budget = gpu_budget or GpuExpertBudget("auto")
+        self.accelerator: AcceleratorTier | None = None  # made at the first forward, once the device is known
         self.expert_runs = 0
         if lora_experts is not None:
             self.lora_experts = lora_experts
@@ -144,7 +151,8 @@ class KtMoeLayer(nn.Module):
         with torch.cuda.stream(side):  # no-op for None
             dense = self._dense_experts(tokens)
         output = expert_forward(self.kernel, tokens, expert_ids, routing_weights, self.expert_lora(),
-                                policy=self.checkpoint_policy, on_kernel_run=self._count_expert_run)
+                                policy=self.checkpoint_policy, on_kernel_run=self._count_expert_run,
+                                accelerator=self._accelerator_for(tokens.device))
         if side is not None:
             torch.cuda.current_stream(tokens.device).wait_stream(side)
         if dense is not None:
@@ -162,6 +170,24 @@ class KtMoeLayer(nn.Module):
             raise ValueError(f"checkpoint_policy must be one of {', '.join(CHECKPOINT_POLICIES)}; got {policy!r}")
         self._checkpoint_policy = policy
 
+    def _accelerator_for(self, device: torch.device) -> AcceleratorTier | None:
+        """The accelerator tier of this layer on ``device``, or None where the CPU kernel computes every expert.
+
+        ``auto`` is ``cpu`` for now: the accelerator tier is exact but slower than the kernel end to end (README,
+        Options), so a model on an accelerator gets it only by asking for ``hybrid`` or ``accelerator``."""
+        if self.executor in ("cpu", "auto"):
+            return None
+        if self.accelerator is None or self.accelerator.device != device:
+            experts = unwrapped_experts(self._modules[self.family.experts])
+            biases = dict(zip(("gate_up_bias", "down_bias"),
+                              (getattr(experts, name) for name in self.family.expert_biases)))
+            self.accelerator = AcceleratorTier(
+                self.kernel, device, executor="accelerator" if self.executor == "accelerator" else "hybrid",
+                budget=self._gpu_budget, accelerator_fraction=self.accelerator_fraction, **biases)
+            logger.debug("kt_patch: %s: routed experts split per call between %s (%s) and the CPU kernel",
+                         self.kernel.name, device, self.accelerator.tier_name)
+        return self.accelerator
+
     def _count_expert_run(self) -> None:
         self.expert_runs += 1
 
@@ -170,6 +196,7 @@ class KtMoeLayer(nn.Module):
         """Replace the routed expert weights (and biases, for families that have them), given in the stock module's
         layout: a new kernel built from them with this one's spec."""
         self.kernel = self.kernel.rebuild(gate_up_proj, down_proj, gate_up_bias=gate_up_bias, down_bias=down_bias)
+        self.accelerator = None  # its weights and biases were the old kernel's
 
     def _dense_experts(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """Shared experts (gated where the family gates them) plus LoRA Experts, or None when the block has neither."""

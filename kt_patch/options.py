@@ -19,6 +19,7 @@ ISAS = ("auto", "amx_bf16", "avx512_bf16", "avx2", "scalar")
 CHECKPOINT_POLICIES = ("recompute", "retain")
 BACKWARD_WEIGHTS = ("transpose", "copy")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+EXECUTORS = ("auto", "cpu", "accelerator", "hybrid")
 MAX_THREADS = 4096  # a pool size no host reaches; larger values are typos, and the pool would try to start them all
 # KT_* variables that are not options: kt_patch's switch, the kernel's profiler switch (read in C++), and those of
 # KTransformers' kt-kernel, which the benchmark runs beside kt_patch in one environment.
@@ -55,6 +56,9 @@ class Options:
     log_level: str = "INFO"
     lora_experts: int = 0
     lora_expert_intermediate_size: int = 64
+    executor: str = "auto"
+    gpu_expert_budget: Any = "auto"  # "auto" or GiB (a number >= 0)
+    accelerator_fraction: Any = None  # None, or the fraction of each layer's experts forced onto the accelerator
 
     def __post_init__(self):
         if self.threads is None:
@@ -67,6 +71,12 @@ class Options:
         _check_choice(self, "log_level", LOG_LEVELS)
         _check_int(self, "lora_experts", minimum=0)
         _check_int(self, "lora_expert_intermediate_size", minimum=1)
+        _check_choice(self, "executor", EXECUTORS)
+        budget = self.gpu_expert_budget
+        if budget != "auto":
+            _check_number(self, "gpu_expert_budget", 0.0, float("inf"), "'auto' or a number of GiB >= 0")
+        if self.accelerator_fraction is not None:
+            _check_number(self, "accelerator_fraction", 0.0, 1.0, "a number in [0, 1] (or unset)")
         object.__setattr__(self, "architectures", _architectures(self.architectures))
 
 
@@ -82,6 +92,17 @@ def _check_choice(opts, name, allowed):
     if value not in allowed:
         raise OptionError(f"kt_patch option {name!r} must be one of {', '.join(allowed)}; got {getattr(opts, name)!r}")
     object.__setattr__(opts, name, value)
+
+
+def _check_number(opts, name, low, high, allowed):
+    value = getattr(opts, name)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not low <= number <= high:
+        raise OptionError(f"kt_patch option {name!r} must be {allowed}; got {value!r}")
+    object.__setattr__(opts, name, number)
 
 
 def _check_int(opts, name, minimum, maximum=None):
@@ -165,6 +186,42 @@ def resolve(kwargs: Mapping[str, Any] | None = None, deepspeed_block: Mapping[st
 
 
 _current: Options | None = None
+
+# The DeepSpeed JSON's "kt_patch" block (set by kt_patch.integrations.deepspeed when a config carrying one is seen)
+# and the keywords of the last enable() call, so that a block seen later re-resolves with the right precedence.
+_deepspeed_block: dict | None = None
+_requested: dict = {}
+
+
+def check_deepspeed_block(block: Any) -> dict:
+    """The block as a dict of options; "auto" (which accelerate fills in everywhere) or a non-dict is an error."""
+    if not isinstance(block, Mapping):
+        raise OptionError(f"the DeepSpeed config's 'kt_patch' block must be an object of options "
+                          f"({', '.join(FIELDS)}); got {block!r}")
+    for name, value in block.items():
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            raise OptionError(f"kt_patch option {name!r} in the DeepSpeed config's 'kt_patch' block is \"auto\": "
+                              "the block takes explicit values only (leave the option out for its default)")
+    return dict(block)
+
+
+def deepspeed_block() -> dict | None:
+    return _deepspeed_block
+
+
+def set_deepspeed_block(block: Mapping[str, Any] | None) -> None:
+    global _deepspeed_block
+    _deepspeed_block = None if block is None else check_deepspeed_block(block)
+
+
+def requested() -> dict:
+    """The keywords of the last ``kt_patch.enable`` call."""
+    return dict(_requested)
+
+
+def set_requested(kwargs: Mapping[str, Any]) -> None:
+    global _requested
+    _requested = dict(kwargs)
 
 
 def current() -> Options | None:

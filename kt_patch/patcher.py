@@ -1,12 +1,14 @@
 """Replace every known sparse-MoE block of a built model by a KtMoeLayer, or leave the model untouched."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 
 from torch import nn
 
 from . import registry
+from .executor import GpuExpertBudget
 from .kernel import ACTIVATIONS, ExpertKernel
 from .layer import KtMoeLayer, LoraExperts
 from .options import Options
@@ -23,10 +25,12 @@ class PatchSummary:
     host_bytes: int
     isa: str
     threads: int
+    split: str = ""
 
     def __str__(self) -> str:
         return (f"{', '.join(self.families)}: {self.layers} MoE layers, {self.experts} routed experts moved to the CPU "
-                f"kernel ({self.host_bytes / 2**30:.3f} GiB of host memory), ISA {self.isa}, {self.threads} threads")
+                f"kernel ({self.host_bytes / 2**30:.3f} GiB of host memory), ISA {self.isa}, {self.threads} threads; "
+                f"{self.split}")
 
 
 def patch_model(model: nn.Module, options: Options) -> PatchSummary | None:
@@ -47,7 +51,8 @@ def patch_model(model: nn.Module, options: Options) -> PatchSummary | None:
             return None
 
     for name, block, family in blocks:
-        reason = registry.unsupported_reason(block, family, ACTIVATIONS)
+        with _gathered(getattr(block, family.experts)):  # ZeRO-3: the check reads the whole shapes
+            reason = registry.unsupported_reason(block, family, ACTIVATIONS)
         if reason is not None:
             logger.warning("kt_patch: %s left untouched: %s (at %s)", model_name, reason, name)
             return None
@@ -63,18 +68,24 @@ def _replace_blocks(model, blocks, options: Options) -> PatchSummary:
     from transformers.utils.logging import tqdm
 
     swapped = []
-    summary = PatchSummary(sorted({family.name for _, _, family in blocks}), 0, 0, 0, "", options.threads)
+    gpu_budget = GpuExpertBudget(options.gpu_expert_budget)  # the model's layers share it
+    summary = PatchSummary(sorted({family.name for _, _, family in blocks}), 0, 0, 0, "", options.threads,
+                           _split_description(options))
     try:
         for name, block, family in tqdm(blocks, desc="kt_patch: moving experts to the CPU kernel", leave=False,
                                         disable=not logger.isEnabledFor(logging.INFO)):  # log_level hides it too
             parent_name, _, child_name = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             experts = getattr(block, family.experts)
-            kernel = ExpertKernel(*(getattr(experts, w).detach().to("cpu") for w in EXPERT_WEIGHTS), name=name,
-                                  isa=options.isa, threads=options.threads, backward_weights=options.backward_weights,
-                                  **registry.kernel_arguments(experts, family))
-            layer = KtMoeLayer(block, family, kernel, checkpoint_policy=options.checkpoint_policy,
-                               lora_experts=_lora_experts(block, family, kernel, options))
+            with _gathered(experts):  # ZeRO-3 partitioned (zero.Init): whole for the copy into the kernel
+                kernel = ExpertKernel(*(getattr(experts, w).detach().to("cpu") for w in EXPERT_WEIGHTS), name=name,
+                                      isa=options.isa, threads=options.threads,
+                                      backward_weights=options.backward_weights,
+                                      **registry.kernel_arguments(experts, family))
+                layer = KtMoeLayer(block, family, kernel, checkpoint_policy=options.checkpoint_policy,
+                                   executor=options.executor, gpu_budget=gpu_budget,
+                                   accelerator_fraction=options.accelerator_fraction,
+                                   lora_experts=_lora_experts(block, family, kernel, options))
             frozen = [p for p in experts.parameters() if p.requires_grad]
             swapped.append((parent, child_name, block, layer, frozen))
             for param in frozen:  # the kernel computes with frozen copies (GPT-OSS biases too)
@@ -94,9 +105,34 @@ def _replace_blocks(model, blocks, options: Options) -> PatchSummary:
     return summary
 
 
+def _gathered(experts: nn.Module):
+    """DeepSpeed ZeRO-3 parameters of a routed-experts module (built under ``zero.Init``) gathered for the block's
+    take-over; they are replaced by placeholders inside, so no partitioned parameter is left for them."""
+    if not any(hasattr(param, "ds_id") for param in experts.parameters(recurse=False)):
+        return contextlib.nullcontext()
+    import deepspeed  # only for DeepSpeed's parameters
+
+    # modifier_rank=None: every rank reads the whole weights (one layer at a time), none writes them back
+    return deepspeed.zero.GatheredParameters(list(experts.parameters(recurse=False)), modifier_rank=None)
+
+
 def _lora_experts(block, family, kernel, options: Options) -> LoraExperts | None:
     if not options.lora_experts:
         return None
     router_weight = next(getattr(block, family.router).parameters())
     return LoraExperts(options.lora_experts, kernel.hidden_size, options.lora_expert_intermediate_size,
                        device=router_weight.device)
+
+
+def _split_description(options: Options) -> str:
+    """How the routed experts are split between the tiers, for the summary line."""
+    forced = (f"{options.accelerator_fraction:.0%} of each layer's busiest experts forced onto the accelerator"
+              if options.accelerator_fraction is not None else "split per call so that both sides finish together")
+    budget = options.gpu_expert_budget
+    budget = "auto" if budget == "auto" else f"{budget:g} GiB"
+    if options.executor in ("cpu", "auto"):
+        return f"executor {options.executor}: every expert in the CPU kernel"
+    if options.executor == "accelerator":
+        return f"executor accelerator: every expert on the model's device (resident within {budget}, else streamed)"
+    return (f"executor {options.executor}: experts on the accelerator (resident within {budget}, else "
+            f"streamed) and in the CPU kernel, {forced}")

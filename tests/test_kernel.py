@@ -215,12 +215,12 @@ def test_outputs_are_fully_written(isa):
     lora = lora_of(lora_gu, lora_dn)
     y = torch.full((T, H), float("nan"))
     handle = kernel._layer.submit_forward(T, k, x.data_ptr(), "f32", ids.data_ptr(), w.data_ptr(), y.data_ptr(),
-                                          True, kernel._lora_arg(lora.gate_up), kernel._lora_arg(lora.down))
+                                          True, kernel._lora_arg(lora.gate_up), kernel._lora_arg(lora.down), None)
     ctx = handle.wait()
     dx, dw = torch.full((T, H), float("nan")), torch.full((T, k), float("nan"))
     grads = {n: torch.zeros_like(g) for n, g in zip(("a", "b", "c", "d"), (*lora_gu[:2], *lora_dn[:2]))}
     kernel._layer.submit_backward(ctx, dy.data_ptr(), dx.data_ptr(), dw.data_ptr(),
-                                  *(g.data_ptr() for g in grads.values())).wait()
+                                  *(g.data_ptr() for g in grads.values()), True, None).wait()
     ref = reference_grads(x, ids, w, dy, weights, lora_gu, lora_dn)
     assert_close({"y": y, "dx": dx, "dw": dw}, {n: ref[n] for n in ("y", "dx", "dw")}, 1e-5)
 
@@ -461,3 +461,18 @@ def test_skipped_slots_are_left_to_another_tier(isa, dtype):
     ref["dw"] = ref["dw"].masked_fill(skipped, 0.0)
     assert_close({"y": y, "dx": dx, "dw": dw, **grads}, ref, TOL[dtype], f"{isa}")
     assert float(y[0].abs().sum()) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_packed_weights_unpack_to_the_given_weights(dtype):
+    """The accelerator tiers stream the kernel's own packed buffers: viewed in place and unpacked, they are the
+    weights the kernel was given, bit for bit (H and I not multiples of the padding)."""
+    E, H, I = 5, 72, 40
+    weights, _, _ = random_layer(E, H, I, 0, 0, dtype, seed("packed", dtype))
+    kernel = ExpertKernel(*weights, threads=1)
+    packed = kernel.packed_weights()
+    experts = torch.tensor([4, 1])
+    gate, up = kernel.unpack(packed["gate"][experts], "gate"), kernel.unpack(packed["up"][experts], "up")
+    down = kernel.unpack(packed["down"][experts], "down")
+    assert torch.equal(gate, weights[0][experts, :I]) and torch.equal(up, weights[0][experts, I:])
+    assert torch.equal(down, weights[1][experts])

@@ -10,6 +10,7 @@ import sys
 import wrapt
 
 from . import checkpointing, ddp
+from . import deepspeed as deepspeed_integration
 from . import peft as peft_integration
 from . import transformers as transformers_integration
 
@@ -21,6 +22,8 @@ _HOOKS = {
     "peft.tuners.tuners_utils": peft_integration.install_tuner_hook,
     "peft.peft_model": peft_integration.install_save_hook,
     "peft.tuners.lora.layer": peft_integration.install_merge_hook,
+    "deepspeed.runtime.engine": deepspeed_integration.install,
+    "accelerate.utils.deepspeed": deepspeed_integration.install,
 }
 
 

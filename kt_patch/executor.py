@@ -1,0 +1,322 @@
+"""Where each routed expert of a MoE layer runs: on the accelerator (resident or streamed) or in the CPU kernel.
+
+Per layer and per call a :class:`TierPlan` puts every expert on one tier. The CPU kernel is submitted first with the
+accelerator's slots marked as skipped (expert id -1); the accelerator computes its experts meanwhile; the outputs are
+summed. Gradients (dx, routing weights, the expert-LoRA factors) mean the same on both tiers: the accelerator's are
+added to the kernel's in the same fp32 buffers, which autograd adds into the PEFT parameters' ``.grad``.
+
+Weights on the accelerator are either *resident* (unpacked onto the device once, within the ``gpu_expert_budget``)
+or *streamed*: the rows of the kernel's own packed buffers (:meth:`ExpertKernel.packed_weights`, registered as pinned
+memory in place, so host memory does not grow) are copied on a side stream while the CPU kernel runs, unpacked on the
+device and freed after use. The accelerator keeps no weights for its backward: it fetches them again and recomputes
+its experts' forward under autograd (cheap beside the CPU kernel), so a streamed layer holds no device memory between
+its forward and its backward.
+
+The plan is a pure function of the call's routing and of rates frozen for the step, so a checkpointed layer's first
+forward and its recompute agree on it: a forced ``accelerator_fraction`` puts the experts with the most tokens on the
+accelerator; otherwise the split is the one that balances the two sides' estimated times (CPU seconds per row,
+accelerator seconds per row, link seconds per streamed expert), measured on every call and frozen when a layer starts
+a forward that is not a recompute.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from .kernel import ExpertKernel, ExpertLora, _gate_then_up
+
+logger = logging.getLogger("kt_patch")
+EXECUTORS = ("auto", "cpu", "accelerator", "hybrid")
+_MATRICES = ("gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class TierPlan:
+    """One layer's split for one call: ``on_accelerator`` [E] bool (on the routing's device)."""
+
+    on_accelerator: torch.Tensor
+
+    def cpu_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """The routing the CPU kernel gets: the accelerator's slots as -1 (skipped)."""
+        return ids.masked_fill(self.on_accelerator[ids], -1)
+
+    @property
+    def any(self) -> bool:
+        return bool(self.on_accelerator.any())
+
+
+class GpuExpertBudget:
+    """Bytes of accelerator memory that resident experts may take, shared by the layers of a process."""
+
+    def __init__(self, budget_gib):
+        self.budget_gib = budget_gib
+        self.left: int | None = None
+
+    def take(self, resident_bytes: int, stream_bytes: int, device: torch.device) -> bool:
+        """Reserve ``resident_bytes`` for one layer's resident experts if the budget, less the stream buffers of one
+        layer (``stream_bytes``), allows it; False: that layer streams."""
+        if self.left is None:
+            if self.budget_gib == "auto":
+                free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+                self.left = int(free * 0.5)  # the other half for activations, optimizer state and LoRA
+            else:
+                self.left = int(float(self.budget_gib) * 2**30)
+                if self.left < stream_bytes:
+                    raise ValueError(f"kt_patch option 'gpu_expert_budget' ({self.budget_gib} GiB) is below one "
+                                     f"layer's stream buffers ({stream_bytes / 2**30:.3f} GiB); give at least that, "
+                                     "'auto', or executor='cpu'")
+        if resident_bytes > self.left - stream_bytes:
+            return False
+        self.left -= resident_bytes
+        return True
+
+
+def _pin_in_place(kernel: ExpertKernel, tensors) -> None:
+    """Register the kernel's packed buffers as pinned memory (async copies, no second host copy), once per kernel;
+    unregistered when the kernel goes, so that memory reused at the same address can be registered again."""
+    if getattr(kernel, "_pinned", False):
+        return
+    cudart = torch.cuda.cudart()
+    addresses = []
+    for tensor in tensors:
+        cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0)
+        addresses.append(tensor.data_ptr())
+    kernel._pinned = True
+    weakref.finalize(kernel, lambda: [cudart.cudaHostUnregister(address) for address in addresses])
+
+
+class _Rates:
+    """Exponential averages of measured seconds: per CPU row, per accelerator row, per streamed expert."""
+
+    def __init__(self):
+        self.cpu_row = self.accelerator_row = self.stream_expert = None
+
+    def update(self, name: str, value: float) -> None:
+        old = getattr(self, name)
+        setattr(self, name, value if old is None else 0.7 * old + 0.3 * value)
+
+    def frozen(self) -> tuple:
+        return self.cpu_row, self.accelerator_row, self.stream_expert
+
+
+class AcceleratorTier:
+    """The accelerator's share of one MoE layer's routed experts, on ``device`` (a CPU device runs the same torch code:
+    how the split is tested without a GPU)."""
+
+    def __init__(self, kernel: ExpertKernel, device: torch.device, *, executor: str, budget: GpuExpertBudget,
+                 accelerator_fraction: float | None, gate_up_bias=None, down_bias=None):
+        self.kernel, self.device, self.executor = kernel, device, executor
+        self.fraction = accelerator_fraction
+        spec = kernel.spec
+        self.activation, self.alpha, self.limit, self.interleaved = spec.activation, spec.alpha, spec.limit, \
+            spec.interleaved
+        self.packed = kernel.packed_weights()
+        expert_bytes = sum(t[0].numel() * t.element_size() for t in self.packed.values())
+        self.resident = None
+        layer_bytes = expert_bytes * kernel.num_experts
+        # a streamed layer holds its packed rows and their unpacked copy at once
+        if budget.take(layer_bytes, 2 * layer_bytes, device):
+            self.resident = {name: kernel.unpack(self.packed[name].to(device), name) for name in _MATRICES}
+        elif device.type == "cuda":
+            _pin_in_place(kernel, self.packed.values())
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" and self.resident is None else None
+        gu_bias = None if gate_up_bias is None else gate_up_bias.detach().float()
+        gu_bias = _gate_then_up(gu_bias, 1) if gu_bias is not None and self.interleaved else gu_bias
+        self.biases = (None if gu_bias is None else gu_bias.to(device),
+                       None if down_bias is None else down_bias.detach().float().to(device))
+        self.rates = _Rates()
+        self._frozen_rates = (None, None, None)
+        self._pending_event = None
+
+    @property
+    def tier_name(self) -> str:
+        return "resident" if self.resident is not None else "streamed"
+
+    # ------------------------------------------------------------------------------------------------ plan
+    def plan(self, ids: torch.Tensor, refresh_rates: bool) -> TierPlan:
+        E = self.kernel.num_experts
+        self._collect_accelerator_time()
+        if refresh_rates:
+            self._frozen_rates = self.rates.frozen()
+        if self.executor == "accelerator":
+            return TierPlan(torch.ones(E, dtype=torch.bool, device=ids.device))
+        counts = torch.bincount(ids.flatten(), minlength=E)
+        order = torch.sort(counts, descending=True, stable=True).indices
+        if self.fraction is not None:
+            chosen = round(self.fraction * E)
+        else:
+            chosen = self._balanced_count(counts[order].cpu())
+        on = torch.zeros(E, dtype=torch.bool, device=ids.device)
+        on[order[:chosen]] = True
+        return TierPlan(on)
+
+    def _balanced_count(self, sorted_counts: torch.Tensor) -> int:
+        """How many of the busiest experts go to the accelerator so that both sides finish together."""
+        cpu_row, accelerator_row, stream_expert = self._frozen_rates
+        if cpu_row is None or accelerator_row is None:
+            return (sorted_counts.numel() + 1) // 2  # no measurement yet: half, to measure both sides
+        rows = torch.cat((torch.zeros(1), torch.cumsum(sorted_counts.double(), 0)))
+        n = torch.arange(rows.numel(), dtype=torch.float64)
+        link = (stream_expert or 0.0) * n if self.resident is None else 0.0
+        cost = torch.maximum((rows[-1] - rows) * cpu_row, rows * accelerator_row + link)
+        return int(torch.argmin(cost))
+
+    def record_cpu_time(self, seconds: float, rows: int) -> None:
+        if rows:
+            self.rates.update("cpu_row", seconds / rows)
+
+    def _collect_accelerator_time(self) -> None:
+        if self._pending_event is None:
+            return
+        start, end, rows, streamed = self._pending_event
+        if isinstance(start, float):
+            seconds = end - start
+        elif end.query():
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            return
+        self._pending_event = None
+        if rows:
+            self.rates.update("accelerator_row", seconds / rows)
+        if streamed:
+            self.rates.update("stream_expert", seconds / streamed / 4)  # the link's share, roughly
+
+    # ------------------------------------------------------------------------------------------------ compute
+    def _weights(self, experts: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.resident is not None:
+            return {name: self.resident[name][experts.to(self.device)] for name in _MATRICES}
+        host_experts = experts.tolist()
+        if self.copy_stream is None:
+            return {name: self.kernel.unpack(self.packed[name][experts.cpu()].to(self.device), name)
+                    for name in _MATRICES}
+        packed = {}
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copy_stream):
+            for name in _MATRICES:
+                src = self.packed[name]
+                dst = torch.empty((len(host_experts), src.shape[1]), dtype=src.dtype, device=self.device)
+                for i, e in enumerate(host_experts):
+                    dst[i].copy_(src[e], non_blocking=True)
+                packed[name] = dst
+        torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        for dst in packed.values():
+            dst.record_stream(torch.cuda.current_stream(self.device))
+        return {name: self.kernel.unpack(packed[name], name) for name in _MATRICES}
+
+    def _lora_slices(self, lora: ExpertLora, experts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """fp32 device copies of the accelerator experts' factors: A [n, r, in], B [n, out, r] (gate rows first)."""
+        E, out = self.kernel.num_experts, {}
+        for which, factors in lora.items():
+            rank = factors.A.shape[0] // E
+            host = experts.cpu()
+            A = factors.A.detach().view(E, rank, -1)[host]
+            B = factors.B.detach().view(factors.B.shape[0], rank, E)[:, :, host].permute(2, 0, 1)
+            if which == "gate_up" and self.interleaved:
+                B = _gate_then_up(B, 1)
+            out[f"{which}_A"] = A.to(self.device, torch.float32)
+            out[f"{which}_B"] = B.to(self.device, torch.float32)
+        return out
+
+    def _run(self, x, ids, w, plan: TierPlan, experts, weights, lora_slices, scalings) -> torch.Tensor:
+        """``sum_j w[t,j] expert(x[t])`` over the accelerator's slots, differentiable in x, w and the LoRA slices."""
+        T, H = x.shape
+        position = torch.full_like(plan.on_accelerator, -1, dtype=torch.long)
+        position[experts] = torch.arange(experts.numel(), device=position.device)
+        slot_position = position[ids]
+        tokens, slots = torch.nonzero(slot_position >= 0, as_tuple=True)
+        group = slot_position[tokens, slots]
+        order = torch.argsort(group, stable=True)
+        tokens, slots, group = tokens[order], slots[order], group[order]
+        counts = torch.bincount(group, minlength=experts.numel()).tolist()
+        rows = x[tokens]
+        gate_bias, down_bias = self.biases
+        outputs, begin = [], 0
+        for i, count in enumerate(counts):
+            xi = rows[begin:begin + count]
+            begin += count
+            if not count:
+                continue
+            e = experts[i]
+            gate = xi @ weights["gate"][i].T
+            up = xi @ weights["up"][i].T
+            if "gate_up_A" in lora_slices:
+                low = (xi.float() @ lora_slices["gate_up_A"][i].T) @ lora_slices["gate_up_B"][i].T
+                low = low * scalings["gate_up"]
+                gate, up = gate + low[:, :gate.shape[1]].to(gate.dtype), up + low[:, gate.shape[1]:].to(up.dtype)
+            if gate_bias is not None:
+                I = gate.shape[1]
+                gate, up = gate + gate_bias[e, :I].to(gate.dtype), up + gate_bias[e, I:].to(up.dtype)
+            z = self._activate(gate, up)
+            down = z @ weights["down"][i].T
+            if "down_A" in lora_slices:
+                low = (z.float() @ lora_slices["down_A"][i].T) @ lora_slices["down_B"][i].T
+                down = down + (low * scalings["down"]).to(down.dtype)
+            if down_bias is not None:
+                down = down + down_bias[e].to(down.dtype)
+            outputs.append(down)
+        expert_out = torch.cat(outputs) if outputs else x.new_zeros(0, H)
+        weighted = expert_out.float() * w[tokens, slots].float().unsqueeze(1)
+        return torch.zeros(T, H, dtype=torch.float32, device=x.device).index_add(0, tokens, weighted)
+
+    def _activate(self, gate, up):
+        if self.activation == "swiglu":
+            return F.silu(gate) * up
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(-self.limit, self.limit)
+        return (up + 1) * gate * torch.sigmoid(self.alpha * gate)
+
+    def forward(self, x, ids, w, lora: ExpertLora, plan: TierPlan) -> torch.Tensor:
+        """The accelerator's share of y (fp32, on the device), with no autograd."""
+        experts = torch.nonzero(plan.on_accelerator).flatten()
+        cuda = self.device.type == "cuda"
+        start = torch.cuda.Event(enable_timing=True) if cuda else time.perf_counter()
+        if cuda:
+            start.record()
+        with torch.no_grad():
+            y = self._run(x.to(self.device), ids.to(self.device), w.to(self.device), plan, experts,
+                          self._weights(experts), self._lora_slices(lora, experts),
+                          {which: f.scaling for which, f in lora.items()})
+        if cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+        else:
+            end = time.perf_counter()
+        rows = int((plan.on_accelerator[ids]).sum())
+        self._pending_event = (start, end, rows, 0 if self.resident is not None else experts.numel())
+        return y
+
+    def backward(self, x, ids, w, lora: ExpertLora, plan: TierPlan, dy):
+        """dx and dw of the accelerator's slots, and a function that adds their LoRA gradients into fp32 host buffers
+        (PEFT layout; called once the CPU kernel has written them). The weights are fetched again and the forward
+        recomputed under autograd."""
+        experts = torch.nonzero(plan.on_accelerator).flatten()
+        x_leaf = x.detach().to(self.device).requires_grad_(True)
+        w_leaf = w.detach().to(self.device).requires_grad_(True)
+        slices = {key: t.requires_grad_(True) for key, t in self._lora_slices(lora, experts).items()}
+        with torch.enable_grad():
+            y = self._run(x_leaf, ids.to(self.device), w_leaf, plan, experts, self._weights(experts), slices,
+                          {which: f.scaling for which, f in lora.items()})
+            grads = torch.autograd.grad(y, [x_leaf, w_leaf, *slices.values()], dy.to(self.device, torch.float32),
+                                        allow_unused=True)
+        dx = torch.zeros_like(x_leaf) if grads[0] is None else grads[0]
+        dw = torch.zeros_like(w_leaf) if grads[1] is None else grads[1]
+        lora_parts = {key: grad.to("cpu", torch.float32) for key, grad in zip(slices, grads[2:]) if grad is not None}
+
+        def add_lora_grads(lora_grads: dict) -> None:
+            E, host = self.kernel.num_experts, experts.cpu()
+            for key, grad in lora_parts.items():
+                target = lora_grads[key]
+                if key.endswith("_A"):
+                    target.view(E, grad.shape[1], -1)[host] += grad
+                    continue
+                if key == "gate_up_B" and self.interleaved:  # back to PEFT's alternating gate, up rows
+                    half = grad.shape[1] // 2
+                    grad = torch.stack((grad[:, :half], grad[:, half:]), dim=2).reshape(grad.shape)
+                target.view(target.shape[0], grad.shape[2], E)[:, :, host] += grad.permute(1, 2, 0)
+
+        return dx, dw, add_lora_grads

@@ -1,0 +1,144 @@
+"""The executor tiers: the accelerator's torch code (here on the CPU device) and the CPU kernel split one layer's
+experts, and every output and gradient equals the CPU-only path.
+
+Tolerances (relative L2): 1e-5 in fp32, 1e-2 in bf16 (the accelerator's bf16 matmuls beside the kernel's). Inputs are
+fresh random draws (seeded from the test id plus a per-run offset, printed on failure).
+"""
+import random
+
+import pytest
+import torch
+
+import tiny_models
+from kt_patch.autograd import expert_forward
+from kt_patch.executor import AcceleratorTier, GpuExpertBudget
+from kt_patch.kernel import ExpertKernel, ExpertLora, LoraFactors
+from kt_patch.layer import KtMoeLayer
+from kt_patch.options import OptionError, resolve
+from kt_patch.patcher import patch_model
+from moe_reference import limit_in_a_gap, random_batch, random_layer, rel_l2
+
+RUN_SEED = random.randrange(1 << 20)
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+CPU = torch.device("cpu")
+
+
+def seed(*parts):
+    return (hash(parts) + RUN_SEED) % (1 << 31)
+
+
+def budget_of(kernel, layers):
+    """A budget of ``layers`` times one layer's packed experts: a layer is resident from 3 (its own and the stream
+    buffers of one layer, packed and unpacked), streamed below."""
+    layer_bytes = sum(t.numel() * t.element_size() for t in kernel.packed_weights().values())
+    return GpuExpertBudget(layers * layer_bytes / 2**30)
+
+
+def run_layer(kernel, tier, x, ids, w, dy, lora_gu, lora_dn):
+    params = [torch.nn.Parameter(t.clone()) for t in (*lora_gu[:2], *lora_dn[:2])]
+    lora = ExpertLora(LoraFactors(params[0], params[1], lora_gu[2]), LoraFactors(params[2], params[3], lora_dn[2]))
+    xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    y = expert_forward(kernel, xr, ids, wr, lora, accelerator=tier)
+    y.backward(dy)
+    names = ("gate_up_A", "gate_up_B", "down_A", "down_B")
+    return {"y": y.detach(), "dx": xr.grad, "dw": wr.grad, **{n: p.grad for n, p in zip(names, params)}}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("fraction,resident", [(0.0, False), (0.3, False), (0.3, True), (1.0, False)])
+@pytest.mark.parametrize("gpt_oss", [False, True], ids=["swiglu", "gpt_oss"])
+def test_split_equals_the_cpu_kernel_alone(dtype, fraction, resident, gpt_oss):
+    """Forced splits, resident or streamed, plain and GPT-OSS (interleaved gate/up LoRA, biases, clamped SwiGLU):
+    y, dx, dw and every LoRA gradient as the CPU kernel computes them alone; the last 3 experts get no token."""
+    E, H, I, T, k = 10, 72, 40, 53, 3
+    weights, lora_gu, lora_dn = random_layer(E, H, I, 8, 4, dtype, seed("w", dtype, gpt_oss))
+    x, ids, w, dy = random_batch(T, H, E - 3, k, dtype, seed("x", dtype, gpt_oss))
+    extra = {}
+    if gpt_oss:  # the clamps bind in fp32 (a limit in a gap between the values), not in bf16: see test_kernel.py
+        g = torch.Generator().manual_seed(seed("bias", dtype))
+        weights = (weights[0].transpose(1, 2).contiguous(), weights[1].transpose(1, 2).contiguous())
+        extra = dict(activation="gpt_oss_swiglu", alpha=1.702, transposed=True, interleaved=True,
+                     gate_up_bias=torch.randn(E, 2 * I, generator=g).to(dtype),
+                     down_bias=(torch.randn(E, H, generator=g) * 0.1).to(dtype))
+        extra["limit"] = limit_in_a_gap(x, ids, weights[0], extra["gate_up_bias"], lora_gu, 1.5) \
+            if dtype == torch.float32 else 7.0
+    kernel = ExpertKernel(*weights, threads=2, **extra)
+    biases = {name: extra[name] for name in ("gate_up_bias", "down_bias") if name in extra}
+    tier = AcceleratorTier(kernel, CPU, executor="hybrid", budget=budget_of(kernel, 4 if resident else 2.5),
+                           accelerator_fraction=fraction, **biases)
+    assert tier.tier_name == ("resident" if resident else "streamed")
+    reference = run_layer(kernel, None, x, ids, w, dy, lora_gu, lora_dn)
+    got = run_layer(kernel, tier, x, ids, w, dy, lora_gu, lora_dn)
+    errors = {name: rel_l2(got[name], reference[name]) for name in reference}
+    assert max(errors.values()) <= TOL[dtype], f"run seed {RUN_SEED}: {errors}"
+
+
+def test_plan_puts_the_busiest_experts_on_the_accelerator_and_balances_by_rates():
+    weights, _, _ = random_layer(8, 32, 16, 0, 0, torch.float32, seed("plan"))
+    kernel = ExpertKernel(*weights, threads=1)
+    ids = torch.tensor([[5, 2], [5, 2], [5, 1], [5, 7], [2, 0]])
+    tier = AcceleratorTier(kernel, CPU, executor="hybrid", budget=budget_of(kernel, 2.5), accelerator_fraction=0.25)
+    assert torch.nonzero(tier.plan(ids, refresh_rates=True).on_accelerator).flatten().tolist() == [2, 5]
+    balanced = AcceleratorTier(kernel, CPU, executor="hybrid", budget=budget_of(kernel, 2.5),
+                               accelerator_fraction=None)
+    balanced.rates.cpu_row, balanced.rates.accelerator_row, balanced.rates.stream_expert = 1.0, 1.0, 0.0
+    # rows per expert 4 (5), 3 (2), 1, 1, 1: equal rates split the 10 rows as near half as the experts allow
+    plan = balanced.plan(ids, refresh_rates=True)
+    assert torch.nonzero(plan.on_accelerator).flatten().tolist() == [5] or \
+        torch.nonzero(plan.on_accelerator).flatten().tolist() == [2, 5]
+    balanced.rates.cpu_row = 100.0  # the CPU much slower: everything goes to the accelerator...
+    assert balanced.plan(ids, refresh_rates=False).on_accelerator.sum() == plan.on_accelerator.sum()  # ...next step
+    assert bool(balanced.plan(ids, refresh_rates=True).on_accelerator[[0, 1, 2, 5, 7]].all())
+
+
+def train(model_type, options, mode, policy, accumulation=3, steps=4):
+    """AdamW steps of LoRA (attention and experts) with gradient accumulation, on fixed random tokens."""
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    model = tiny_models.build(model_type, seed=2)
+    if options is not None:
+        patch_model(model, resolve({"threads": 2, "checkpoint_policy": policy, **options}))
+    config = tiny_models.lora_config(model_type)
+    config.init_lora_weights = False
+    model = get_peft_model(model, config)
+    if mode is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": mode == "reentrant"})
+        model.enable_input_require_grads()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    data = torch.Generator().manual_seed(seed("data", model_type))
+    losses = []
+    for step in range(steps):
+        for layer in model.modules():  # a split that changes between steps
+            if isinstance(layer, KtMoeLayer) and layer.accelerator is not None:
+                layer.accelerator.fraction = (0.3, 0.7, 0.0, 1.0)[step % 4]
+        for _ in range(accumulation):
+            ids = torch.randint(3, tiny_models.COMMON["vocab_size"], (2, 12), generator=data)
+            loss = model(input_ids=ids, labels=ids).loss / accumulation
+            loss.backward()
+            losses.append(loss.item())
+        optimizer.step()
+        optimizer.zero_grad()
+    if options is not None:
+        assert all(layer.accelerator is not None for layer in model.modules() if isinstance(layer, KtMoeLayer))
+    return losses
+
+
+@pytest.mark.parametrize("mode,policy", [(None, "recompute"), ("non_reentrant", "recompute"),
+                                         ("non_reentrant", "retain"), ("reentrant", "retain")])
+def test_whole_model_trains_as_unpatched(mode, policy):
+    stock = train("qwen2_moe", None, mode, policy)
+    split = train("qwen2_moe", {"executor": "hybrid", "accelerator_fraction": 0.3}, mode, policy)
+    assert max(abs(a - b) / abs(a) for a, b in zip(stock, split)) <= 1e-4, (stock, split)
+
+
+def test_bad_executor_options_are_clear_errors():
+    for bad, message in (({"executor": "gpu"}, "'executor' must be one of auto, cpu, accelerator, hybrid"),
+                         ({"accelerator_fraction": 1.5}, "'accelerator_fraction' must be a number in \\[0, 1\\]"),
+                         ({"gpu_expert_budget": "lots"}, "'gpu_expert_budget' must be 'auto' or a number")):
+        with pytest.raises(OptionError, match=message):
+            resolve(bad)
+    weights, _, _ = random_layer(4, 32, 16, 0, 0, torch.float32, seed("budget"))
+    kernel = ExpertKernel(*weights, threads=1)
+    with pytest.raises(ValueError, match="'gpu_expert_budget' .* is below one layer's stream buffers"):
+        AcceleratorTier(kernel, CPU, executor="hybrid", budget=GpuExpertBudget(1e-9), accelerator_fraction=0.5)
