@@ -21,7 +21,7 @@ BACKWARD_WEIGHTS = ("transpose", "copy")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 EXECUTORS = ("auto", "cpu", "accelerator", "hybrid")
 MAX_THREADS = 4096  # a pool size no host reaches; larger values are typos, and the pool would try to start them all
-# KT_* variables that are not options: kt_patch's switch, the kernel's profiler switch (read in C++), and those of
+# KT_* variables that are not options: kt_patch's switch, the benchmarks' kernel-profile switch, and those of
 # KTransformers' kt-kernel, which the benchmark runs beside kt_patch in one environment.
 NON_OPTION_VARIABLES = ("KT_ENABLE", "KT_PROFILE", "KT_KERNEL_CPU_VARIANT", "KT_KERNEL_DEBUG")
 TRUE_WORDS = ("1", "true", "yes", "on")
