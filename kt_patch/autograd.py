@@ -58,7 +58,8 @@ class _ExpertFunction(torch.autograd.Function):
             pending = kernel.submit_forward(x_cpu.contiguous(), kernel_ids, topk_weights, lora,
                                             save_for_backward=plan.keeps_cache(any(ctx.needs_input_grad)))
         # the accelerator's experts run while the CPU kernel computes its own
-        accelerated = None if tiers is None else plan.accelerator.forward(x, topk_ids, topk_weights, lora, tiers)
+        accelerated = None if tiers is None else plan.accelerator.forward(
+            x, topk_ids, topk_weights, lora, tiers, keep_weights=plan.phase is Phase.RECOMPUTE)
         if kept is not None:
             y, kctx = kept
         else:

@@ -90,6 +90,26 @@ def _pin_in_place(kernel: ExpertKernel, tensors) -> None:
     weakref.finalize(kernel, lambda: [cudart.cudaHostUnregister(address) for address in addresses])
 
 
+_GROUPED_MM_WORKS: dict = {}
+
+
+def _grouped_mm(rows: torch.Tensor, matrices: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """``rows[ends[g-1]:ends[g]] @ matrices[g]`` for every group g, stacked: torch's grouped GEMM where it takes these
+    operands (its kernels want 16-byte aligned strides, and a dtype the device implements), else a loop."""
+    key = (rows.device.type, rows.dtype, rows.shape[1], matrices.shape[2])
+    aligned = all(dim * rows.element_size() % 16 == 0 for dim in key[2:])  # also the backward's operands
+    if aligned and _GROUPED_MM_WORKS.get(key, True) and hasattr(torch, "_grouped_mm"):
+        try:
+            out = torch._grouped_mm(rows, matrices, offs=ends)
+            _GROUPED_MM_WORKS[key] = True
+            return out
+        except RuntimeError:
+            _GROUPED_MM_WORKS[key] = False
+    bounds = [0, *ends.tolist()]
+    parts = [rows[bounds[g]:bounds[g + 1]] @ matrices[g] for g in range(matrices.shape[0])]
+    return torch.cat(parts) if parts else rows.new_zeros(0, matrices.shape[2])
+
+
 class _Rates:
     """Exponential averages of measured seconds: per CPU row, per accelerator row, per streamed expert."""
 
@@ -132,6 +152,7 @@ class AcceleratorTier:
         self.rates = _Rates()
         self._frozen_rates = (None, None, None)
         self._pending_event = None
+        self._kept = None
 
     @property
     def tier_name(self) -> str:
@@ -195,10 +216,14 @@ class AcceleratorTier:
             return {name: self.kernel.unpack(self.packed[name][experts.cpu()].to(self.device), name)
                     for name in _MATRICES}
         packed = {}
+        whole = 2 * len(host_experts) > self.kernel.num_experts  # one copy of the layer beats many small ones
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.copy_stream):
             for name in _MATRICES:
                 src = self.packed[name]
+                if whole:
+                    packed[name] = src.to(self.device, non_blocking=True)
+                    continue
                 dst = torch.empty((len(host_experts), src.shape[1]), dtype=src.dtype, device=self.device)
                 for i, e in enumerate(host_experts):
                     dst[i].copy_(src[e], non_blocking=True)
@@ -206,7 +231,21 @@ class AcceleratorTier:
         torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
         for dst in packed.values():
             dst.record_stream(torch.cuda.current_stream(self.device))
+        if whole:
+            packed = {name: rows[experts.to(self.device)] for name, rows in packed.items()}
         return {name: self.kernel.unpack(packed[name], name) for name in _MATRICES}
+
+    def _fetch(self, experts: torch.Tensor, keep: bool) -> dict[str, torch.Tensor]:
+        """The weights of ``experts``: those kept by the last call when it asked to keep them for the same experts
+        (a checkpointed layer's recompute, whose backward follows at once), else fetched anew."""
+        kept, self._kept = self._kept, None
+        if kept is not None and torch.equal(kept[0], experts):
+            weights = kept[1]
+        else:
+            weights = self._weights(experts)
+        if keep:
+            self._kept = (experts, weights)
+        return weights
 
     def _lora_slices(self, lora: ExpertLora, experts: torch.Tensor) -> dict[str, torch.Tensor]:
         """fp32 device copies of the accelerator experts' factors: A [n, r, in], B [n, out, r] (gate rows first)."""
@@ -223,7 +262,9 @@ class AcceleratorTier:
         return out
 
     def _run(self, x, ids, w, plan: TierPlan, experts, weights, lora_slices, scalings) -> torch.Tensor:
-        """``sum_j w[t,j] expert(x[t])`` over the accelerator's slots, differentiable in x, w and the LoRA slices."""
+        """``sum_j w[t,j] expert(x[t])`` over the accelerator's slots, differentiable in x, w and the LoRA slices.
+
+        The slots are grouped by expert and every product is one grouped GEMM over the groups."""
         T, H = x.shape
         position = torch.full_like(plan.on_accelerator, -1, dtype=torch.long)
         position[experts] = torch.arange(experts.numel(), device=position.device)
@@ -232,35 +273,27 @@ class AcceleratorTier:
         group = slot_position[tokens, slots]
         order = torch.argsort(group, stable=True)
         tokens, slots, group = tokens[order], slots[order], group[order]
-        counts = torch.bincount(group, minlength=experts.numel()).tolist()
+        ends = torch.cumsum(torch.bincount(group, minlength=experts.numel()), 0).to(torch.int32)
         rows = x[tokens]
         gate_bias, down_bias = self.biases
-        outputs, begin = [], 0
-        for i, count in enumerate(counts):
-            xi = rows[begin:begin + count]
-            begin += count
-            if not count:
-                continue
-            e = experts[i]
-            gate = xi @ weights["gate"][i].T
-            up = xi @ weights["up"][i].T
-            if "gate_up_A" in lora_slices:
-                low = (xi.float() @ lora_slices["gate_up_A"][i].T) @ lora_slices["gate_up_B"][i].T
-                low = low * scalings["gate_up"]
-                gate, up = gate + low[:, :gate.shape[1]].to(gate.dtype), up + low[:, gate.shape[1]:].to(up.dtype)
-            if gate_bias is not None:
-                I = gate.shape[1]
-                gate, up = gate + gate_bias[e, :I].to(gate.dtype), up + gate_bias[e, I:].to(up.dtype)
-            z = self._activate(gate, up)
-            down = z @ weights["down"][i].T
-            if "down_A" in lora_slices:
-                low = (z.float() @ lora_slices["down_A"][i].T) @ lora_slices["down_B"][i].T
-                down = down + (low * scalings["down"]).to(down.dtype)
-            if down_bias is not None:
-                down = down + down_bias[e].to(down.dtype)
-            outputs.append(down)
-        expert_out = torch.cat(outputs) if outputs else x.new_zeros(0, H)
-        weighted = expert_out.float() * w[tokens, slots].float().unsqueeze(1)
+        dtype = rows.dtype
+        gate = _grouped_mm(rows, weights["gate"].transpose(1, 2), ends)
+        up = _grouped_mm(rows, weights["up"].transpose(1, 2), ends)
+        if "gate_up_A" in lora_slices:
+            low = _grouped_mm(rows, lora_slices["gate_up_A"].to(dtype).transpose(1, 2), ends)
+            low = _grouped_mm(low, lora_slices["gate_up_B"].to(dtype).transpose(1, 2), ends) * scalings["gate_up"]
+            gate, up = gate + low[:, :gate.shape[1]], up + low[:, gate.shape[1]:]
+        if gate_bias is not None:
+            row_bias = gate_bias[experts[group]].to(dtype)
+            gate, up = gate + row_bias[:, :gate.shape[1]], up + row_bias[:, gate.shape[1]:]
+        z = self._activate(gate, up)
+        down = _grouped_mm(z, weights["down"].transpose(1, 2), ends)
+        if "down_A" in lora_slices:
+            low = _grouped_mm(z, lora_slices["down_A"].to(dtype).transpose(1, 2), ends)
+            down = down + _grouped_mm(low, lora_slices["down_B"].to(dtype).transpose(1, 2), ends) * scalings["down"]
+        if down_bias is not None:
+            down = down + down_bias[experts[group]].to(dtype)
+        weighted = down.float() * w[tokens, slots].float().unsqueeze(1)
         return torch.zeros(T, H, dtype=torch.float32, device=x.device).index_add(0, tokens, weighted)
 
     def _activate(self, gate, up):
@@ -270,8 +303,9 @@ class AcceleratorTier:
         up = up.clamp(-self.limit, self.limit)
         return (up + 1) * gate * torch.sigmoid(self.alpha * gate)
 
-    def forward(self, x, ids, w, lora: ExpertLora, plan: TierPlan) -> torch.Tensor:
-        """The accelerator's share of y (fp32, on the device), with no autograd."""
+    def forward(self, x, ids, w, lora: ExpertLora, plan: TierPlan, keep_weights: bool = False) -> torch.Tensor:
+        """The accelerator's share of y (fp32, on the device), with no autograd. ``keep_weights``: the backward
+        comes next (a recompute) and takes the weights fetched here instead of fetching them again."""
         experts = torch.nonzero(plan.on_accelerator).flatten()
         cuda = self.device.type == "cuda"
         start = torch.cuda.Event(enable_timing=True) if cuda else time.perf_counter()
@@ -279,7 +313,7 @@ class AcceleratorTier:
             start.record()
         with torch.no_grad():
             y = self._run(x.to(self.device), ids.to(self.device), w.to(self.device), plan, experts,
-                          self._weights(experts), self._lora_slices(lora, experts),
+                          self._fetch(experts, keep_weights), self._lora_slices(lora, experts),
                           {which: f.scaling for which, f in lora.items()})
         if cuda:
             end = torch.cuda.Event(enable_timing=True)
@@ -299,7 +333,7 @@ class AcceleratorTier:
         w_leaf = w.detach().to(self.device).requires_grad_(True)
         slices = {key: t.requires_grad_(True) for key, t in self._lora_slices(lora, experts).items()}
         with torch.enable_grad():
-            y = self._run(x_leaf, ids.to(self.device), w_leaf, plan, experts, self._weights(experts), slices,
+            y = self._run(x_leaf, ids.to(self.device), w_leaf, plan, experts, self._fetch(experts, False), slices,
                           {which: f.scaling for which, f in lora.items()})
             grads = torch.autograd.grad(y, [x_leaf, w_leaf, *slices.values()], dy.to(self.device, torch.float32),
                                         allow_unused=True)
