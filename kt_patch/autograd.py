@@ -59,7 +59,7 @@ class _ExpertFunction(torch.autograd.Function):
                                             save_for_backward=plan.keeps_cache(any(ctx.needs_input_grad)))
         # the accelerator's experts run while the CPU kernel computes its own
         accelerated = None if tiers is None else plan.accelerator.forward(
-            x, topk_ids, topk_weights, lora, tiers, keep_weights=plan.phase is Phase.RECOMPUTE)
+            x, topk_ids, topk_weights, lora, tiers, for_backward=plan.phase is Phase.RECOMPUTE)
         if kept is not None:
             y, kctx = kept
         else:

@@ -8,9 +8,10 @@ added to the kernel's in the same fp32 buffers, which autograd adds into the PEF
 Weights on the accelerator are either *resident* (unpacked onto the device once, within the ``gpu_expert_budget``)
 or *streamed*: the rows of the kernel's own packed buffers (:meth:`ExpertKernel.packed_weights`, registered as pinned
 memory in place, so host memory does not grow) are copied on a side stream while the CPU kernel runs, unpacked on the
-device and freed after use. The accelerator keeps no weights for its backward: it fetches them again and recomputes
-its experts' forward under autograd (cheap beside the CPU kernel), so a streamed layer holds no device memory between
-its forward and its backward.
+device and freed after use. A plain forward keeps nothing for its backward, which fetches the weights again and
+recomputes the accelerator's experts under autograd, so a streamed layer holds no device memory between its forward
+and its backward; a checkpointed layer's recompute, whose backward follows at once, records its computation for it.
+The LoRA factors are copied to the device once per optimizer step (their version changes with each update).
 
 The plan is a pure function of the call's routing and of rates frozen for the step, so a checkpointed layer's first
 forward and its recompute agree on it: a forced ``accelerator_fraction`` puts the experts with the most tokens on the
@@ -90,6 +91,10 @@ def _pin_in_place(kernel: ExpertKernel, tensors) -> None:
     weakref.finalize(kernel, lambda: [cudart.cudaHostUnregister(address) for address in addresses])
 
 
+def _keep_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 _GROUPED_MM_WORKS: dict = {}
 
 
@@ -152,7 +157,8 @@ class AcceleratorTier:
         self.rates = _Rates()
         self._frozen_rates = (None, None, None)
         self._pending_event = None
-        self._kept = None
+        self._recorded = None  # a recompute's forward under autograd, for the backward that follows it
+        self._factors = None  # (versions of the LoRA factors, their device copies)
 
     @property
     def tier_name(self) -> str:
@@ -235,31 +241,28 @@ class AcceleratorTier:
             packed = {name: rows[experts.to(self.device)] for name, rows in packed.items()}
         return {name: self.kernel.unpack(packed[name], name) for name in _MATRICES}
 
-    def _fetch(self, experts: torch.Tensor, keep: bool) -> dict[str, torch.Tensor]:
-        """The weights of ``experts``: those kept by the last call when it asked to keep them for the same experts
-        (a checkpointed layer's recompute, whose backward follows at once), else fetched anew."""
-        kept, self._kept = self._kept, None
-        if kept is not None and torch.equal(kept[0], experts):
-            weights = kept[1]
-        else:
-            weights = self._weights(experts)
-        if keep:
-            self._kept = (experts, weights)
-        return weights
-
-    def _lora_slices(self, lora: ExpertLora, experts: torch.Tensor) -> dict[str, torch.Tensor]:
-        """fp32 device copies of the accelerator experts' factors: A [n, r, in], B [n, out, r] (gate rows first)."""
+    def _device_factors(self, lora: ExpertLora) -> dict[str, torch.Tensor]:
+        """fp32 device copies of the factors, expert-major: A [E, r, in], B [E, out, r] (gate rows first). Copied
+        again only when a factor changed (an optimizer step bumps its version), so a step's forward, recompute and
+        backward share one copy."""
+        key = tuple((id(t), t._version) for _, f in lora.items() for t in (f.A, f.B))
+        if self._factors is not None and self._factors[0] == key:
+            return self._factors[1]
         E, out = self.kernel.num_experts, {}
         for which, factors in lora.items():
             rank = factors.A.shape[0] // E
-            host = experts.cpu()
-            A = factors.A.detach().view(E, rank, -1)[host]
-            B = factors.B.detach().view(factors.B.shape[0], rank, E)[:, :, host].permute(2, 0, 1)
-            if which == "gate_up" and self.interleaved:
-                B = _gate_then_up(B, 1)
-            out[f"{which}_A"] = A.to(self.device, torch.float32)
-            out[f"{which}_B"] = B.to(self.device, torch.float32)
+            A = factors.A.detach().to(self.device, torch.float32, non_blocking=True).view(E, rank, -1)
+            B = factors.B.detach().to(self.device, torch.float32, non_blocking=True)
+            B = B.view(B.shape[0], rank, E).permute(2, 0, 1)
+            out[f"{which}_A"] = A
+            out[f"{which}_B"] = _gate_then_up(B, 1) if which == "gate_up" and self.interleaved else B
+        self._factors = (key, out)
         return out
+
+    def _lora_slices(self, lora: ExpertLora, experts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The accelerator experts' rows of :meth:`_device_factors` (new tensors: leaves for the backward)."""
+        index = experts.to(self.device)
+        return {key: factors[index] for key, factors in self._device_factors(lora).items()}
 
     def _run(self, x, ids, w, plan: TierPlan, experts, weights, lora_slices, scalings) -> torch.Tensor:
         """``sum_j w[t,j] expert(x[t])`` over the accelerator's slots, differentiable in x, w and the LoRA slices.
@@ -303,18 +306,23 @@ class AcceleratorTier:
         up = up.clamp(-self.limit, self.limit)
         return (up + 1) * gate * torch.sigmoid(self.alpha * gate)
 
-    def forward(self, x, ids, w, lora: ExpertLora, plan: TierPlan, keep_weights: bool = False) -> torch.Tensor:
-        """The accelerator's share of y (fp32, on the device), with no autograd. ``keep_weights``: the backward
-        comes next (a recompute) and takes the weights fetched here instead of fetching them again."""
+    def forward(self, x, ids, w, lora: ExpertLora, plan: TierPlan, for_backward: bool = False) -> torch.Tensor:
+        """The accelerator's share of y (fp32, on the device). ``for_backward``: the backward comes next (a
+        checkpointed layer's recompute), so the computation is recorded for it instead of being redone there."""
         experts = torch.nonzero(plan.on_accelerator).flatten()
         cuda = self.device.type == "cuda"
         start = torch.cuda.Event(enable_timing=True) if cuda else time.perf_counter()
         if cuda:
             start.record()
-        with torch.no_grad():
-            y = self._run(x.to(self.device), ids.to(self.device), w.to(self.device), plan, experts,
-                          self._fetch(experts, keep_weights), self._lora_slices(lora, experts),
-                          {which: f.scaling for which, f in lora.items()})
+        self._recorded = None
+        if for_backward:
+            self._recorded = self._record(x, ids, w, lora, plan, experts)
+            y = self._recorded[-1].detach()
+        else:
+            with torch.no_grad():
+                y = self._run(x.to(self.device), ids.to(self.device), w.to(self.device), plan, experts,
+                              self._weights(experts), self._lora_slices(lora, experts),
+                              {which: f.scaling for which, f in lora.items()})
         if cuda:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
@@ -324,17 +332,28 @@ class AcceleratorTier:
         self._pending_event = (start, end, rows, 0 if self.resident is not None else experts.numel())
         return y
 
+    def _record(self, x, ids, w, lora, plan, experts):
+        """The accelerator's forward under autograd, from leaves: ``(experts, x, w, LoRA slices, y)``."""
+        x_leaf = x.detach().to(self.device).requires_grad_(True)
+        w_leaf = w.detach().to(self.device).requires_grad_(True)
+        slices = {key: t.requires_grad_(True) for key, t in self._lora_slices(lora, experts).items()}
+        # A graph of its own, kept by this tier: a checkpoint's saved-tensors hooks (active in a recompute) must not
+        # take its tensors, which the first forward never saved.
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep_tensor, _keep_tensor):
+            y = self._run(x_leaf, ids.to(self.device), w_leaf, plan, experts, self._weights(experts), slices,
+                          {which: f.scaling for which, f in lora.items()})
+        return experts, x_leaf, w_leaf, slices, y
+
     def backward(self, x, ids, w, lora: ExpertLora, plan: TierPlan, dy):
         """dx and dw of the accelerator's slots, and a function that adds their LoRA gradients into fp32 host buffers
         (PEFT layout; called once the CPU kernel has written them). The weights are fetched again and the forward
         recomputed under autograd."""
         experts = torch.nonzero(plan.on_accelerator).flatten()
-        x_leaf = x.detach().to(self.device).requires_grad_(True)
-        w_leaf = w.detach().to(self.device).requires_grad_(True)
-        slices = {key: t.requires_grad_(True) for key, t in self._lora_slices(lora, experts).items()}
+        recorded, self._recorded = self._recorded, None
+        if recorded is None or recorded[1].shape != x.shape or not torch.equal(recorded[0], experts):
+            recorded = self._record(x, ids, w, lora, plan, experts)
+        _, x_leaf, w_leaf, slices, y = recorded
         with torch.enable_grad():
-            y = self._run(x_leaf, ids.to(self.device), w_leaf, plan, experts, self._fetch(experts, False), slices,
-                          {which: f.scaling for which, f in lora.items()})
             grads = torch.autograd.grad(y, [x_leaf, w_leaf, *slices.values()], dy.to(self.device, torch.float32),
                                         allow_unused=True)
         dx = torch.zeros_like(x_leaf) if grads[0] is None else grads[0]
