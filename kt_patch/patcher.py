@@ -130,9 +130,10 @@ def _split_description(options: Options) -> str:
               if options.accelerator_fraction is not None else "split per call so that both sides finish together")
     budget = options.gpu_expert_budget
     budget = "auto" if budget == "auto" else f"{budget:g} GiB"
-    if options.executor in ("cpu", "auto"):
-        return f"executor {options.executor}: every expert in the CPU kernel"
+    if options.executor == "cpu":
+        return "executor cpu: every expert in the CPU kernel"
     if options.executor == "accelerator":
         return f"executor accelerator: every expert on the model's device (resident within {budget}, else streamed)"
-    return (f"executor {options.executor}: experts on the accelerator (resident within {budget}, else "
+    where = "when the model is on an accelerator, " if options.executor == "auto" else ""
+    return (f"executor {options.executor}: {where}experts on the accelerator (resident within {budget}, else "
             f"streamed) and in the CPU kernel, {forced}")
