@@ -3,7 +3,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <chrono>
 #include <exception>
+#include <optional>
 
 #include "moe_layer.h"
 
@@ -21,16 +23,6 @@ DType parse_dtype(const std::string& s) {
 template <class T>
 const T* ptr(uintptr_t p) {
   return reinterpret_cast<const T*>(p);
-}
-
-LoraRef lora_ref(uintptr_t A, uintptr_t B, const std::string& dtype, int rank, float scaling) {
-  LoraRef l;
-  l.A = ptr<void>(A);
-  l.B = ptr<void>(B);
-  l.dtype = parse_dtype(dtype);
-  l.rank = rank;
-  l.scaling = scaling;
-  return l;
 }
 
 // Runs f without the GIL. An exception is carried out of the released region and rethrown with the GIL held, so
@@ -51,16 +43,74 @@ auto without_gil(F&& f) -> decltype(f()) {
   return result;
 }
 
-// A submitted job; wait() blocks without the GIL and returns the forward's context (or None).
-struct Pending {
-  MoELayer::Submitted submitted;
+LoraRef make_lora(uintptr_t A, uintptr_t B, const std::string& dtype, int rank, float scaling) {
+  if (rank < 1) throw std::invalid_argument("LoRA rank must be >= 1, got " + std::to_string(rank));
+  if (!A || !B) throw std::invalid_argument("LoRA factor pointers must not be null");
+  LoraRef l;
+  l.A = ptr<void>(A);
+  l.B = ptr<void>(B);
+  l.dtype = parse_dtype(dtype);
+  l.rank = rank;
+  l.scaling = scaling;
+  return l;
+}
+
+// A submitted job, holding what it reads and writes (`keep`: the caller's tensors) until it is done. Dropped
+// without wait(), it waits first, so the job never writes memory Python has freed. wait() wakes every
+// kSignalPoll with the GIL to run Python's signal handlers: on an exception from one (KeyboardInterrupt), it
+// cancels the job, waits for the workers to leave it, and raises that exception. wait() may be called again: it
+// returns the same result, or raises the job's error (a RuntimeError for a cancelled job).
+class Pending {
+ public:
+  static constexpr std::chrono::milliseconds kSignalPoll{50};
+
+  Pending(MoELayer::Submitted submitted, py::object keep)
+      : job_(std::move(submitted.job)), context_(std::move(submitted.context)), keep_(std::move(keep)) {}
+  Pending(const Pending&) = delete;
+  Pending& operator=(const Pending&) = delete;
+  ~Pending() {
+    if (done_) return;
+    py::gil_scoped_release release;
+    try {
+      job_->wait();
+    } catch (...) {  // its error has no one to go to; a fork child's job never finishes, nor needs to be waited for
+    }
+  }
+
   py::object wait() {
+    for (;;) {
+      const bool done = without_gil([this] { return job_->wait_for(kSignalPoll); });
+      if (done) break;
+      if (PyErr_CheckSignals() != 0) {
+        py::error_already_set interrupt;  // takes the Python error out of the interpreter until rethrown
+        job_->cancel();
+        without_gil([this] {
+          while (!job_->wait_for(kSignalPoll)) {
+          }
+          return 0;
+        });
+        release();
+        throw interrupt;
+      }
+    }
+    release();
     without_gil([this] {
-      submitted.job->wait();
+      job_->wait();  // done: rethrows its error, if any
       return 0;
     });
-    return submitted.context ? py::cast(submitted.context) : py::none();
+    return context_ ? py::cast(context_) : py::none();
   }
+
+ private:
+  void release() {
+    done_ = true;
+    keep_ = py::none();
+  }
+
+  std::shared_ptr<Job> job_;
+  std::shared_ptr<ForwardContext> context_;
+  py::object keep_;
+  bool done_ = false;  // the job is done (keep_ released)
 };
 
 }  // namespace
@@ -68,6 +118,7 @@ struct Pending {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "kt_patch CPU expert kernel";
   m.def("supported_isas", &supported_isas, "ISA backends this CPU runs, best first");
+  m.def("set_profiling", &set_profiling, py::arg("on"), "time each kernel phase from now on (off by default)");
   m.def(
       "profile",
       [](bool reset) {
@@ -75,7 +126,7 @@ PYBIND11_MODULE(_C, m) {
         for (const auto& p : profile(reset)) out[py::str(p.name)] = py::make_tuple(p.seconds, p.calls);
         return out;
       },
-      py::arg("reset") = false, "{phase: (seconds, calls)} when KT_PROFILE is set");
+      py::arg("reset") = false, "{phase: (seconds, calls)} timed while profiling was on; reset: start again");
   m.def("live_contexts", &ForwardContext::live, "forward contexts (activation caches) alive in the process");
   m.def("cached_activation_bytes", &cached_activation_bytes, "bytes of freed activation caches kept for reuse");
   m.def("release_cached_activations", &release_cached_activations, py::call_guard<py::gil_scoped_release>(),
@@ -85,7 +136,18 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("tokens", &ForwardContext::T)
       .def_readonly("top_k", &ForwardContext::k);
 
-  py::class_<Pending>(m, "Pending").def("wait", &Pending::wait);
+  py::class_<Pending>(m, "Pending")
+      .def("wait", &Pending::wait,
+           "Block until the job is done (Ctrl-C cancels it); the forward's context or None. Again: the same result, "
+           "or the job's error");
+
+  py::class_<LoraRef>(m, "LoraFactors", "The LoRA factors of one projection, read in place (PEFT layout)")
+      .def(py::init(&make_lora), py::arg("A"), py::arg("B"), py::arg("dtype"), py::arg("rank"), py::arg("scaling"))
+      .def_property_readonly("A", [](const LoraRef& l) { return reinterpret_cast<uintptr_t>(l.A); })
+      .def_property_readonly("B", [](const LoraRef& l) { return reinterpret_cast<uintptr_t>(l.B); })
+      .def_property_readonly("dtype", [](const LoraRef& l) { return l.dtype == DType::bf16 ? "bf16" : "f32"; })
+      .def_readonly("rank", &LoraRef::rank)
+      .def_readonly("scaling", &LoraRef::scaling);
 
   py::class_<MoELayer, std::shared_ptr<MoELayer>>(m, "MoELayer")
       .def(py::init([](const std::string& name, int E, int H, int I, uintptr_t gate_up, uintptr_t down,
@@ -117,34 +179,39 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("weight_bytes", &MoELayer::weight_bytes)
       .def(
           "submit_forward",
-          [](MoELayer& L, int T, int k, uintptr_t x, const std::string& io, uintptr_t ids, uintptr_t w, uintptr_t y,
-             bool save, py::tuple gu, py::tuple dn) {
-            LoraArgs lora{lora_ref(gu[0].cast<uintptr_t>(), gu[1].cast<uintptr_t>(), gu[2].cast<std::string>(),
-                                   gu[3].cast<int>(), gu[4].cast<float>()),
-                          lora_ref(dn[0].cast<uintptr_t>(), dn[1].cast<uintptr_t>(), dn[2].cast<std::string>(),
-                                   dn[3].cast<int>(), dn[4].cast<float>())};
+          [](const std::shared_ptr<MoELayer>& L, int T, int k, uintptr_t x, const std::string& io, uintptr_t ids,
+             uintptr_t w, uintptr_t y, bool save, std::optional<LoraRef> gate_up, std::optional<LoraRef> down,
+             py::object keep) {
+            const LoraArgs lora{gate_up.value_or(LoraRef{}), down.value_or(LoraRef{})};
             const DType io_dtype = parse_dtype(io);
-            return Pending{without_gil([&] {
-              return L.submit_forward(T, k, ptr<void>(x), io_dtype, ptr<int64_t>(ids), ptr<float>(w),
-                                      reinterpret_cast<void*>(y), save, lora);
-            })};
+            auto submitted = without_gil([&] {
+              return L->submit_forward(T, k, ptr<void>(x), io_dtype, ptr<int64_t>(ids), ptr<float>(w),
+                                       reinterpret_cast<void*>(y), save, lora);
+            });
+            return std::make_unique<Pending>(std::move(submitted), std::move(keep));
           },
-          "Start a forward; LoRA tuples are (A_ptr, B_ptr, dtype, rank, scaling) in PEFT layout")
+          py::arg("T"), py::arg("k"), py::arg("x"), py::arg("io"), py::arg("ids"), py::arg("w"), py::arg("y"),
+          py::arg("save"), py::arg("gate_up").none(true), py::arg("down").none(true), py::arg("keep"),
+          "Start a forward (None: no LoRA on that projection); `keep` (the tensors it reads and writes) is held "
+          "until it is done")
       .def(
           "submit_backward",
-          [](MoELayer& L, std::shared_ptr<ForwardContext> ctx, uintptr_t dy, uintptr_t dx, uintptr_t dw,
-             uintptr_t gu_A, uintptr_t gu_B, uintptr_t dn_A, uintptr_t dn_B, bool accumulate) {
+          [](const std::shared_ptr<MoELayer>& L, std::shared_ptr<ForwardContext> ctx, uintptr_t dy, uintptr_t dx,
+             uintptr_t dw, uintptr_t gu_A, uintptr_t gu_B, uintptr_t dn_A, uintptr_t dn_B, bool accumulate,
+             py::object keep) {
             LoraGradArgs grads{{reinterpret_cast<float*>(gu_A), reinterpret_cast<float*>(gu_B)},
                                {reinterpret_cast<float*>(dn_A), reinterpret_cast<float*>(dn_B)},
                                accumulate};
-            return Pending{without_gil([&] {
-              return L.submit_backward(std::move(ctx), ptr<void>(dy), reinterpret_cast<void*>(dx),
-                                       reinterpret_cast<float*>(dw), grads);
-            })};
+            auto submitted = without_gil([&] {
+              return L->submit_backward(std::move(ctx), ptr<void>(dy), reinterpret_cast<void*>(dx),
+                                        reinterpret_cast<float*>(dw), grads);
+            });
+            return std::make_unique<Pending>(std::move(submitted), std::move(keep));
           },
           py::arg("ctx"), py::arg("dy"), py::arg("dx"), py::arg("dw"), py::arg("gu_A"), py::arg("gu_B"),
-          py::arg("dn_A"), py::arg("dn_B"), py::arg("accumulate") = true,
-          "Start a backward; LoRA gradients are added into the fp32 buffers, or written over them")
+          py::arg("dn_A"), py::arg("dn_B"), py::arg("accumulate"), py::arg("keep"),
+          "Start a backward; LoRA gradients are added into the fp32 buffers, or written over them; `keep` is held "
+          "until it is done")
       .def("export_weights", [](const MoELayer& L, uintptr_t gate_up, uintptr_t down) {
         without_gil([&] {
           L.export_weights(reinterpret_cast<void*>(gate_up), reinterpret_cast<void*>(down));

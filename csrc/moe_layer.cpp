@@ -96,7 +96,7 @@ std::shared_ptr<Executor> shared_executor(int threads) {
   std::lock_guard<std::mutex> lock(g_executors_mu);
   auto& slot = g_executors[threads];
   auto exec = slot.lock();
-  if (!exec) {
+  if (!exec || !exec->pool.alive()) {  // a fork child's layers get a pool of their own
     exec = std::make_shared<Executor>(threads);
     slot = exec;
   }
@@ -172,7 +172,8 @@ MoELayer::MoELayer(std::string name, int experts, int hidden, int intermediate, 
       activation_(activation) {
   if (E_ < 1 || H_ < 1 || I_ < 1) fail("experts, hidden and intermediate sizes must be positive");
   if (!gate_up || !down) fail("expert weights are missing");
-  if (threads < 1) fail("threads must be >= 1");
+  if (threads < 1 || threads > kMaxThreads)
+    fail("threads must be in [1, " + std::to_string(kMaxThreads) + "], got " + std::to_string(threads));
   backend_ = select_backend(isa);
   exec_ = shared_executor(threads);
   Hp_ = static_cast<int>(round_up(H_, kPad));
@@ -304,8 +305,9 @@ Plan MoELayer::base_plan() const {
 // Shared by forward and backward jobs: sizes the executor's scratch for the LoRA ranks and the row count.
 class LayerJob : public Job {
  public:
-  LayerJob(const MoELayer& layer, std::shared_ptr<ForwardContext> ctx) : layer_(layer), ctx_(std::move(ctx)) {
-    plan_ = layer.base_plan();
+  LayerJob(std::shared_ptr<const MoELayer> layer, std::shared_ptr<ForwardContext> ctx)
+      : layer_(std::move(layer)), ex_(*layer_->exec_), ctx_(std::move(ctx)) {
+    plan_ = layer_->base_plan();
     plan_.T = ctx_->T;
     plan_.k = ctx_->k;
     plan_.io = ctx_->io;
@@ -318,16 +320,20 @@ class LayerJob : public Job {
     plan_.row_weight = ctx_->row_weight.data();
     plan_.items = ctx_->active.data();
   }
-  void finish() override { ctx_.reset(); }
+  void finish(bool completed) override {
+    if (!completed) ex_.lora_layout_of = 0;  // the layout phase may have stopped half way
+    ctx_.reset();
+  }
 
  protected:
   size_t rows() const { return static_cast<size_t>(plan_.T) * plan_.k; }
-  size_t es() const { return dtype_size(layer_.compute()); }
+  size_t es() const { return dtype_size(layer_->compute()); }
   size_t active() const { return ctx_->active.size(); }
   size_t blocks(int cols) const { return active() * plan_.column_blocks(cols); }
 
   // Scratch shared by the workers and the per-expert packed LoRA operands.
-  void reserve_common(Executor& ex) {
+  void reserve_common() {
+    Executor& ex = ex_;
     const Plan& p = plan_;
     const size_t maxT = std::max({static_cast<size_t>(p.r1p) * p.Hp, static_cast<size_t>(p.r2p) * p.Ip,
                                   static_cast<size_t>(p.r2p) * p.Hp, static_cast<size_t>(p.col_block) * p.Hp,
@@ -349,16 +355,17 @@ class LayerJob : public Job {
     return (p.gu.rank ? (2 * p.I + 15) / 16 : 0) + (p.dn.rank ? (p.H + 15) / 16 : 0);
   }
 
-  const MoELayer& layer_;
+  std::shared_ptr<const MoELayer> layer_;
+  Executor& ex_;  // the layer's
   std::shared_ptr<ForwardContext> ctx_;
   Plan plan_;
 };
 
 class ForwardJob : public LayerJob {
  public:
-  ForwardJob(const MoELayer& layer, std::shared_ptr<ForwardContext> ctx, Executor& ex, const void* x, void* y,
+  ForwardJob(std::shared_ptr<const MoELayer> layer, std::shared_ptr<ForwardContext> ctx, const void* x, void* y,
              bool save)
-      : LayerJob(layer, std::move(ctx)), ex_(ex) {
+      : LayerJob(std::move(layer), std::move(ctx)) {
     plan_.x = x;
     plan_.y = y;
     plan_.save = save;
@@ -369,7 +376,7 @@ class ForwardJob : public LayerJob {
     switch (phase) {
       case 0: {
         ex_.lora_layout_of = 0;  // until this job has made the layout, should a reserve below fail
-        reserve_common(ex_);
+        reserve_common();
         ForwardContext& c = *ctx_;
         const size_t R = rows(), s = es();
         // Kept for the backward when saving, else in the executor's scratch.
@@ -395,23 +402,24 @@ class ForwardJob : public LayerJob {
     }
   }
   void run(int phase, size_t item, int worker) override {
-    layer_.backend_->forward_item(layer_.compute(), plan_, phase, item, worker);
+    layer_->backend_->forward_item(layer_->compute(), plan_, phase, item, worker);
   }
   const char* phase_name(int phase) const override {
     static const char* names[] = {"forward.0.lora_layout", "forward.1.gather", "forward.2.gate_up",
                                   "forward.3.down_lora", "forward.4.down", "forward.5.sum_slots"};
     return names[phase];
   }
-
- private:
-  Executor& ex_;
+  void finish(bool completed) override {
+    if (!completed) ctx_->unusable = true;
+    LayerJob::finish(completed);
+  }
 };
 
 class BackwardJob : public LayerJob {
  public:
-  BackwardJob(const MoELayer& layer, std::shared_ptr<ForwardContext> ctx, Executor& ex, const void* dy, void* dx,
+  BackwardJob(std::shared_ptr<const MoELayer> layer, std::shared_ptr<ForwardContext> ctx, const void* dy, void* dx,
               float* dw, const LoraGradArgs& grads)
-      : LayerJob(layer, std::move(ctx)), ex_(ex) {
+      : LayerJob(std::move(layer), std::move(ctx)) {
     plan_.dy = dy;
     plan_.dx = dx;
     plan_.dw = dw;
@@ -438,7 +446,7 @@ class BackwardJob : public LayerJob {
         const void* layout[2] = {ex_.gu_Bt.data(), ex_.dn_Bt.data()};
         const bool layout_kept = ex_.lora_layout_of == ctx_->forward_id;
         ex_.lora_layout_of = 0;  // until this job has made the layout, should a reserve below fail
-        reserve_common(ex_);
+        reserve_common();
         const size_t R = rows(), s = es();
         p.dY = ex_.dY.reserve(R * p.ldh * s);
         p.dw_parts = static_cast<float*>(ex_.dw_parts.reserve(R * p.column_blocks(p.Ip) * 4));
@@ -462,7 +470,7 @@ class BackwardJob : public LayerJob {
     }
   }
   void run(int phase, size_t item, int worker) override {
-    layer_.backend_->backward_item(layer_.compute(), plan_, phase, item, worker);
+    layer_->backend_->backward_item(layer_->compute(), plan_, phase, item, worker);
   }
   const char* phase_name(int phase) const override {
     static const char* names[] = {"backward.0.lora_layout", "backward.1.gather", "backward.2.down_activation",
@@ -470,9 +478,6 @@ class BackwardJob : public LayerJob {
                                   "backward.6.lora_grad_layout"};
     return names[phase];
   }
-
- private:
-  Executor& ex_;
 };
 
 MoELayer::Submitted MoELayer::submit_forward(int T, int k, const void* x, DType io, const int64_t* ids,
@@ -488,6 +493,8 @@ MoELayer::Submitted MoELayer::submit_forward(int T, int k, const void* x, DType 
   ctx->io = io;
   ctx->gu = lora.gu;
   ctx->dn = lora.dn;
+  ctx->layer = shared_from_this();
+  ctx->layer_name = name_;
   // Group the (token, slot) pairs by expert with a stable counting sort.
   const size_t R = static_cast<size_t>(T) * k;
   ctx->offsets.assign(E_ + 1, 0);
@@ -514,7 +521,7 @@ MoELayer::Submitted MoELayer::submit_forward(int T, int k, const void* x, DType 
     ctx->cache = exec_->cache;
     ctx->saved = exec_->cache->take();
   }
-  auto job = std::make_shared<ForwardJob>(*this, ctx, *exec_, x, y, save);
+  auto job = std::make_shared<ForwardJob>(shared_from_this(), ctx, x, y, save);
   exec_->pool.submit(job);
   return {job, save ? ctx : nullptr};
 }
@@ -522,10 +529,14 @@ MoELayer::Submitted MoELayer::submit_forward(int T, int k, const void* x, DType 
 MoELayer::Submitted MoELayer::submit_backward(std::shared_ptr<ForwardContext> ctx, const void* dy, void* dx,
                                               float* dw, const LoraGradArgs& grads) {
   if (!ctx) fail("backward needs the context of a forward run with save_for_backward=True");
+  if (ctx->layer.lock().get() != this)
+    fail("backward got a context made by the forward of layer '" + ctx->layer_name + "', not of this layer ('" +
+         name_ + "')");
+  if (ctx->unusable) fail("the forward that made this context was cancelled or failed: its activations are unusable");
   if (ctx->T > 0 && (!dy || !dx || !dw)) fail("missing gradient input or output");
   if (ctx->gu.rank > 0 && (!grads.gu.A || !grads.gu.B)) fail("gate_up LoRA gradient buffers are missing");
   if (ctx->dn.rank > 0 && (!grads.dn.A || !grads.dn.B)) fail("down LoRA gradient buffers are missing");
-  auto job = std::make_shared<BackwardJob>(*this, std::move(ctx), *exec_, dy, dx, dw, grads);
+  auto job = std::make_shared<BackwardJob>(shared_from_this(), std::move(ctx), dy, dx, dw, grads);
   exec_->pool.submit(job);
   return {job, nullptr};
 }

@@ -74,6 +74,8 @@ std::shared_ptr<Executor> shared_executor(int threads);
 size_t cached_activation_bytes();
 void release_cached_activations();
 
+class MoELayer;
+
 // What a forward keeps for its backward. Python holds it; freeing it frees the activations.
 struct ForwardContext {
   ForwardContext();
@@ -91,6 +93,11 @@ struct ForwardContext {
   std::unique_ptr<SavedActivations> saved;  // with save_for_backward; returns to `cache` with the context
   uint64_t forward_id = 0;                  // see Executor::lora_layout_of
   std::shared_ptr<ActivationCache> cache;
+  // The layer whose forward made it (a backward of another layer would read its routing and activations as its
+  // own), and whether that forward was cancelled or failed, which leaves the activations unfinished.
+  std::weak_ptr<const MoELayer> layer;
+  std::string layer_name;
+  std::atomic<bool> unusable{false};
 };
 
 // The activation variant and the frozen biases (fp32, transformers' order: gate_up [E][2I] gate then up, down
@@ -112,13 +119,17 @@ struct LoraGradArgs {
   bool accumulate = true;  // add into the buffers; else overwrite them whole (no zeroing needed beforehand)
 };
 
-class MoELayer {
+// Owned through a shared_ptr (its jobs hold one, so the layer, its weights and its executor outlive any job
+// running on them, whoever lets go of the layer first).
+class MoELayer : public std::enable_shared_from_this<MoELayer> {
  public:
+  static constexpr int kMaxThreads = 4096;
   MoELayer(std::string name, int experts, int hidden, int intermediate, const void* gate_up, const void* down,
            DType weight_dtype, const std::string& isa, int threads, const ExpertActivation& activation = {},
            bool backward_copy = false);
 
-  // A started job and, for a forward with save, the context its backward needs (valid once the job is done).
+  // A started job and, for a forward with save, the context its backward needs (valid once the job is done). The
+  // job reads and writes the caller's buffers until it is done: the caller keeps them alive until then.
   struct Submitted {
     std::shared_ptr<Job> job;
     std::shared_ptr<ForwardContext> context;
@@ -127,7 +138,7 @@ class MoELayer {
   Submitted submit_forward(int T, int k, const void* x, DType io, const int64_t* ids, const float* weights, void* y,
                            bool save, const LoraArgs& lora);
   // dy, dx [T][H] (the forward's dtype), dw [T][k] fp32; LoRA grads are added into the given fp32 buffers, or
-  // written over them.
+  // written over them. The context must come from a finished, uncancelled forward of this layer.
   Submitted submit_backward(std::shared_ptr<ForwardContext> ctx, const void* dy, void* dx, float* dw,
                             const LoraGradArgs& grads);
 

@@ -3,10 +3,11 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
+#include <cstdint>
 #include <deque>
 #include <exception>
-#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -23,62 +24,65 @@ class Job {
   virtual int num_phases() const = 0;
   virtual size_t prepare(int phase) = 0;
   virtual void run(int phase, size_t item, int worker) = 0;
-  // Runs on one worker after the last phase (also after a failure), before waiters wake: release what the job
-  // holds here, since workers may keep a reference to the job object a little longer.
-  virtual void finish() {}
+  // Runs on one worker after the last phase (also after a failure or a cancel, then with completed false), before
+  // waiters wake: release what the job holds here, since workers may keep a reference to the job a little longer.
+  virtual void finish(bool /*completed*/) {}
   // A short name per phase for the profile ("forward.gate_up"); nullptr: not profiled.
   virtual const char* phase_name(int) const { return nullptr; }
 
-  void wait();  // blocks until the pool has run the job; rethrows its error
+  // Blocks until the pool has run the job; rethrows its error. Throws std::runtime_error in a fork() child whose
+  // parent submitted the job (no thread there will ever run it).
+  void wait();
+  // wait() for at most `timeout`: whether the job is done (its error is rethrown by wait()).
+  bool wait_for(std::chrono::milliseconds timeout);
+  // Asks the workers to stop at their next work item: the job's outputs are then undefined. It still finishes
+  // (finish(false)) and wakes its waiters.
+  void cancel() { cancelled_.store(true, std::memory_order_relaxed); }
+  bool cancelled() const { return cancelled_.load(std::memory_order_relaxed); }
 
  private:
   friend class ThreadPool;
+  friend struct PoolState;
+  void check_not_orphaned() const;
   std::mutex mu_;
   std::condition_variable cv_;
   bool done_ = false;
   std::exception_ptr error_;
+  std::atomic<bool> cancelled_{false};
+  uint64_t forks_at_submit_ = 0;
 };
 
-// Wall time per job phase, summed over all pools, when KT_PROFILE is set in the environment (read once).
+// Wall time per job phase, summed over all pools, while profiling is on (off by default; the binding switches it).
 struct PhaseTime {
   std::string name;
   double seconds;
   long calls;
 };
+void set_profiling(bool on);
 bool profiling_enabled();
 std::vector<PhaseTime> profile(bool reset);
+
+// The message of the error a pool gives in a child process forked after its threads started.
+extern const char* const kForkedPoolMessage;
 
 class ThreadPool {
  public:
   explicit ThreadPool(int threads);
+  // May run on one of the pool's own workers (a job may hold the last reference to what owns the pool): that
+  // worker is detached, the others joined.
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
 
   int threads() const { return static_cast<int>(workers_.size()); }
-  void submit(std::shared_ptr<Job> job);
+  // False in a process forked after the pool started: its threads exist only in the parent.
+  bool alive() const;
+  void submit(std::shared_ptr<Job> job);  // std::runtime_error when !alive()
 
  private:
-  void worker_main(int id);
-  void run_job(Job& job, int id);
-  void barrier(int id);
-
+  // What the workers use; they share its ownership, so a worker detached by the destructor outlives the pool safely.
+  std::shared_ptr<struct PoolState> state_;
   std::vector<std::thread> workers_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<std::shared_ptr<Job>> queue_;
-  bool stop_ = false;
-
-  // Shared state of the job being run.
-  std::shared_ptr<Job> current_;
-  uint64_t generation_ = 0;  // bumped per job so sleeping workers know there is a new one
-  std::atomic<size_t> next_item_{0};
-  std::atomic<size_t> item_count_{0};
-  std::atomic<int> arrived_{0};
-  std::atomic<uint64_t> barrier_epoch_{0};
-  std::atomic<bool> failed_{false};
-  std::exception_ptr error_;
-  std::mutex error_mu_;
 };
 
 }  // namespace kt

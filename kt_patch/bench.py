@@ -183,8 +183,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     from . import options
 
-    if args.profile:
-        os.environ["KT_PROFILE"] = "1"  # read by the kernel when its first job runs
+    if args.profile or os.environ.get("KT_PROFILE", "0") not in ("", "0"):
+        from . import _C
+
+        _C.set_profiling(True)
     threads = args.threads or options.resolve().threads
     shapes, backends = args.shapes.split(","), args.backends.split(",")
     for what, given, allowed in (("shape", shapes, SHAPES), ("backend", backends, BACKENDS)):

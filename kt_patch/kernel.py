@@ -53,15 +53,13 @@ def _gate_then_up(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class _Pending:
-    """A submitted kernel call; keeps its tensors alive until waited for."""
+    """A submitted kernel call (its handle keeps the call's tensors alive until the job is done)."""
 
-    def __init__(self, handle, result, keep):
-        self._handle, self._result, self._keep = handle, result, keep
+    def __init__(self, handle, result):
+        self._handle, self._result = handle, result
 
     def wait(self):
-        ctx = self._handle.wait()
-        self._keep = None
-        return self._result(ctx)
+        return self._result(self._handle.wait())
 
 
 class ExpertKernel:
@@ -176,9 +174,9 @@ class ExpertKernel:
     def _lora_args(self, which):
         entry = self._lora[which]
         if entry is None:
-            return (0, 0, "f32", 0, 0.0)
+            return None
         A, B, scaling, rank = entry
-        return (A.data_ptr(), B.data_ptr(), _DTYPES[A.dtype], rank, scaling)
+        return _C.LoraFactors(A.data_ptr(), B.data_ptr(), _DTYPES[A.dtype], rank, scaling)
 
     # ------------------------------------------------------------------------------------------------ compute
     def _check_tokens(self, x, what="x"):
@@ -204,11 +202,11 @@ class ExpertKernel:
         ids = topk_ids.to("cpu", torch.int64).contiguous()
         weights = topk_weights.detach().to("cpu", torch.float32).contiguous()
         y = torch.empty_like(x)
+        keep = (x, ids, weights, y, self._lora)
         handle = self._layer.submit_forward(T, ids.shape[1], x.data_ptr(), _DTYPES[x.dtype], ids.data_ptr(),
                                             weights.data_ptr(), y.data_ptr(), bool(save_for_backward),
-                                            self._lora_args("gate_up"), self._lora_args("down"))
-        keep = (x, ids, weights, y, self._lora)
-        return _Pending(handle, lambda ctx: (y, _Context(ctx, x.dtype, keep) if ctx is not None else None), keep)
+                                            self._lora_args("gate_up"), self._lora_args("down"), keep)
+        return _Pending(handle, lambda ctx: (y, _Context(ctx, x.dtype, keep) if ctx is not None else None))
 
     def forward(self, x, topk_ids, topk_weights, save_for_backward: bool = False):
         return self.submit_forward(x, topk_ids, topk_weights, save_for_backward).wait()
@@ -244,8 +242,8 @@ class ExpertKernel:
         dx = torch.empty_like(dy)
         dw = torch.empty(ctx.tokens, ctx.top_k, dtype=torch.float32)
         handle = self._layer.submit_backward(ctx.handle, dy.data_ptr(), dx.data_ptr(), dw.data_ptr(), *ptrs,
-                                             accumulate=bool(accumulate))
-        return _Pending(handle, lambda _: (dx, dw), (ctx, dy, dx, dw, lora_grads))
+                                             accumulate=bool(accumulate), keep=(ctx, dy, dx, dw, lora_grads))
+        return _Pending(handle, lambda _: (dx, dw))
 
     def backward(self, ctx, dy, lora_grads=None, accumulate=True):
         return self.submit_backward(ctx, dy, lora_grads, accumulate).wait()

@@ -212,12 +212,12 @@ def test_outputs_are_fully_written(isa):
     kernel.set_lora(lora_gu, lora_dn)
     y = torch.full((T, H), float("nan"))
     handle = kernel._layer.submit_forward(T, k, x.data_ptr(), "f32", ids.data_ptr(), w.data_ptr(), y.data_ptr(),
-                                          True, kernel._lora_args("gate_up"), kernel._lora_args("down"))
+                                          True, kernel._lora_args("gate_up"), kernel._lora_args("down"), None)
     ctx = handle.wait()
     dx, dw = torch.full((T, H), float("nan")), torch.full((T, k), float("nan"))
     grads = {n: torch.zeros_like(g) for n, g in zip(("a", "b", "c", "d"), (*lora_gu[:2], *lora_dn[:2]))}
     kernel._layer.submit_backward(ctx, dy.data_ptr(), dx.data_ptr(), dw.data_ptr(),
-                                  *(g.data_ptr() for g in grads.values())).wait()
+                                  *(g.data_ptr() for g in grads.values()), True, None).wait()
     ref = reference_grads(x, ids, w, dy, weights, lora_gu, lora_dn)
     assert_close({"y": y, "dx": dx, "dw": dw}, {n: ref[n] for n in ("y", "dx", "dw")}, 1e-5)
 
