@@ -86,10 +86,11 @@ struct ForwardContext {
 
   int T = 0, k = 0;
   DType io = DType::f32;
-  LoraRef gu, dn;
+  PassLora lora;
   std::vector<int64_t> offsets;
   std::vector<int32_t> row_src, active;
   std::vector<float> row_weight;
+  Routing routing() const;  // the above as the core reads it
   std::unique_ptr<SavedActivations> saved;  // with save_for_backward; returns to `cache` with the context
   uint64_t forward_id = 0;                  // see Executor::lora_layout_of
   std::shared_ptr<ActivationCache> cache;
@@ -160,7 +161,7 @@ class MoELayer : public std::enable_shared_from_this<MoELayer> {
   friend class BackwardJob;
   [[noreturn]] void fail(const std::string& what) const { throw std::invalid_argument(name_ + ": " + what); }
   void check_lora(const LoraRef& l, const char* which) const;
-  Plan base_plan() const;
+  LayerConstants make_constants() const;
 
   std::string name_;
   int E_, H_, I_, Hp_, Ip_;
@@ -172,6 +173,7 @@ class MoELayer : public std::enable_shared_from_this<MoELayer> {
   ExpertActivation activation_;
   Buffer gu_bias_, d_bias_;  // padded copies of the biases
   size_t gu_stride_ = 0, d_stride_ = 0;
+  LayerConstants constants_;  // the above as the core reads them
 };
 
 }  // namespace kt
