@@ -212,6 +212,39 @@ PYBIND11_MODULE(_C, m) {
           py::arg("dn_A"), py::arg("dn_B"), py::arg("accumulate"), py::arg("keep"),
           "Start a backward; LoRA gradients are added into the fp32 buffers, or written over them; `keep` is held "
           "until it is done")
+      .def(
+          "packed_weights",
+          [](const MoELayer& L) {
+            const MoELayer::PackedWeights w = L.packed_weights();
+            const size_t es = L.compute() == DType::bf16 ? 2 : 4, E = L.experts();
+            auto entry = [](const void* p, size_t bytes) {
+              return py::make_tuple(reinterpret_cast<uintptr_t>(p), bytes);
+            };
+            py::dict out;
+            out["gate"] = entry(w.gate, E * w.gate_up_stride * es);
+            out["up"] = entry(w.up, E * w.gate_up_stride * es);
+            out["down"] = entry(w.down, E * w.down_stride * es);
+            return out;
+          },
+          "{'gate' | 'up' | 'down': (address, bytes)} of the forward's packed weights, read in place (valid while "
+          "the layer lives); packed_layout() says how to read them")
+      .def(
+          "packed_layout",
+          [](const MoELayer& L) {
+            const MoELayer::PackedWeights w = L.packed_weights();
+            py::dict out;
+            out["dtype"] = L.compute() == DType::bf16 ? "bf16" : "f32";
+            out["panel"] = kPanel;
+            out["pair"] = L.compute() == DType::bf16 ? 2 : 1;
+            out["Hp"] = L.padded_hidden();
+            out["Ip"] = L.padded_intermediate();
+            out["gate_up_stride"] = w.gate_up_stride;
+            out["down_stride"] = w.down_stride;
+            return out;
+          },
+          "How packed_weights() lie: per expert, gate and up are W[Ip][Hp] and down W[Hp][Ip] (zero padded), element "
+          "(n, k) at ((n // panel) * (Kp // pair) + k // pair) * panel * pair + (n % panel) * pair + k % pair; "
+          "experts gate_up_stride / down_stride elements apart")
       .def("export_weights", [](const MoELayer& L, uintptr_t gate_up, uintptr_t down) {
         without_gil([&] {
           L.export_weights(reinterpret_cast<void*>(gate_up), reinterpret_cast<void*>(down));

@@ -155,6 +155,19 @@ class MoELayer : public std::enable_shared_from_this<MoELayer> {
   // Reads the frozen weights back in the transformers layout (for saving a base checkpoint).
   void export_weights(void* gate_up, void* down) const;
 
+  // The forward's packed weights where they lie, for a reader that copies them elsewhere as they are (the streamed
+  // accelerator tier): per expert, gate and up as W[I][H] and down as W[H][I] in the panel layout of plan.h (N and K
+  // padded to Np, Kp), experts gate_up_stride / down_stride elements apart.
+  struct PackedWeights {
+    const void* gate;
+    const void* up;
+    const void* down;
+    size_t gate_up_stride, down_stride;  // elements per expert
+  };
+  PackedWeights packed_weights() const { return {wg_.data(), wu_.data(), wd_.data(), gu_stride_, d_stride_}; }
+  int padded_hidden() const { return Hp_; }
+  int padded_intermediate() const { return Ip_; }
+
  private:
   friend class LayerJob;
   friend class ForwardJob;

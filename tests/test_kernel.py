@@ -3,6 +3,7 @@
 Tolerances (relative L2): 1e-5 with fp32 weights, 1e-2 with bf16 weights. Inputs are fresh random draws (seeded
 from the test id plus a per-run random offset, printed on failure).
 """
+import ctypes
 import random
 
 import pytest
@@ -361,6 +362,37 @@ def test_export_weights_round_trip():
     weights, _, _ = random_layer(4, 40, 24, 0, 0, torch.bfloat16, 3)
     gate_up, down = ExpertKernel(*weights, threads=1).export_weights()
     assert torch.equal(gate_up, weights[0]) and torch.equal(down, weights[1])
+
+
+def packed_as_logical(address, nbytes, dtype, experts, Np, Kp, pair):
+    """W[E][Np][Kp] from a packed buffer read in place: the panel layout of plan.h is a regular tiling
+    [E][Np/16][Kp/pair][16][pair], so a view and a permute undo it."""
+    buf = (ctypes.c_char * nbytes).from_address(address)
+    packed = torch.frombuffer(buf, dtype=dtype).view(experts, Np // 16, Kp // pair, 16, pair)
+    return packed.permute(0, 1, 3, 2, 4).reshape(experts, Np, Kp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backward_weights", ["transpose", "copy"])
+def test_packed_weights_rebuild_the_weights(dtype, backward_weights):
+    """The streamed accelerator tier copies the packed buffers as they lie and recovers W[N][K] with a permute:
+    every expert's gate, up and down come back exactly, and the padding is zeros."""
+    E, H, I = 3, 72, 40  # neither a multiple of 32: padded on both sides
+    (gate_up, down), _, _ = random_layer(E, H, I, 0, 0, dtype, seed("packed", dtype))
+    kernel = ExpertKernel(gate_up, down, threads=2, backward_weights=backward_weights)
+    layout, buffers = kernel._layer.packed_layout(), kernel._layer.packed_weights()
+    pair = 2 if dtype == torch.bfloat16 else 1
+    assert layout == {"dtype": {torch.bfloat16: "bf16", torch.float32: "f32"}[dtype], "panel": 16, "pair": pair,
+                      "Hp": 96, "Ip": 64, "gate_up_stride": 64 * 96, "down_stride": 96 * 64}
+    expected = {"gate": gate_up[:, :I], "up": gate_up[:, I:], "down": down}
+    for name, (address, nbytes) in buffers.items():
+        N, K = expected[name].shape[1:]
+        Np, Kp = (layout["Hp"], layout["Ip"]) if name == "down" else (layout["Ip"], layout["Hp"])
+        stride = layout["down_stride" if name == "down" else "gate_up_stride"]
+        assert nbytes == E * stride * dtype.itemsize and stride == Np * Kp
+        W = packed_as_logical(address, nbytes, dtype, E, Np, Kp, layout["pair"])
+        assert torch.equal(W[:, :N, :K], expected[name]), name
+        assert not W[:, N:].any() and not W[:, :, K:].any(), f"{name}: padding is not zero"
 
 
 # ------------------------------------------------------------------------------------------------ bad input
