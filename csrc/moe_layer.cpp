@@ -4,6 +4,7 @@
 #include <map>
 #include <mutex>
 
+#include <pthread.h>
 #include <sys/mman.h>
 
 #if defined(__x86_64__)
@@ -92,6 +93,17 @@ static void for_each_executor(F&& f) {
     if (auto exec = slot.lock()) f(*exec);
 }
 
+// The registry's mutex is held across fork(), so that a child (which makes executors of its own: the parent's threads
+// are not there) never inherits it locked. A pool may be made or dropped under it, so it is taken before the pools'
+// (thread_pool.cpp): fork() runs the prepare handlers last registered first, and this one registers after the first
+// pool has.
+static void hold_executors_across_fork() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    pthread_atfork([] { g_executors_mu.lock(); }, [] { g_executors_mu.unlock(); }, [] { g_executors_mu.unlock(); });
+  });
+}
+
 std::shared_ptr<Executor> shared_executor(int threads) {
   std::lock_guard<std::mutex> lock(g_executors_mu);
   auto& slot = g_executors[threads];
@@ -100,6 +112,7 @@ std::shared_ptr<Executor> shared_executor(int threads) {
     exec = std::make_shared<Executor>(threads);
     slot = exec;
   }
+  hold_executors_across_fork();
   return exec;
 }
 
