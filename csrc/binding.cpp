@@ -85,7 +85,7 @@ class Pending {
         py::error_already_set interrupt;  // takes the Python error out of the interpreter until rethrown
         job_->cancel();
         without_gil([this] {
-          while (!job_->wait_for(kSignalPoll)) {
+          while (!job_->wait_for(kSignalPoll)) {  // until the workers have left it (its error: the cancel)
           }
           return 0;
         });

@@ -15,12 +15,13 @@
 
 namespace kt {
 
+namespace {
+// The error of a pool, or of a job submitted to one, in a child process forked after the pool's threads started.
 const char* const kForkedPoolMessage =
     "kt_patch: the CPU kernel's thread pool does not survive fork(): this process is a fork of one whose kernel "
     "threads had started, and they do not exist here. Use the 'spawn' (or 'forkserver') multiprocessing start "
     "method, or create the kernel in the child";
 
-namespace {
 std::atomic<bool> g_profiling{false};
 std::mutex g_profile_mu;
 std::map<std::string, std::pair<double, long>> g_profile;

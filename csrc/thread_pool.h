@@ -64,9 +64,6 @@ void set_profiling(bool on);
 bool profiling_enabled();
 std::vector<PhaseTime> profile(bool reset);
 
-// The message of the error a pool gives in a child process forked after its threads started.
-extern const char* const kForkedPoolMessage;
-
 class ThreadPool {
  public:
   explicit ThreadPool(int threads);
