@@ -1,7 +1,8 @@
-// Plain data shared by the ISA-neutral orchestration (moe_layer.cpp) and the ISA backends: element types and the
-// "plan" of one forward or backward pass, as raw pointers. Backend translation units include this, so everything
-// here is either a POD or has internal linkage: a function compiled with AVX-512 flags must never be picked by the
-// linker for a caller on a CPU without it.
+// Plain data shared by the ISA-neutral orchestration (moe_layer.cpp) and the ISA backends: element types, the
+// "plan" of one forward or backward pass as raw pointers, and the Backend table through which the orchestration
+// calls a backend's core (its passes as phase tables, its packing, its memory sizes). Backend translation units
+// include this, so everything here is either a POD or has internal linkage: a function compiled with AVX-512 flags
+// must never be picked by the linker for a caller on a CPU without it.
 #pragma once
 
 #include <algorithm>  // also for the numeric core, which backends include inside an anonymous namespace
