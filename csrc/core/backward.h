@@ -19,8 +19,8 @@ constexpr int kRowsPerMadd = kPairedRows<T> ? 2 : 1;
 // Q entries of a group of rows side by side and the groups ld apart. The rows' lines are prefetched kAhead rows
 // ahead: rows a page or more apart are too many streams for the hardware prefetcher.
 template <int J, int NC, class T>
-void outer_grad_block(const OuterT<T>* scaled, int ld, const T* rows, size_t ldrows, int count, int nj, int ni,
-                      float* grad, size_t gj, bool add) {
+inline void outer_grad_block(const OuterT<T>* scaled, int ld, const T* rows, size_t ldrows, int count, int nj, int ni,
+                             float* grad, size_t gj, bool add) {
   using Outer = OuterT<T>;
   constexpr int Q = kRowsPerMadd<T>, kAhead = 16;
   typename Ops::V sum[J][NC];
@@ -71,8 +71,8 @@ void outer_grad_block(const OuterT<T>* scaled, int ld, const T* rows, size_t ldr
 // one panel row; the rank blocks follow each other, so the rows' line is read from memory once. Rows are read in
 // whole vectors (rows are padded past n to a multiple of kPad); only the n columns are written.
 template <class T>
-void outer_grad(const float* coef, int ldcoef, const float* row_scale, const T* rows, size_t ldrows,
-                int count, int rank, int n, float scale, float* grad, size_t gj, bool acc) {
+inline void outer_grad(const float* coef, int ldcoef, const float* row_scale, const T* rows, size_t ldrows,
+                       int count, int rank, int n, float scale, float* grad, size_t gj, bool acc) {
   using Outer = OuterT<T>;
   constexpr int Q = kRowsPerMadd<T>;
   constexpr int J = 4 * Ops::NV, NC = Ops::NV, kScaled = 4096, kGroup = 64;  // kGroup: ranks per pass, J | kGroup
@@ -102,7 +102,7 @@ void outer_grad(const float* coef, int ldcoef, const float* row_scale, const T* 
 inline size_t bwd_lora_layout_items(const Plan& p) { return p.lora_layout_ready ? 0 : lora_layout_items(p); }
 
 template <class T>
-void bwd_gather(const Plan& p, size_t item, int worker) {
+inline void bwd_gather(const Plan& p, size_t item, int worker) {
   const Rows rows = expert_item(p, item);
   T* dY = static_cast<T*>(p.dY);
   gather_rows(p, p.dy, rows, dY);
@@ -133,8 +133,8 @@ inline bool transposes_as_used(bool copy, int count) {
 // while it is in cache: dG and dU, and the block's share of dw (<dZ', Z> of the row, summed by the lora_grads
 // phase).
 template <class T>
-void activation_backward(const Plan& p, const float* c, int ld, size_t row, int m, int block, int c0,
-                         int ncols) {
+inline void activation_backward(const Plan& p, const float* c, int ld, size_t row, int m, int block, int c0,
+                                int ncols) {
   const T* Z = static_cast<const T*>(p.Z);
   const T* zg = static_cast<const T*>(p.dz_dg);
   const T* zu = static_cast<const T*>(p.dz_du);
@@ -156,7 +156,7 @@ void activation_backward(const Plan& p, const float* c, int ld, size_t row, int 
 
 inline size_t bwd_down_items(const Plan& p) { return expert_block_items(p, p.Ip); }
 template <class T>
-void bwd_down(const Plan& p, size_t item, int worker) {
+inline void bwd_down(const Plan& p, size_t item, int worker) {
   const auto [rows, block] = block_item(p, item, p.Ip);
   const int c0 = block * p.col_block, ncols = imin(p.col_block, p.Ip - c0), nblocks = ncols / kPanel;
   const T* wd = w_ptr<T>(p.wd, p.w_d_stride, rows.e);
@@ -186,7 +186,7 @@ void bwd_down(const Plan& p, size_t item, int worker) {
 }
 
 template <class T>
-void bwd_lora_grads(const Plan& p, size_t item, int worker) {
+inline void bwd_lora_grads(const Plan& p, size_t item, int worker) {
   const Rows rows = expert_item(p, item);
   const T* Z = static_cast<const T*>(p.Z);
   const T* dG = static_cast<const T*>(p.dG);
@@ -252,7 +252,7 @@ void bwd_lora_grads(const Plan& p, size_t item, int worker) {
 
 inline size_t bwd_gate_up_items(const Plan& p) { return expert_block_items(p, p.Hp); }
 template <class T>
-void bwd_gate_up(const Plan& p, size_t item, int worker) {
+inline void bwd_gate_up(const Plan& p, size_t item, int worker) {
   const auto [rows, block] = block_item(p, item, p.Hp);
   const int c0 = block * p.col_block, ncols = imin(p.col_block, p.Hp - c0), nblocks = ncols / kPanel;
   const size_t pstride = static_cast<size_t>(p.Ip) * kPanel;
@@ -293,7 +293,7 @@ void bwd_gate_up(const Plan& p, size_t item, int worker) {
 }
 
 template <class T>
-void bwd_sum_slots(const Plan& p, size_t item, int worker) {
+inline void bwd_sum_slots(const Plan& p, size_t item, int worker) {
   reduce_slots<T>(p, item, p.dx, worker);
 }
 

@@ -20,7 +20,7 @@ inline float fast_exp(float x) {
 }
 
 template <class T>
-void fwd_gather(const Plan& p, size_t item, int worker) {
+inline void fwd_gather(const Plan& p, size_t item, int worker) {
   const Rows rows = expert_item(p, item);
   T* X = static_cast<T*>(p.X);
   gather_rows(p, p.x, rows, X);
@@ -46,7 +46,7 @@ void fwd_gather(const Plan& p, size_t item, int worker) {
 
 inline size_t fwd_gate_up_items(const Plan& p) { return expert_block_items(p, p.Ip); }
 template <class T>
-void fwd_gate_up(const Plan& p, size_t item, int worker) {
+inline void fwd_gate_up(const Plan& p, size_t item, int worker) {
   const auto [rows, block] = block_item(p, item, p.Ip);
   const int c0 = block * p.col_block, ncols = imin(p.col_block, p.Ip - c0), nblocks = ncols / kPanel;
   const size_t wstride = static_cast<size_t>(p.Hp) * kPanel;
@@ -115,7 +115,7 @@ void fwd_gate_up(const Plan& p, size_t item, int worker) {
 
 inline size_t fwd_down_lora_items(const Plan& p) { return p.dn.rank ? expert_items(p) : 0; }
 template <class T>
-void fwd_down_lora(const Plan& p, size_t item, int worker) {
+inline void fwd_down_lora(const Plan& p, size_t item, int worker) {
   const Rows rows = expert_item(p, item);
   const int r2 = p.dn.rank, e = rows.e;
   T* pkA = scratch_T<T>(p, worker);
@@ -133,7 +133,7 @@ void fwd_down_lora(const Plan& p, size_t item, int worker) {
 
 inline size_t fwd_down_items(const Plan& p) { return expert_block_items(p, p.Hp); }
 template <class T>
-void fwd_down(const Plan& p, size_t item, int worker) {
+inline void fwd_down(const Plan& p, size_t item, int worker) {
   const auto [rows, block] = block_item(p, item, p.Hp);
   const int c0 = block * p.col_block, ncols = imin(p.col_block, p.Hp - c0), nblocks = ncols / kPanel;
   const size_t wstride = static_cast<size_t>(p.Ip) * kPanel;
@@ -165,7 +165,7 @@ void fwd_down(const Plan& p, size_t item, int worker) {
 }
 
 template <class T>
-void fwd_sum_slots(const Plan& p, size_t item, int worker) {
+inline void fwd_sum_slots(const Plan& p, size_t item, int worker) {
   reduce_slots<T>(p, item, p.y, worker);
 }
 

@@ -9,8 +9,8 @@ constexpr int kStreamAhead = 16;  // k-pairs (cache lines of a panel) a streamin
 // C[M][16*nblocks] (+)= A[M][K] * B, B packed with K (a multiple of 16) rows per panel; bstride = elements from
 // one 16-column panel to the next. pf (or null): panels to prefetch into L2 meanwhile, one line per panel and step.
 template <int M, int NV, class T>
-void micro(const T* A, size_t lda, const T* B, size_t bstride, int kpairs, float* C, size_t ldc, bool acc,
-           const T* pf) {
+inline void micro(const T* A, size_t lda, const T* B, size_t bstride, int kpairs, float* C, size_t ldc, bool acc,
+                  const T* pf) {
   constexpr int P = Elem<T>::P;
   typename Ops::V c[M][NV];
 #pragma GCC unroll 16
@@ -39,7 +39,7 @@ void micro(const T* A, size_t lda, const T* B, size_t bstride, int kpairs, float
 // f(std::integral_constant<int, n>{}) for the run-time n in 1 .. N: register-blocked kernels are instantiated for
 // every block size they may meet.
 template <int N, class F>
-void with_size(int n, F&& f) {
+inline void with_size(int n, F&& f) {
   if constexpr (N > 0) {
     if (n == N) return f(std::integral_constant<int, N>{});
     with_size<N - 1>(n, f);
@@ -47,8 +47,8 @@ void with_size(int n, F&& f) {
 }
 
 template <class T>
-void gemm(const T* A, size_t lda, int M, int K, const T* B, size_t bstride, int nblocks, float* C,
-          size_t ldc, bool acc) {
+inline void gemm(const T* A, size_t lda, int M, int K, const T* B, size_t bstride, int nblocks, float* C,
+                 size_t ldc, bool acc) {
   constexpr int P = Elem<T>::P;
   const int kpairs = K / P;
   // A backend with matrix tiles computes the rows it takes; the vector micro-kernel does the rest.
@@ -73,8 +73,8 @@ void gemm(const T* A, size_t lda, int M, int K, const T* B, size_t bstride, int 
 }
 
 template <int M, int NV, class T>
-void micro_transposed(const T* const* A, const T* const* W, int sources, size_t lda, int Np, int Kp, int k0,
-                      float* C, size_t ldc) {
+inline void micro_transposed(const T* const* A, const T* const* W, int sources, size_t lda, int Np, int Kp, int k0,
+                             float* C, size_t ldc) {
   constexpr int P = Elem<T>::P;
   const size_t wstride = static_cast<size_t>(Kp) * kPanel;
   typename Ops::V c[M][NV];
@@ -107,8 +107,8 @@ void micro_transposed(const T* const* A, const T* const* W, int sources, size_t 
 // The backward's product with transposed weights for at most Ops::MR rows: C[M][16 nblocks] = sum_s A_s W_s^T,
 // columns c0 .. of the W_s (one or two sources, accumulated).
 template <class T>
-void gemm_transposed(const T* const* A, const T* const* W, int sources, size_t lda, int M, int Np, int Kp,
-                     int c0, int nblocks, float* C, size_t ldc) {
+inline void gemm_transposed(const T* const* A, const T* const* W, int sources, size_t lda, int M, int Np, int Kp,
+                            int c0, int nblocks, float* C, size_t ldc) {
   for (int nb = 0; nb < nblocks; nb += Ops::NV)
     with_size<Ops::NV>(imin(Ops::NV, nblocks - nb), [&](auto v) {
       with_size<Ops::MR>(M, [&](auto rows) {

@@ -49,7 +49,7 @@ inline LoraBlock lora_block(const Plan& p, size_t item) {
 // Bt[e][j][g.to + i] = B[g.first + i * g.step][j*E + e] for the rows of one block. The tiles go through L1 so that
 // each expert's entries from both groups are stored back to back: its whole 64-byte run in one go.
 template <class S>
-void copy_b_block(const LoraBlock& b, const S* B, int E, float* Bt) {
+inline void copy_b_block(const LoraBlock& b, const S* B, int E, float* Bt) {
   const size_t cols = static_cast<size_t>(E) * b.rank;
   for (int j = 0; j < b.rank; ++j)
     for (int e0 = 0; e0 < E; e0 += 8) {

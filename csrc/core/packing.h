@@ -15,7 +15,7 @@ inline void transpose_tile(const float* src, size_t ls, int rows, int cols, floa
 
 // Element (n, k) of a panel-packed [Np][Kp] matrix.
 template <class T>
-size_t packed_index(int n, int k, int Kp) {
+inline size_t packed_index(int n, int k, int Kp) {
   constexpr int P = Elem<T>::P;
   return (static_cast<size_t>(n / kPanel) * (Kp / P) + k / P) * kPanel * P + (n % kPanel) * P + k % P;
 }
@@ -23,7 +23,7 @@ size_t packed_index(int n, int k, int Kp) {
 // For bf16 the panel rows are 32-bit words, one (k, k + 1) pair of one n each: with rows of the source contiguous
 // along k, 8 rows x 8 pairs are an 8 x 8 transpose of words.
 template <class S, class T>
-void pack_pairs_from_rows(const S* src, ptrdiff_t sn, int N, int K, int Kp, T* dst) {
+inline void pack_pairs_from_rows(const S* src, ptrdiff_t sn, int N, int K, int Kp, T* dst) {
   const int kpairs = (K + 1) / 2;
   for (int n0 = 0; n0 < N; n0 += 8) {
     const int nn = imin(8, N - n0);
@@ -49,7 +49,7 @@ void pack_pairs_from_rows(const S* src, ptrdiff_t sn, int N, int K, int Kp, T* d
 
 // The other bf16 case: each word interleaves two source rows k, k + 1, walked along n (contiguous when sn == 1).
 template <class S, class T>
-void pack_pairs_from_columns(const S* src, ptrdiff_t sn, ptrdiff_t sk, int N, int K, int Kp, T* dst) {
+inline void pack_pairs_from_columns(const S* src, ptrdiff_t sn, ptrdiff_t sk, int N, int K, int Kp, T* dst) {
   for (int n0 = 0; n0 < N; n0 += kPanel) {
     const int nn = imin(kPanel, N - n0);
     for (int k = 0; k < K; k += 2) {
@@ -71,7 +71,7 @@ void pack_pairs_from_columns(const S* src, ptrdiff_t sn, ptrdiff_t sk, int N, in
 // Loops walk the source along its contiguous dimension: walking 16 rows at once, as the panel order would,
 // touches rows a power of two apart, which share one cache set (bf16 walks 8, within an L1 set's 8 or more ways).
 template <class S, class T>
-void pack_from(const S* src, ptrdiff_t sn, ptrdiff_t sk, int N, int K, T* dst) {
+inline void pack_from(const S* src, ptrdiff_t sn, ptrdiff_t sk, int N, int K, T* dst) {
   constexpr int P = Elem<T>::P;
   const int Kp = static_cast<int>(round_up(K, kPad));
   std::memset(dst, 0, sizeof(T) * packed_size(N, K));  // the padding
@@ -97,7 +97,7 @@ void pack_from(const S* src, ptrdiff_t sn, ptrdiff_t sk, int N, int K, T* dst) {
 }
 
 template <class T>
-void pack(const void* src, DType st, ptrdiff_t sn, ptrdiff_t sk, int N, int K, T* dst) {
+inline void pack(const void* src, DType st, ptrdiff_t sn, ptrdiff_t sk, int N, int K, T* dst) {
   if (st == DType::bf16)
     pack_from(static_cast<const bf16*>(src), sn, sk, N, K, dst);
   else
@@ -107,7 +107,7 @@ void pack(const void* src, DType st, ptrdiff_t sn, ptrdiff_t sk, int N, int K, T
 // The blocks columns x 16 rows that panel nb + 4 of W (of npanels, wstride elements apart) holds at base's
 // columns, into the cache ahead of their use.
 template <class T>
-void prefetch_ahead(const T* base, int nb, int npanels, size_t wstride, int blocks) {
+inline void prefetch_ahead(const T* base, int nb, int npanels, size_t wstride, int blocks) {
   constexpr int kAhead = 4;
   if (nb + kAhead >= npanels) return;
   const char* ahead = reinterpret_cast<const char*>(base + (nb + kAhead) * wstride);
@@ -117,7 +117,7 @@ void prefetch_ahead(const T* base, int nb, int npanels, size_t wstride, int bloc
 
 // 16 rows of W (one panel) x 16 of its columns (src), transposed into the 16 x 16 block of W^T's panel at out.
 template <class T>
-void transposed_block(const T* src, T* out) {
+inline void transposed_block(const T* src, T* out) {
   constexpr int P = Elem<T>::P;
   if constexpr (P == 2) {
     const uint64_t* s = reinterpret_cast<const uint64_t*>(src);
@@ -141,7 +141,7 @@ void transposed_block(const T* src, T* out) {
 // of such words. The walk goes down W's panels, each time reading the 16 nblocks contiguous bytes of the columns
 // and prefetching those a few panels ahead: the runs are short and far apart, too far for the hardware prefetcher.
 template <class T>
-void pack_transposed_panels(const T* W, int Np, int Kp, int k0, int nblocks, size_t pstride, T* dst) {
+inline void pack_transposed_panels(const T* W, int Np, int Kp, int k0, int nblocks, size_t pstride, T* dst) {
   const size_t wstride = static_cast<size_t>(Kp) * kPanel;  // elements from one panel of W to the next
   const T* base = W + static_cast<size_t>(k0) * kPanel;
   for (int nb = 0; nb < Np / kPanel; ++nb) {

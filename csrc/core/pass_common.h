@@ -36,7 +36,7 @@ inline size_t token_block_items(const Plan& p) { return (static_cast<size_t>(p.T
 
 // ------------------------------------------------------------------------------------------- memory
 template <class T>
-const T* w_ptr(const void* base, size_t stride, int e) { return static_cast<const T*>(base) + e * stride; }
+inline const T* w_ptr(const void* base, size_t stride, int e) { return static_cast<const T*>(base) + e * stride; }
 inline size_t elem_offset(DType dt, size_t n) { return n * (dt == DType::bf16 ? 2 : 4); }
 
 // Expert e's packed LoRA operands, made by the per-expert phases for the column-block phases after them: forward
@@ -47,22 +47,22 @@ inline size_t lora_operand_elems(const Plan& p) {
                    static_cast<size_t>(p.Ip) * p.r2p, static_cast<size_t>(p.Hp) * p.r1p});
 }
 template <class T>
-T* lora_pk(const Plan& p, int e) { return static_cast<T*>(p.lora_pk) + e * p.lora_pk_stride; }
+inline T* lora_pk(const Plan& p, int e) { return static_cast<T*>(p.lora_pk) + e * p.lora_pk_stride; }
 
 // Each worker's scratch: an area of T, for the operands an item packs (scratch_T), then an fp32 area for its GEMM
 // outputs and sums (scratch_f32, after the packed operands it skips).
 template <class T>
-T* scratch_T(const Plan& p, int worker) {
+inline T* scratch_T(const Plan& p, int worker) {
   return reinterpret_cast<T*>(p.scratch + static_cast<size_t>(worker) * p.scratch_bytes);
 }
 template <class T>
-float* scratch_f32(const Plan& p, int worker, size_t skip_T) {
+inline float* scratch_f32(const Plan& p, int worker, size_t skip_T) {
   return reinterpret_cast<float*>(p.scratch + static_cast<size_t>(worker) * p.scratch_bytes +
                                   round_up(skip_T * sizeof(T), 64));
 }
 // The bytes scratch_T and scratch_f32 reach over every item of both passes, for a plan's sizes and LoRA ranks.
 template <class T>
-size_t scratch_bytes(const Plan& p) {
+inline size_t scratch_bytes(const Plan& p) {
   const size_t Hp = p.Hp, Ip = p.Ip, r1p = p.r1p, r2p = p.r2p, cb = p.col_block;
   const size_t packed = std::max({
       r1p * Hp,     // forward gather: Agu
@@ -82,7 +82,7 @@ size_t scratch_bytes(const Plan& p) {
 // The reduction depth of a product with a scaled LoRA intermediate (rank values of rp, the rest zeros): the vector
 // micro-kernel needs whole k-pairs only (rank 8 padded to 32 would be 4x the multiply-adds), a tile unit 32-deep steps.
 template <class T>
-int lora_depth(int rank, int rp) {
+inline int lora_depth(int rank, int rp) {
   constexpr int P = Elem<T>::P;
   return Ops::kTilesTakeAllRows && P == 2 ? rp : static_cast<int>(round_up(rank, P));
 }
@@ -90,7 +90,7 @@ int lora_depth(int rank, int rp) {
 // sum_i a[i] b[i] for n a multiple of 16, in 16 partial sums: a reduction the compiler vectorises without
 // reassociating.
 template <class T>
-float dot(const float* a, const T* b, int n) {
+inline float dot(const float* a, const T* b, int n) {
   float lanes[kPanel] = {};
   for (int i = 0; i < n; i += kPanel)
     for (int l = 0; l < kPanel; ++l) lanes[l] += a[i + l] * Elem<T>::to(b[i + l]);
@@ -101,14 +101,14 @@ float dot(const float* a, const T* b, int n) {
 
 // dst[r][0:rp] = T(scale * src[r][0:rank]), zero padded: the scaled LoRA intermediate as a GEMM operand.
 template <class T>
-void scale_rows(const float* src, int rows, int rank, int rp, float scale, T* dst) {
+inline void scale_rows(const float* src, int rows, int rank, int rp, float scale, T* dst) {
   for (int r = 0; r < rows; ++r)
     for (int j = 0; j < rp; ++j) dst[r * rp + j] = Elem<T>::from(j < rank ? scale * src[r * rp + j] : 0.f);
 }
 
 // Gather rows of an io tensor [T][H] for slots row_src into dst [rows][Hp] (zero padded).
 template <class T>
-void gather_rows(const Plan& p, const void* src, const Rows& rows, T* dst) {
+inline void gather_rows(const Plan& p, const void* src, const Rows& rows, T* dst) {
   constexpr int P = Elem<T>::P;
   for (int r = 0; r < rows.count; ++r) {
     const size_t t = static_cast<size_t>(p.row_src[rows.begin + r] / p.k);
@@ -124,7 +124,7 @@ void gather_rows(const Plan& p, const void* src, const Rows& rows, T* dst) {
 
 // out[t] = sum_j rows_out[t*k + j] for one block of 16 tokens.
 template <class T>
-void reduce_slots(const Plan& p, size_t block, void* out, int worker) {
+inline void reduce_slots(const Plan& p, size_t block, void* out, int worker) {
   const int t0 = static_cast<int>(block) * 16, t1 = imin(p.T, t0 + 16);
   float* acc = scratch_f32<T>(p, worker, 0);
   for (int t = t0; t < t1; ++t) {
