@@ -86,11 +86,12 @@ struct ForwardContext {
 
   int T = 0, k = 0;
   DType io = DType::f32;
-  LoraRef gu, dn;
+  PassLora lora;
   std::vector<int64_t> offsets;
   std::vector<int32_t> row_src, active;
   std::vector<uint8_t> slot_present;  // [T*k] when some slot was skipped (id -1), else empty
   std::vector<float> row_weight;
+  Routing routing() const;  // the above as the core reads it
   std::unique_ptr<SavedActivations> saved;  // with save_for_backward; returns to `cache` with the context
   uint64_t forward_id = 0;                  // see Executor::lora_layout_of
   std::shared_ptr<ActivationCache> cache;
@@ -153,20 +154,22 @@ class MoELayer : public std::enable_shared_from_this<MoELayer> {
   size_t weight_bytes() const;  // both copies when the backward has its own
   static size_t dtype_size(DType d) { return d == DType::bf16 ? 2 : 4; }
 
-  // The forward's packed weights, per expert gate [I][H], up [I][H], down [H][I] in the panel layout of plan.h,
-  // for an accelerator that streams them from host memory (this memory, registered as pinned: no second copy).
-  struct PackedMatrix {
-    const void* data;
-    size_t bytes;
-  };
-  PackedMatrix packed_gate() const { return {wg_.data(), E_ * gu_stride_ * dtype_size(compute_)}; }
-  PackedMatrix packed_up() const { return {wu_.data(), E_ * gu_stride_ * dtype_size(compute_)}; }
-  PackedMatrix packed_down() const { return {wd_.data(), E_ * d_stride_ * dtype_size(compute_)}; }
-  int padded_hidden() const { return Hp_; }
-  int padded_intermediate() const { return Ip_; }
-
   // Reads the frozen weights back in the transformers layout (for saving a base checkpoint).
   void export_weights(void* gate_up, void* down) const;
+
+  // The forward's packed weights where they lie, for a reader that copies them elsewhere as they are (the streamed
+  // accelerator tier, which registers this memory as pinned: no second host copy): per expert, gate and up as W[I][H]
+  // and down as W[H][I] in the panel layout of plan.h (N and K padded to Np, Kp), experts gate_up_stride /
+  // down_stride elements apart.
+  struct PackedWeights {
+    const void* gate;
+    const void* up;
+    const void* down;
+    size_t gate_up_stride, down_stride;  // elements per expert
+  };
+  PackedWeights packed_weights() const { return {wg_.data(), wu_.data(), wd_.data(), gu_stride_, d_stride_}; }
+  int padded_hidden() const { return Hp_; }
+  int padded_intermediate() const { return Ip_; }
 
  private:
   friend class LayerJob;
@@ -174,7 +177,7 @@ class MoELayer : public std::enable_shared_from_this<MoELayer> {
   friend class BackwardJob;
   [[noreturn]] void fail(const std::string& what) const { throw std::invalid_argument(name_ + ": " + what); }
   void check_lora(const LoraRef& l, const char* which) const;
-  Plan base_plan() const;
+  LayerConstants make_constants() const;
 
   std::string name_;
   int E_, H_, I_, Hp_, Ip_;
@@ -186,6 +189,7 @@ class MoELayer : public std::enable_shared_from_this<MoELayer> {
   ExpertActivation activation_;
   Buffer gu_bias_, d_bias_;  // padded copies of the biases
   size_t gu_stride_ = 0, d_stride_ = 0;
+  LayerConstants constants_;  // the above as the core reads them
 };
 
 }  // namespace kt

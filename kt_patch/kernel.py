@@ -209,7 +209,7 @@ class ExpertKernel:
         The packed layout (csrc/plan.h) stores element (n, k) at ``((n/16)*(Kp/P) + k/P)*16*P + (n%16)*P + k%P``: a
         view [N/16, Kp/P, 16, P] whose middle axes swap."""
         layout = self._layer.packed_layout()
-        Hp, Ip, panel, pair = layout["hidden"], layout["intermediate"], layout["panel"], layout["pair"]
+        Hp, Ip, panel, pair = layout["Hp"], layout["Ip"], layout["panel"], layout["pair"]
         (Np, Kp), (N, K) = ((Ip, Hp), (self.intermediate_size, self.hidden_size)) if matrix != "down" else \
             ((Hp, Ip), (self.hidden_size, self.intermediate_size))
         tiles = rows.view(-1, Np // panel, Kp // pair, panel, pair).permute(0, 1, 3, 2, 4)
