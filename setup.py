@@ -72,7 +72,7 @@ class BuildPy(build_py):
 # One compiler process per core (NPY_NUM_BUILD_JOBS=N overrides, the variable numpy's builds read): every source,
 # each ISA backend included, is an independent translation unit.
 ParallelCompile("NPY_NUM_BUILD_JOBS").install()
-sources = ["csrc/binding.cpp", "csrc/moe_layer.cpp", "csrc/thread_pool.cpp", "csrc/backends/scalar.cpp",
+sources = ["csrc/binding.cpp", "csrc/moe_layer.cpp", "csrc/thread_pool.cpp", "csrc/shared_weights.cpp", "csrc/backends/scalar.cpp",
            *BACKEND_FLAGS]
 headers = sorted(glob.glob("csrc/**/*.h", recursive=True))  # a change to any rebuilds the extension
 setup(

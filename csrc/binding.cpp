@@ -149,11 +149,15 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("rank", &LoraRef::rank)
       .def_readonly("scaling", &LoraRef::scaling);
 
+  m.def("remove_stale_shared_weights", &SharedSegment::remove_stale, py::arg("prefix"),
+        "Remove /dev/shm segments of this prefix whose creator exited (this user, this pid namespace); how many");
+
   py::class_<MoELayer, std::shared_ptr<MoELayer>>(m, "MoELayer")
       .def(py::init([](const std::string& name, int E, int H, int I, uintptr_t gate_up, uintptr_t down,
                        const std::string& dtype, const std::string& isa, int threads, const std::string& activation,
                        float alpha, float limit, uintptr_t gate_up_bias, uintptr_t down_bias,
-                       bool gate_up_lora_interleaved, bool backward_copy) {
+                       bool gate_up_lora_interleaved, bool backward_copy, const std::string& shared_name,
+                       bool shared_create, int shared_ranks, double shared_timeout) {
              const DType weight_dtype = parse_dtype(dtype);
              ExpertActivation act;
              if (activation == "gpt_oss_swiglu")
@@ -165,15 +169,22 @@ PYBIND11_MODULE(_C, m) {
              act.gate_up_bias = ptr<float>(gate_up_bias);
              act.down_bias = ptr<float>(down_bias);
              act.gate_up_lora_interleaved = gate_up_lora_interleaved;
+             const SharedSpec shared{shared_name, shared_create, shared_ranks, shared_timeout};
              return without_gil([&] {
                return std::make_shared<MoELayer>(name, E, H, I, ptr<void>(gate_up), ptr<void>(down), weight_dtype,
-                                                 isa, threads, act, backward_copy);
+                                                 isa, threads, act, backward_copy, shared);
              });
            }),
            py::arg("name"), py::arg("experts"), py::arg("hidden"), py::arg("intermediate"), py::arg("gate_up"),
            py::arg("down"), py::arg("dtype"), py::arg("isa"), py::arg("threads"), py::arg("activation") = "swiglu",
            py::arg("alpha") = 0.f, py::arg("limit") = 0.f, py::arg("gate_up_bias") = 0, py::arg("down_bias") = 0,
-           py::arg("gate_up_lora_interleaved") = false, py::arg("backward_copy") = false)
+           py::arg("gate_up_lora_interleaved") = false, py::arg("backward_copy") = false,
+           py::arg("shared_name") = "", py::arg("shared_create") = false, py::arg("shared_ranks") = 1,
+           py::arg("shared_timeout") = 600.0)
+      .def_property_readonly("shared_name", &MoELayer::shared_name,
+                             "the /dev/shm segment (name) holding the packed weights for every local rank, or ''")
+      .def_property_readonly("weights_read_only", &MoELayer::weights_read_only,
+                             "whether the packed weights are another process's segment, mapped read-only")
       .def_property_readonly("isa", &MoELayer::isa)
       .def_property_readonly("threads", &MoELayer::threads)
       .def_property_readonly("weight_bytes", &MoELayer::weight_bytes)

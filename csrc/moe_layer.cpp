@@ -64,6 +64,15 @@ size_t dtype_size(DType d) { return MoELayer::dtype_size(d); }
 
 std::atomic<int64_t> g_live_contexts{0};
 
+// What a shared segment's packed weights depend on: shapes, dtype, copies and the packing (plan.h's panel layout).
+uint64_t shared_weights_fingerprint(int E, int H, int I, DType dtype, int copies) {
+  uint64_t h = 1469598103934665603ull;  // FNV-1a over the fields
+  for (uint64_t v : {uint64_t(E), uint64_t(H), uint64_t(I), uint64_t(dtype == DType::bf16), uint64_t(copies),
+                     uint64_t(kPanel), uint64_t(kPad)})
+    for (int b = 0; b < 8; ++b) h = (h ^ ((v >> (8 * b)) & 0xff)) * 1099511628211ull;
+  return h;
+}
+
 }  // namespace
 
 std::vector<std::string> supported_isas() {
@@ -127,7 +136,7 @@ void* Buffer::reserve(size_t bytes) {
 #if defined(MADV_HUGEPAGE)
     if (huge) madvise(p, size, MADV_HUGEPAGE);  // advice only: without transparent huge pages nothing changes
 #endif
-    data_.reset(p);
+    data_ = std::unique_ptr<void, Free>(p, Free{true});
     size_ = size;
   }
   return data_.get();
@@ -181,7 +190,7 @@ int64_t ForwardContext::live() { return g_live_contexts.load(); }
 // ------------------------------------------------------------------------------------------------- the layer
 MoELayer::MoELayer(std::string name, int experts, int hidden, int intermediate, const void* gate_up, const void* down,
                    DType weight_dtype, const std::string& isa, int threads, const ExpertActivation& activation,
-                   bool backward_copy)
+                   bool backward_copy, const SharedSpec& shared)
     : name_(std::move(name)), E_(experts), H_(hidden), I_(intermediate), compute_(weight_dtype),
       activation_(activation) {
   if (E_ < 1 || H_ < 1 || I_ < 1) fail("experts, hidden and intermediate sizes must be positive");
@@ -195,13 +204,21 @@ MoELayer::MoELayer(std::string name, int experts, int hidden, int intermediate, 
   gu_stride_ = static_cast<size_t>(Ip_) * Hp_;
   d_stride_ = static_cast<size_t>(Hp_) * Ip_;
   const size_t es = dtype_size(compute_);
-  wg_.reserve(E_ * gu_stride_ * es);
-  wu_.reserve(E_ * gu_stride_ * es);
-  wd_.reserve(E_ * d_stride_ * es);
-  if (backward_copy) {
-    wg_t_.reserve(E_ * gu_stride_ * es);
-    wu_t_.reserve(E_ * gu_stride_ * es);
-    wd_t_.reserve(E_ * d_stride_ * es);
+  Buffer* weights[] = {&wg_, &wu_, &wd_, &wg_t_, &wu_t_, &wd_t_};
+  const size_t weight_sizes[] = {E_ * gu_stride_ * es, E_ * gu_stride_ * es, E_ * d_stride_ * es};
+  const int copies = backward_copy ? 2 : 1;
+  if (shared.name.empty()) {
+    for (int i = 0; i < 3 * copies; ++i) weights[i]->reserve(weight_sizes[i % 3]);
+  } else {  // one segment for all local ranks: each matrix on its own huge-page boundary
+    size_t offsets[6], total = 0;
+    for (int i = 0; i < 3 * copies; ++i) {
+      offsets[i] = total;
+      total += round_up(weight_sizes[i % 3], size_t(2) << 20);
+    }
+    const uint64_t fingerprint = shared_weights_fingerprint(E_, H_, I_, compute_, copies);
+    shared_ = shared.create ? SharedSegment::create(shared, total, fingerprint, name_)
+                            : SharedSegment::open(shared, total, fingerprint, name_);
+    for (int i = 0; i < 3 * copies; ++i) weights[i]->adopt(shared_->data() + offsets[i], weight_sizes[i % 3]);
   }
   if (activation.gate_up_bias) {
     float* b = static_cast<float*>(gu_bias_.reserve(sizeof(float) * E_ * 2 * Ip_));
@@ -249,14 +266,21 @@ MoELayer::MoELayer(std::string name, int experts, int hidden, int intermediate, 
       }
     }
   };
+  constants_ = make_constants();
+  if (shared_ && !shared_->creator()) return;  // packed by local rank 0
   auto job = std::make_shared<PackJob>();
   job->layer = this;
   job->gate_up = static_cast<const char*>(gate_up);
   job->down = static_cast<const char*>(down);
   job->matrices = backward_copy ? 6 : 3;
-  exec_->pool.submit(job);
-  job->wait();
-  constants_ = make_constants();
+  try {
+    exec_->pool.submit(job);
+    job->wait();
+  } catch (const std::exception& e) {
+    if (shared_) shared_->mark_failed(e.what());
+    throw;
+  }
+  if (shared_) shared_->mark_ready();
 }
 
 size_t MoELayer::weight_bytes() const {

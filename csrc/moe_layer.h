@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "plan.h"
+#include "shared_weights.h"
 #include "thread_pool.h"
 
 namespace kt {
@@ -24,14 +25,22 @@ const Backend* select_backend(const std::string& isa);
 class Buffer {
  public:
   void* reserve(size_t bytes);
+  // Memory owned elsewhere (a shared-memory segment), not freed here.
+  void adopt(void* p, size_t bytes) {
+    data_ = std::unique_ptr<void, Free>(p, Free{false});
+    size_ = bytes;
+  }
   void* data() const { return data_.get(); }
   size_t size() const { return size_; }
 
  private:
   struct Free {
-    void operator()(void* p) const { std::free(p); }
+    bool owned;
+    void operator()(void* p) const {
+      if (owned) std::free(p);
+    }
   };
-  std::unique_ptr<void, Free> data_;
+  std::unique_ptr<void, Free> data_{nullptr, Free{true}};
   size_t size_ = 0;
 };
 
@@ -128,7 +137,7 @@ class MoELayer : public std::enable_shared_from_this<MoELayer> {
   static constexpr int kMaxThreads = 4096;
   MoELayer(std::string name, int experts, int hidden, int intermediate, const void* gate_up, const void* down,
            DType weight_dtype, const std::string& isa, int threads, const ExpertActivation& activation = {},
-           bool backward_copy = false);
+           bool backward_copy = false, const SharedSpec& shared = {});
 
   // A started job and, for a forward with save, the context its backward needs (valid once the job is done). The
   // job reads and writes the caller's buffers until it is done: the caller keeps them alive until then.
@@ -152,6 +161,10 @@ class MoELayer : public std::enable_shared_from_this<MoELayer> {
   int intermediate() const { return I_; }
   DType compute() const { return compute_; }
   size_t weight_bytes() const;  // both copies when the backward has its own
+  // The shared-memory segment holding the packed weights ("" when they are this process's own) and whether this
+  // process only maps it (read-only).
+  std::string shared_name() const { return shared_ ? shared_->name() : std::string(); }
+  bool weights_read_only() const { return shared_ && !shared_->creator(); }
   static size_t dtype_size(DType d) { return d == DType::bf16 ? 2 : 4; }
 
   // Reads the frozen weights back in the transformers layout (for saving a base checkpoint).
@@ -186,6 +199,7 @@ class MoELayer : public std::enable_shared_from_this<MoELayer> {
   std::shared_ptr<Executor> exec_;
   Buffer wg_, wu_, wd_;
   Buffer wg_t_, wu_t_, wd_t_;  // with backward_copy: packed for the backward, so it transposes nothing
+  std::unique_ptr<SharedSegment> shared_;  // where the buffers above live when they are shared by local ranks
   ExpertActivation activation_;
   Buffer gu_bias_, d_bias_;  // padded copies of the biases
   size_t gu_stride_ = 0, d_stride_ = 0;

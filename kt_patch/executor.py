@@ -84,8 +84,9 @@ def _pin_in_place(kernel: ExpertKernel, tensors) -> None:
         return
     cudart = torch.cuda.cudart()
     addresses = []
+    flags = 8 if kernel.weights_read_only else 0  # cudaHostRegisterReadOnly: another rank's segment, mapped read-only
     for tensor in tensors:
-        cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0)
+        cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), flags)
         addresses.append(tensor.data_ptr())
     kernel._pinned = True
     weakref.finalize(kernel, lambda: [cudart.cudaHostUnregister(address) for address in addresses])

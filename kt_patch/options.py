@@ -20,6 +20,7 @@ CHECKPOINT_POLICIES = ("recompute", "retain")
 BACKWARD_WEIGHTS = ("transpose", "copy")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 EXECUTORS = ("auto", "cpu", "accelerator", "hybrid")
+SHARE_WEIGHTS = ("auto", "off")
 MAX_THREADS = 4096  # a pool size no host reaches; larger values are typos, and the pool would try to start them all
 # KT_* variables that are not options: kt_patch's switch, the benchmarks' kernel-profile switch, and those of
 # KTransformers' kt-kernel, which the benchmark runs beside kt_patch in one environment.
@@ -33,8 +34,12 @@ class OptionError(ValueError):
 
 
 def default_threads() -> int:
-    """All physical cores, less one for the thread that feeds the GPU when there is one."""
-    cores = physical_cores_available()
+    """This process's share of the physical cores (all of them, or an equal part for each of the host's local ranks
+    when a launcher started several: ``LOCAL_WORLD_SIZE``), less one for the thread that feeds the GPU when there is
+    one."""
+    from .shared_weights import local_topology
+
+    cores = max(1, physical_cores_available() // local_topology()[1])
     return max(1, cores - 1) if _feeds_accelerator() and cores > 2 else cores
 
 
@@ -59,6 +64,8 @@ class Options:
     executor: str = "auto"
     gpu_expert_budget: Any = "auto"  # "auto" or GiB (a number >= 0)
     accelerator_fraction: Any = None  # None, or the fraction of each layer's experts forced onto the accelerator
+    share_weights: str = "auto"  # auto: one copy of the packed experts per host (shared memory) under several local ranks
+    peer_timeout: Any = 1800  # seconds kt_patch waits for another rank (shared segment, expert-LoRA averaging)
 
     def __post_init__(self):
         if self.threads is None:
@@ -77,6 +84,8 @@ class Options:
             _check_number(self, "gpu_expert_budget", 0.0, float("inf"), "'auto' or a number of GiB >= 0")
         if self.accelerator_fraction is not None:
             _check_number(self, "accelerator_fraction", 0.0, 1.0, "a number in [0, 1] (or unset)")
+        _check_choice(self, "share_weights", SHARE_WEIGHTS)
+        _check_number(self, "peer_timeout", 1e-3, float("inf"), "a number of seconds > 0")
         object.__setattr__(self, "architectures", _architectures(self.architectures))
 
 

@@ -7,7 +7,7 @@ import logging
 
 from torch import nn
 
-from . import registry
+from . import registry, shared_weights
 from .executor import GpuExpertBudget
 from .kernel import ACTIVATIONS, ExpertKernel
 from .layer import KtMoeLayer, LoraExperts
@@ -26,11 +26,12 @@ class PatchSummary:
     isa: str
     threads: int
     split: str = ""
+    shared: str = ""
 
     def __str__(self) -> str:
         return (f"{', '.join(self.families)}: {self.layers} MoE layers, {self.experts} routed experts moved to the CPU "
-                f"kernel ({self.host_bytes / 2**30:.3f} GiB of host memory), ISA {self.isa}, {self.threads} threads; "
-                f"{self.split}")
+                f"kernel ({self.host_bytes / 2**30:.3f} GiB of host memory{self.shared}), ISA {self.isa}, "
+                f"{self.threads} threads; {self.split}")
 
 
 def patch_model(model: nn.Module, options: Options) -> PatchSummary | None:
@@ -81,6 +82,7 @@ def _replace_blocks(model, blocks, options: Options) -> PatchSummary:
                 kernel = ExpertKernel(*(getattr(experts, w).detach().to("cpu") for w in EXPERT_WEIGHTS), name=name,
                                       isa=options.isa, threads=options.threads,
                                       backward_weights=options.backward_weights,
+                                      **shared_weights.kernel_arguments(name, options),
                                       **registry.kernel_arguments(experts, family))
                 layer = KtMoeLayer(block, family, kernel, checkpoint_policy=options.checkpoint_policy,
                                    executor=options.executor, gpu_budget=gpu_budget,
@@ -95,6 +97,10 @@ def _replace_blocks(model, blocks, options: Options) -> PatchSummary:
             summary.experts += kernel.num_experts
             summary.host_bytes += kernel.weight_bytes
             summary.isa, summary.threads = kernel.isa, kernel.threads
+            if kernel.shared_name:
+                rank, size = kernel.spec.local_rank, kernel.spec.local_world_size
+                summary.shared = (f", one copy for the host's {size} local ranks in /dev/shm, "
+                                  f"{'packed by' if rank == 0 else 'mapped read-only from'} local rank 0")
     except BaseException:
         for parent, child_name, block, layer, frozen in reversed(swapped):
             layer.release_expert_weights()
