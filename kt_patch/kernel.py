@@ -23,6 +23,7 @@ import torch
 
 from . import _C
 from .machine import physical_cores_available
+from .shared_weights import segment_name
 
 ACTIVATIONS = ("swiglu", "gpt_oss_swiglu")  # silu(gate) * up; GPT-OSS's clamped (up + 1) * gate * sigmoid(alpha gate)
 _BACKWARD_COPY = {"transpose": False, "copy": True}  # backward_weights -> the kernel keeps a backward copy
@@ -194,8 +195,6 @@ class ExpertKernel:
         """A new kernel from the same spec with other weights (given in this kernel's layout and dtype)."""
         spec = dataclasses.asdict(self.spec)
         if spec["shared_weights"] is not None:  # a segment of its own: the local ranks may still map the old one
-            from .shared_weights import segment_name
-
             spec["shared_weights"] = segment_name(self.spec.name)
         return ExpertKernel(gate_up_proj.detach().to("cpu", self.dtype), down_proj.detach().to("cpu", self.dtype),
                             gate_up_bias=gate_up_bias, down_bias=down_bias, **spec)

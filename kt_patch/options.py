@@ -12,8 +12,9 @@ import os
 import sys
 from typing import Any, Mapping
 
-from . import registry
+from . import _C, registry  # the extension alone (no torch): the CPU's features as the kernel's dispatcher reads them
 from .machine import physical_cores_available
+from .shared_weights import local_topology
 
 ISAS = ("auto", "amx_bf16", "avx512_bf16", "avx2", "scalar")
 CHECKPOINT_POLICIES = ("recompute", "retain")
@@ -37,8 +38,6 @@ def default_threads() -> int:
     """This process's share of the physical cores (all of them, or an equal part for each of the host's local ranks
     when a launcher started several: ``LOCAL_WORLD_SIZE``), less one for the thread that feeds the GPU when there is
     one."""
-    from .shared_weights import local_topology
-
     cores = max(1, physical_cores_available() // local_topology()[1])
     return max(1, cores - 1) if _feeds_accelerator() and cores > 2 else cores
 
@@ -124,8 +123,6 @@ def _check_int(opts, name, minimum, maximum=None):
 def _check_isa_runs_here(isa: str) -> None:
     if isa == "auto":
         return
-    from . import _C  # the extension alone (no torch): the CPU's features as the kernel's dispatcher reads them
-
     runs = list(_C.supported_isas())
     if isa not in runs:
         raise OptionError(f"kt_patch option 'isa': this CPU cannot run {isa!r}; it runs {', '.join(['auto', *runs])}")

@@ -13,6 +13,9 @@ from __future__ import annotations
 import sys
 import time
 
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import _get_default_store
+
 _CHECK_EVERY = 0.01
 _KEY = "first"
 
@@ -61,9 +64,6 @@ def activate() -> None:
     global _active, _previous_excepthook
     if _active is not None:
         return
-    import torch.distributed as dist
-    from torch.distributed.distributed_c10d import _get_default_store
-
     _active = _Peers(dist.get_rank(), dist.PrefixStore("kt_patch/failure/", _get_default_store()))
     _previous_excepthook = sys.excepthook
     sys.excepthook = _excepthook

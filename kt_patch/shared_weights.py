@@ -1,4 +1,4 @@
-"""One host copy of the routed experts' packed weights, whatever the number of local ranks (SPEC §8).
+"""One host copy of the routed experts' packed weights, whatever the number of local ranks.
 
 When a launcher starts several processes on one host (``LOCAL_WORLD_SIZE`` > 1: ``torchrun``, ``accelerate launch``,
 the ``deepspeed`` launcher) each MoE layer's packed weights live in one POSIX shared-memory segment,
@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+
+from . import _C  # the extension alone (no torch): options import this module at start-up
 
 PREFIX = "kt_patch."
 _generations: dict[str, int] = {}  # base name -> kernels built for it (a rebuilt layer gets a new segment)
@@ -63,8 +65,6 @@ def kernel_arguments(layer_name: str, options) -> dict:
     if options.share_weights == "off" or local_world <= 1:
         return {}
     if local_rank == 0 and not _swept:
-        from . import _C
-
         _C.remove_stale_shared_weights(PREFIX)  # left by creators that were killed before every rank mapped theirs
         _swept = True
     return {"shared_weights": segment_name(layer_name), "local_rank": local_rank, "local_world_size": local_world,
