@@ -316,14 +316,19 @@ class AcceleratorTier:
         if cuda:
             start.record()
         self._recorded = None
-        if for_backward:
-            self._recorded = self._record(x, ids, w, lora, plan, experts)
-            y = self._recorded[-1].detach()
-        else:
-            with torch.no_grad():
-                y = self._run(x.to(self.device), ids.to(self.device), w.to(self.device), plan, experts,
-                              self._weights(experts), self._lora_slices(lora, experts),
-                              {which: f.scaling for which, f in lora.items()})
+        try:
+            if for_backward:
+                self._recorded = self._record(x, ids, w, lora, plan, experts)
+                y = self._recorded[-1].detach()
+            else:
+                with torch.no_grad():
+                    y = self._run(x.to(self.device), ids.to(self.device), w.to(self.device), plan, experts,
+                                  self._weights(experts), self._lora_slices(lora, experts),
+                                  {which: f.scaling for which, f in lora.items()})
+        except torch.OutOfMemoryError:
+            self._recorded = None
+            self._warn_out_of_memory("forward")
+            return self._on_cpu(x, ids, w, lora, plan)[0]
         if cuda:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
@@ -332,6 +337,30 @@ class AcceleratorTier:
         rows = int((plan.on_accelerator[ids]).sum())
         self._pending_event = (start, end, rows, 0 if self.resident is not None else experts.numel())
         return y
+
+    def _warn_out_of_memory(self, where: str) -> None:
+        logger.warning("kt_patch: %s: out of accelerator memory in the %s; the CPU kernel computes this call's "
+                       "accelerator experts instead", self.kernel.name, where)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _on_cpu(self, x, ids, w, lora: ExpertLora, plan: TierPlan, dy=None):
+        """The accelerator's slots computed by the CPU kernel instead (out of accelerator memory): ``(y, dx, dw,
+        add_lora_grads)`` on the device, the last three with ``dy``."""
+        x_cpu = x.detach().to("cpu", self.kernel.dtype if x.dtype not in (torch.float32, torch.bfloat16) else x.dtype)
+        own_ids = ids.masked_fill(~plan.on_accelerator[ids], -1).cpu()
+        y, ctx = self.kernel.forward(x_cpu.contiguous(), own_ids, w, lora, save_for_backward=dy is not None)
+        y = y.to(self.device, torch.float32)
+        if dy is None:
+            return y, None, None, None
+        lora_parts = ctx.new_lora_grads()
+        dx, dw = self.kernel.backward(ctx, dy.detach().to("cpu", x_cpu.dtype).contiguous(), lora_parts)
+
+        def add_lora_grads(lora_grads: dict) -> None:
+            for key, grad in lora_parts.items():
+                lora_grads[key] += grad
+
+        return y, dx.to(self.device), dw.to(self.device), add_lora_grads
 
     def _record(self, x, ids, w, lora, plan, experts):
         """The accelerator's forward under autograd, from leaves: ``(experts, x, w, LoRA slices, y)``."""
@@ -351,12 +380,17 @@ class AcceleratorTier:
         recomputed under autograd."""
         experts = torch.nonzero(plan.on_accelerator).flatten()
         recorded, self._recorded = self._recorded, None
-        if recorded is None or recorded[1].shape != x.shape or not torch.equal(recorded[0], experts):
-            recorded = self._record(x, ids, w, lora, plan, experts)
-        _, x_leaf, w_leaf, slices, y = recorded
-        with torch.enable_grad():
-            grads = torch.autograd.grad(y, [x_leaf, w_leaf, *slices.values()], dy.to(self.device, torch.float32),
-                                        allow_unused=True)
+        try:
+            if recorded is None or recorded[1].shape != x.shape or not torch.equal(recorded[0], experts):
+                recorded = self._record(x, ids, w, lora, plan, experts)
+            _, x_leaf, w_leaf, slices, y = recorded
+            with torch.enable_grad():
+                grads = torch.autograd.grad(y, [x_leaf, w_leaf, *slices.values()],
+                                            dy.to(self.device, torch.float32), allow_unused=True)
+        except torch.OutOfMemoryError:
+            del recorded
+            self._warn_out_of_memory("backward")
+            return self._on_cpu(x, ids, w, lora, plan, dy)[1:]
         dx = torch.zeros_like(x_leaf) if grads[0] is None else grads[0]
         dw = torch.zeros_like(w_leaf) if grads[1] is None else grads[1]
         lora_parts = {key: grad.to("cpu", torch.float32) for key, grad in zip(slices, grads[2:]) if grad is not None}
