@@ -124,14 +124,7 @@ std::unique_ptr<SharedSegment> SharedSegment::create(const SharedSpec& spec, siz
     throw;
   }
   close(fd);
-  std::unique_ptr<SharedSegment> s(new SharedSegment());
-  s->name_ = name;
-  s->creator_ = true;
-  s->header_ = m.header;
-  s->data_ = m.data;
-  s->bytes_ = bytes;
-  s->map_ = m.base;
-  s->map_bytes_ = m.total;
+  std::unique_ptr<SharedSegment> s(new SharedSegment(name, true, m.header, m.data, bytes, m.base, m.total));
   SegmentHeader& h = *m.header;
   h.version = kVersion;
   h.data_bytes = bytes;
@@ -206,13 +199,7 @@ std::unique_ptr<SharedSegment> SharedSegment::open(const SharedSpec& spec, size_
             throw;
           }
           close(fd);
-          std::unique_ptr<SharedSegment> s(new SharedSegment());
-          s->name_ = name;
-          s->header_ = m.header;
-          s->data_ = m.data;
-          s->bytes_ = bytes;
-          s->map_ = m.base;
-          s->map_bytes_ = m.total;
+          std::unique_ptr<SharedSegment> s(new SharedSegment(name, false, m.header, m.data, bytes, m.base, m.total));
           if (m.header->attached.fetch_add(1) + 1 >= m.header->ranks) s->unlink_once();  // the last to map it
           return s;
         }

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 
 namespace kt {
 
@@ -46,7 +47,10 @@ class SharedSegment {
   static int remove_stale(const std::string& prefix);
 
  private:
-  SharedSegment() = default;
+  SharedSegment(std::string name, bool creator, SegmentHeader* header, char* data, size_t bytes, void* map,
+                size_t map_bytes)
+      : name_(std::move(name)), creator_(creator), header_(header), data_(data), bytes_(bytes), map_(map),
+        map_bytes_(map_bytes) {}
   void unlink_once();
 
   std::string name_;
