@@ -62,8 +62,8 @@ struct Ops : Avx512Bf16Ops {
     if (nb < nblocks) tile_block<MT, 1>(A, lda, B + nb * bstride, bstride, K, C + nb * kPanel, ldc, acc);
   }
 
-  // Measured on two cores at qlen 128: the backward's phases with transposed weights took 15-30 % less through the
-  // tiles than on the vector unit.
+  // The backward packs transposed panels for the tiles even for a few rows: a tile multiply beats multiplying
+  // transposed blocks on the vector unit as they are made (the measurement is in benchmarks/results/README.md).
   static constexpr bool kTilesTakeAllRows = true;
 
   // C and A tiles of `rows` rows (AMX multiplies only those), B tiles of 16 pair rows.

@@ -57,8 +57,7 @@ inline void gemm(const T* A, size_t lda, int M, int K, const T* B, size_t bstrid
     const int nv = imin(Ops::NV, nblocks - nb);
     // With several row blocks, the first prefetches the next group of panels (when it is a whole one) for them
     // to find in L2. A single row block streams its panels from memory as it multiplies: it prefetches them
-    // kStreamAhead k-pairs ahead, since the hardware prefetcher stops at every 4 KB page (measured on two Xeon
-    // cores at qlen 128: the forward's gate_up phase took 13-22 % less).
+    // kStreamAhead k-pairs ahead, since the hardware prefetcher stops at every 4 KB page.
     const T* pf = M - tiled > Ops::MR ? (nb + 2 * Ops::NV <= nblocks ? B + (nb + Ops::NV) * bstride : nullptr)
                                       : B + nb * bstride + static_cast<size_t>(kStreamAhead) * kPanel * P;
     for (int m = tiled; m < M; m += Ops::MR)
