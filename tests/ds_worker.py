@@ -8,6 +8,8 @@
         trainer,utrainer  HF Trainer(TrainingArguments(deepspeed=...)) ZeRO-3 + zero.Init, gradient
                           checkpointing, gradient accumulation 2, max_grad_norm 1.0 (default), save_model
         refuse            offload_param, pipeline parallelism, fp16 with expert LoRA: the errors
+        rss               host memory of from_pretrained under zero.Init (ZeRO-3, block) of CHECKPOINT's sibling
+                          "_wide" model (experts of about 200 MB): anonymous RSS growth, peak, the experts' bytes
         accelerate        accelerate's Accelerator.prepare with the DeepSpeed plugin of `accelerate launch`
                           (the JSON file of ACCELERATE_DEEPSPEED_CONFIG_FILE, zero3_init_flag true)
     torchrun / deepspeed --num_gpus 2 / accelerate launch ... ds_worker.py ...   # two ranks, half the batch each
@@ -238,6 +240,27 @@ def run_refused(spec):
     return errors
 
 
+def run_rss(spec):
+    import gc
+    import resource
+
+    def anonymous():
+        with open("/proc/self/smaps_rollup") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("Anonymous:")) * 1024
+
+    def peak():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    gc.collect()
+    live = HfDeepSpeedConfig(ds_config(3, True))
+    before, peak_before = anonymous(), peak()
+    model = AutoModelForCausalLM.from_pretrained(checkpoint + "_wide", dtype=torch.float32)
+    retained = anonymous() - before  # no gc.collect() here: what the patched model holds as from_pretrained returns
+    del live
+    return {"retained": retained, "peak": peak() - peak_before, "experts": model.kt_patch_summary.host_bytes,
+            "report": routed_expert_report(model)}
+
+
 def run_accelerate(spec):
     """accelerate launch with a DeepSpeed plugin (the JSON file and zero3_init_flag from its config file): the
     model is built under the plugin's zero.Init, prepared with a client AdamW; same steps as the plain loop."""
@@ -267,6 +290,8 @@ for spec in specs.split(","):
         results[spec] = run_trainer(spec)
     elif spec == "refuse":
         results[spec] = run_refused(spec)
+    elif spec == "rss":
+        results[spec] = run_rss(spec)
     elif spec == "accelerate":
         results[spec] = run_accelerate(spec)
     elif spec.startswith("c"):
