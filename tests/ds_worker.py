@@ -22,6 +22,7 @@ what DeepSpeed did to the routed experts.
 """
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -286,6 +287,7 @@ def run_accelerate(spec):
 
 results = {}
 for spec in specs.split(","):
+    started = time.perf_counter()
     if spec in ("trainer", "utrainer"):
         results[spec] = run_trainer(spec)
     elif spec == "refuse":
@@ -298,6 +300,8 @@ for spec in specs.split(","):
         results[spec] = run_resumed(spec)
     else:
         results[spec] = run_plain(spec)
+    if rank == 0:
+        print(f"ds_worker: {spec} took {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
 if rank == 0:
     torch.save(results, out)
 finish()
