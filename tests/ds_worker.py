@@ -218,6 +218,7 @@ def run_trainer(spec):
     return {"losses": [entry["loss"] for entry in history if "loss" in entry],
             "grad_norms": [entry["grad_norm"] for entry in history if "grad_norm" in entry],
             "report": routed_expert_report(model), "engine": type(trainer.model_wrapped).__name__,
+            "checkpointing": any(getattr(m, "gradient_checkpointing", False) for m in model.modules()),
             "adapter": load_file(os.path.join(f"{out}.{spec}", "adapter_model.safetensors"))}
 
 
