@@ -182,23 +182,23 @@ def run_resumed(spec):
 
 def run_trainer(spec):
     """HF Trainer with TrainingArguments(deepspeed=dict): ZeRO-3 (from_pretrained under zero.Init), "auto" values
-    filled by the Trainer, gradient checkpointing, gradient accumulation 2, max_grad_norm 1.0, linear schedule."""
+    filled by the Trainer, gradient checkpointing, gradient accumulation 2, max_grad_norm 1.0, linear schedule.
+    rtrainer: a checkpoint at step 2 (Trainer's: adapter + DeepSpeed's save_checkpoint), then a fresh model (other
+    adapter values) and Trainer resumed from it (DeepSpeed's load_checkpoint) for step 3."""
     from torch.utils.data import SequentialSampler
     from transformers import Trainer, TrainingArguments
 
     config = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
               "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "steps_per_print": 1000,
               "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
-    if spec == "trainer":
+    if spec != "utrainer":
         config["kt_patch"] = {"threads": 1}
     arguments = TrainingArguments(output_dir=f"{out}.{spec}.run", deepspeed=config, use_cpu=True,
                                   per_device_train_batch_size=GLOBAL_BATCH // 2 // world, gradient_accumulation_steps=2,
                                   gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
-                                  learning_rate=1e-2, max_steps=3, logging_steps=1, save_strategy="no",
+                                  learning_rate=1e-2, max_steps=3, logging_steps=1, save_steps=2,
+                                  save_strategy="steps" if spec == "rtrainer" else "no",
                                   report_to=[], seed=5, disable_tqdm=True)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)  # under zero.Init
-    model = get_peft_model(model, LoraConfig(**LORA))
-    random_adapter(model)
     data = torch.randint(3, 128, (3 * GLOBAL_BATCH, 24), generator=torch.Generator().manual_seed(9))
     dataset = [{"input_ids": row, "labels": row} for row in data]
 
@@ -210,9 +210,23 @@ def run_trainer(spec):
             result = super().compute_loss(*args, **kwargs)
             return (result[0] * 20, result[1]) if isinstance(result, tuple) else result * 20
 
-    trainer = InOrder(model=model, args=arguments, train_dataset=dataset)
+    def fresh(seed):
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)  # under zero.Init
+        model = get_peft_model(model, LoraConfig(**LORA))
+        random_adapter(model, seed)
+        return model, InOrder(model=model, args=arguments, train_dataset=dataset)
+
+    model, trainer = fresh(11)
     trainer.train()
     history = trainer.state.log_history
+    if spec == "rtrainer":
+        from accelerate.state import AcceleratorState
+
+        del model, trainer
+        AcceleratorState._reset_state()  # one Accelerator with a DeepSpeed plugin per state (as a new process has)
+        model, trainer = fresh(12)
+        trainer.train(resume_from_checkpoint=f"{out}.{spec}.run/checkpoint-2")
+        history = history[:2] + [entry for entry in trainer.state.log_history if entry.get("step") == 3]
     trainer.save_model(f"{out}.{spec}")  # a collective under ZeRO-3
     dist.barrier()
     return {"losses": [entry["loss"] for entry in history if "loss" in entry],
@@ -289,7 +303,7 @@ def run_accelerate(spec):
 results = {}
 for spec in specs.split(","):
     started = time.perf_counter()
-    if spec in ("trainer", "utrainer"):
+    if spec in ("trainer", "utrainer", "rtrainer"):
         results[spec] = run_trainer(spec)
     elif spec == "refuse":
         results[spec] = run_refused(spec)

@@ -22,7 +22,7 @@ deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is not installed 
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_worker.py")
 CONFIGS = ["0", "1", "2", "3", "3i"]  # 3i: ZeRO-3 with from_pretrained under zero.Init
-ONE = ["u" + c for c in CONFIGS] + ["utrainer"] + CONFIGS + ["trainer", "c0", "c3", "refuse"]  # u*: before a block
+ONE = ["u" + c for c in CONFIGS] + ["utrainer"] + CONFIGS + ["trainer", "rtrainer", "c0", "c3", "refuse"]  # u*: before a block
 TWO = CONFIGS + ["trainer"]
 
 
@@ -135,6 +135,17 @@ def test_hf_trainer_with_deepspeed(runs):
     assert any(".experts." in key for key in patched["adapter"])
     assert_same_adapter(pair, patched, 1e-5)
     assert_same_adapter(patched, unpatched, 5e-5)
+
+
+def test_hf_trainer_resumes_from_its_deepspeed_checkpoint(runs):
+    """Trainer checkpoint at step 2 (save_strategy steps: DeepSpeed's save_checkpoint inside), a fresh model with
+    other adapter values and a new Trainer with resume_from_checkpoint (DeepSpeed's load_checkpoint): step 3's loss,
+    grad_norm and the final adapter are the uninterrupted run's."""
+    one, _, _ = runs
+    resumed, uninterrupted = one["rtrainer"], one["trainer"]
+    for key in ("losses", "grad_norms"):
+        torch.testing.assert_close(torch.tensor(resumed[key]), torch.tensor(uninterrupted[key]), rtol=1e-5, atol=0)
+    assert_same_adapter(resumed, uninterrupted, 1e-5)
 
 
 @pytest.mark.parametrize("spec", ["c0", "c3", "c2", "c3i"])
