@@ -68,7 +68,8 @@ def run(directory, mode):
                       for n, p in model.named_parameters() if ".experts." in n)
     line = (f"{mode} rank {dist.get_rank()}/{world}: RSS before {before:.0f} MiB, peak during from_pretrained "
             f"{peak:.0f} MiB (+{peak - before:.0f}; the process peak before it {peak_before:.0f}), after {after:.0f} "
-            f"MiB (+{after - before:.0f}, of which anonymous +{anonymous:.0f}, +{collected:.0f} after gc.collect()); routed experts {experts / 2**20:.0f} MiB")
+            f"MiB (+{after - before:.0f}, of which anonymous +{anonymous:.0f}, +{collected:.0f} after gc.collect()); "
+            f"routed experts {experts / 2**20:.0f} MiB")
     for rank in range(world):
         dist.barrier()
         if rank == dist.get_rank():

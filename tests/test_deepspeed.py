@@ -22,7 +22,8 @@ deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is not installed 
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_worker.py")
 CONFIGS = ["0", "1", "2", "3", "3i"]  # 3i: ZeRO-3 with from_pretrained under zero.Init
-ONE = ["u" + c for c in CONFIGS] + ["utrainer"] + CONFIGS + ["trainer", "rtrainer", "c0", "c3", "refuse"]  # u*: before a block
+# one process: the unpatched runs (u*) first, before a block enables kt_patch in it
+ONE = ["u" + c for c in CONFIGS] + ["utrainer"] + CONFIGS + ["trainer", "rtrainer", "c0", "c3", "refuse"]
 TWO = CONFIGS + ["trainer"]
 
 
