@@ -1,5 +1,6 @@
 """Builds kt_patch and its C++ kernel. Each ISA backend is compiled with its own flags; the rest of the extension
 targets the baseline ISA, and the backend is chosen at run time (never -march=native)."""
+import glob
 import os
 import platform
 import shutil
@@ -71,10 +72,12 @@ class BuildPy(build_py):
 # One compiler process per core (NPY_NUM_BUILD_JOBS=N overrides, the variable numpy's builds read): every source,
 # each ISA backend included, is an independent translation unit.
 ParallelCompile("NPY_NUM_BUILD_JOBS").install()
-sources = ["csrc/binding.cpp", "csrc/moe_layer.cpp", "csrc/thread_pool.cpp", "csrc/backends/scalar.cpp",
+sources = ["csrc/binding.cpp", "csrc/moe_layer.cpp", "csrc/thread_pool.cpp", "csrc/shared_weights.cpp", "csrc/backends/scalar.cpp",
            *BACKEND_FLAGS]
+headers = sorted(glob.glob("csrc/**/*.h", recursive=True))  # a change to any rebuilds the extension
 setup(
-    ext_modules=[Pybind11Extension("kt_patch._C", sources, cxx_std=17, extra_compile_args=["-O3", "-fno-trapping-math", "-fno-math-errno"],
+    ext_modules=[Pybind11Extension("kt_patch._C", sources, depends=headers, cxx_std=17,
+                                   extra_compile_args=["-O3", "-fno-trapping-math", "-fno-math-errno"],
                                    define_macros=[("NDEBUG", "1")])],
     cmdclass={"build_ext": BuildExt, "build_py": BuildPy},
 )

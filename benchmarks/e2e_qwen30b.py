@@ -17,14 +17,13 @@ import argparse
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import time
 
-os.environ.setdefault("KT_PROFILE", "1")  # read when the kernel's first job runs
+import torch
 
-import torch  # noqa: E402
-
-import kt_patch  # noqa: E402
+import kt_patch
 
 
 @contextlib.contextmanager
@@ -66,6 +65,9 @@ def main():
     ap.add_argument("--gpu-expert-budget", default="auto", help="GiB for resident experts and stream buffers")
     ap.add_argument("--accelerator-fraction", type=float, default=None, help="force this share of each layer's "
                     "busiest experts onto the GPU (default: balanced on measured rates)")
+    ap.add_argument("--baselines", default=None, metavar="DIR",
+                    help="folder with fsdp2_offload_gpu.py and hf_baseline_gpu.py: run them after kt_patch, each in "
+                         "its own process on the same model, and print one table with ratios")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.steps < 2:
@@ -144,9 +146,42 @@ def main():
         "kt_patch": str(model.base_model.model.kt_patch_summary),
     }
     print(json.dumps(result))
+    if args.baselines:
+        del model, optimizer, trainable
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+        result["baselines"] = run_baselines(args)
+        print_table(result)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+
+
+def run_baselines(args) -> dict:
+    """FSDP2 CPU offload and all-GPU HF+PEFT on the same model shape, each in its own process; their JSON lines."""
+    common = ["--layers", str(args.layers), "--qlen", str(args.qlen), "--steps", str(args.steps),
+              "--experts-lora", str(args.experts_lora)]
+    commands = {
+        "fsdp2_cpu_offload": ["torchrun", "--nproc_per_node", "1", os.path.join(args.baselines, "fsdp2_offload_gpu.py"),
+                              *common],
+        "all_gpu_hf_peft": [sys.executable, os.path.join(args.baselines, "hf_baseline_gpu.py"), *common,
+                            "--gc", str(args.gc)],
+    }
+    results = {}
+    for name, command in commands.items():
+        run = subprocess.run(command, capture_output=True, text=True)
+        lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+        results[name] = json.loads(lines[-1]) if run.returncode == 0 and lines else {"error": run.stderr[-2000:]}
+        progress(f"{name}: {results[name].get('tok_s', 'failed')} tok/s")
+    return results
+
+
+def print_table(result: dict) -> None:
+    rows = [("kt_patch " + result["executor"], result)] + list(result["baselines"].items())
+    print(f"{'system':24s} {'tok/s':>8s} {'peak GiB':>9s} {'kt_patch / it':>14s}")
+    for name, row in rows:
+        tok_s = row.get("tok_s")
+        ratio = f"{result['tok_s'] / tok_s:.2f}x" if tok_s else "-"
+        print(f"{name:24s} {tok_s or 'failed':>8} {row.get('peak_gib', '-'):>9} {ratio:>14s}")
 
 
 if __name__ == "__main__":

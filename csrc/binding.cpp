@@ -85,7 +85,7 @@ class Pending {
         py::error_already_set interrupt;  // takes the Python error out of the interpreter until rethrown
         job_->cancel();
         without_gil([this] {
-          while (!job_->wait_for(kSignalPoll)) {
+          while (!job_->wait_for(kSignalPoll)) {  // until the workers have left it (its error: the cancel)
           }
           return 0;
         });
@@ -149,11 +149,15 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("rank", &LoraRef::rank)
       .def_readonly("scaling", &LoraRef::scaling);
 
+  m.def("remove_stale_shared_weights", &SharedSegment::remove_stale, py::arg("prefix"),
+        "Remove /dev/shm segments of this prefix whose creator exited (this user, this pid namespace); how many");
+
   py::class_<MoELayer, std::shared_ptr<MoELayer>>(m, "MoELayer")
       .def(py::init([](const std::string& name, int E, int H, int I, uintptr_t gate_up, uintptr_t down,
                        const std::string& dtype, const std::string& isa, int threads, const std::string& activation,
                        float alpha, float limit, uintptr_t gate_up_bias, uintptr_t down_bias,
-                       bool gate_up_lora_interleaved, bool backward_copy) {
+                       bool gate_up_lora_interleaved, bool backward_copy, const std::string& shared_name,
+                       bool shared_create, int shared_ranks, double shared_timeout) {
              const DType weight_dtype = parse_dtype(dtype);
              ExpertActivation act;
              if (activation == "gpt_oss_swiglu")
@@ -165,40 +169,25 @@ PYBIND11_MODULE(_C, m) {
              act.gate_up_bias = ptr<float>(gate_up_bias);
              act.down_bias = ptr<float>(down_bias);
              act.gate_up_lora_interleaved = gate_up_lora_interleaved;
+             const SharedSpec shared{shared_name, shared_create, shared_ranks, shared_timeout};
              return without_gil([&] {
                return std::make_shared<MoELayer>(name, E, H, I, ptr<void>(gate_up), ptr<void>(down), weight_dtype,
-                                                 isa, threads, act, backward_copy);
+                                                 isa, threads, act, backward_copy, shared);
              });
            }),
            py::arg("name"), py::arg("experts"), py::arg("hidden"), py::arg("intermediate"), py::arg("gate_up"),
            py::arg("down"), py::arg("dtype"), py::arg("isa"), py::arg("threads"), py::arg("activation") = "swiglu",
            py::arg("alpha") = 0.f, py::arg("limit") = 0.f, py::arg("gate_up_bias") = 0, py::arg("down_bias") = 0,
-           py::arg("gate_up_lora_interleaved") = false, py::arg("backward_copy") = false)
+           py::arg("gate_up_lora_interleaved") = false, py::arg("backward_copy") = false,
+           py::arg("shared_name") = "", py::arg("shared_create") = false, py::arg("shared_ranks") = 1,
+           py::arg("shared_timeout") = 600.0)
+      .def_property_readonly("shared_name", &MoELayer::shared_name,
+                             "the /dev/shm segment (name) holding the packed weights for every local rank, or ''")
+      .def_property_readonly("weights_read_only", &MoELayer::weights_read_only,
+                             "whether the packed weights are another process's segment, mapped read-only")
       .def_property_readonly("isa", &MoELayer::isa)
       .def_property_readonly("threads", &MoELayer::threads)
       .def_property_readonly("weight_bytes", &MoELayer::weight_bytes)
-      .def(
-          "packed_weights",
-          [](const MoELayer& L) {
-            py::dict out;
-            const std::pair<const char*, MoELayer::PackedMatrix> matrices[] = {
-                {"gate", L.packed_gate()}, {"up", L.packed_up()}, {"down", L.packed_down()}};
-            for (const auto& [name, m] : matrices)
-              out[name] = py::make_tuple(reinterpret_cast<uintptr_t>(m.data), m.bytes);
-            return out;
-          },
-          "{'gate'|'up'|'down': (address, bytes)} of the forward's packed weights (valid while the layer lives)")
-      .def(
-          "packed_layout",
-          [](const MoELayer& L) {
-            py::dict out;
-            out["panel"] = kPanel;
-            out["pair"] = L.compute() == DType::bf16 ? 2 : 1;
-            out["hidden"] = L.padded_hidden();
-            out["intermediate"] = L.padded_intermediate();
-            return out;
-          },
-          "the panel layout of packed_weights(): 16-column panels of `pair` consecutive k, padded H and I")
       .def(
           "submit_forward",
           [](const std::shared_ptr<MoELayer>& L, int T, int k, uintptr_t x, const std::string& io, uintptr_t ids,
@@ -234,6 +223,39 @@ PYBIND11_MODULE(_C, m) {
           py::arg("dn_A"), py::arg("dn_B"), py::arg("accumulate"), py::arg("keep"),
           "Start a backward; LoRA gradients are added into the fp32 buffers, or written over them; `keep` is held "
           "until it is done")
+      .def(
+          "packed_weights",
+          [](const MoELayer& L) {
+            const MoELayer::PackedWeights w = L.packed_weights();
+            const size_t es = MoELayer::dtype_size(L.compute()), E = L.experts();
+            auto entry = [](const void* p, size_t bytes) {
+              return py::make_tuple(reinterpret_cast<uintptr_t>(p), bytes);
+            };
+            py::dict out;
+            out["gate"] = entry(w.gate, E * w.gate_up_stride * es);
+            out["up"] = entry(w.up, E * w.gate_up_stride * es);
+            out["down"] = entry(w.down, E * w.down_stride * es);
+            return out;
+          },
+          "{'gate' | 'up' | 'down': (address, bytes)} of the forward's packed weights, read in place (valid while "
+          "the layer lives); packed_layout() says how to read them")
+      .def(
+          "packed_layout",
+          [](const MoELayer& L) {
+            const MoELayer::PackedWeights w = L.packed_weights();
+            py::dict out;
+            out["dtype"] = L.compute() == DType::bf16 ? "bf16" : "f32";
+            out["panel"] = kPanel;
+            out["pair"] = L.compute() == DType::bf16 ? 2 : 1;
+            out["Hp"] = L.padded_hidden();
+            out["Ip"] = L.padded_intermediate();
+            out["gate_up_stride"] = w.gate_up_stride;
+            out["down_stride"] = w.down_stride;
+            return out;
+          },
+          "How packed_weights() lie: per expert, gate and up are W[Ip][Hp] and down W[Hp][Ip] (zero padded), element "
+          "(n, k) at ((n // panel) * (Kp // pair) + k // pair) * panel * pair + (n % panel) * pair + k % pair; "
+          "experts gate_up_stride / down_stride elements apart")
       .def("export_weights", [](const MoELayer& L, uintptr_t gate_up, uintptr_t down) {
         without_gil([&] {
           L.export_weights(reinterpret_cast<void*>(gate_up), reinterpret_cast<void*>(down));

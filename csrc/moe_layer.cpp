@@ -4,6 +4,7 @@
 #include <map>
 #include <mutex>
 
+#include <pthread.h>
 #include <sys/mman.h>
 
 #if defined(__x86_64__)
@@ -63,6 +64,15 @@ size_t dtype_size(DType d) { return MoELayer::dtype_size(d); }
 
 std::atomic<int64_t> g_live_contexts{0};
 
+// What a shared segment's packed weights depend on: shapes, dtype, copies and the packing (plan.h's panel layout).
+uint64_t shared_weights_fingerprint(int E, int H, int I, DType dtype, int copies) {
+  uint64_t h = 1469598103934665603ull;  // FNV-1a over the fields
+  for (uint64_t v : {uint64_t(E), uint64_t(H), uint64_t(I), uint64_t(dtype == DType::bf16), uint64_t(copies),
+                     uint64_t(kPanel), uint64_t(kPad)})
+    for (int b = 0; b < 8; ++b) h = (h ^ ((v >> (8 * b)) & 0xff)) * 1099511628211ull;
+  return h;
+}
+
 }  // namespace
 
 std::vector<std::string> supported_isas() {
@@ -93,6 +103,17 @@ static void for_each_executor(F&& f) {
     if (auto exec = slot.lock()) f(*exec);
 }
 
+// The registry's mutex is held across fork(), so that a child (which makes executors of its own: the parent's threads
+// are not there) never inherits it locked. A pool may be made or dropped under it, so it is taken before the pools'
+// (thread_pool.cpp): fork() runs the prepare handlers last registered first, and this one registers after the first
+// pool has.
+static void hold_executors_across_fork() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    pthread_atfork([] { g_executors_mu.lock(); }, [] { g_executors_mu.unlock(); }, [] { g_executors_mu.unlock(); });
+  });
+}
+
 std::shared_ptr<Executor> shared_executor(int threads) {
   std::lock_guard<std::mutex> lock(g_executors_mu);
   auto& slot = g_executors[threads];
@@ -101,6 +122,7 @@ std::shared_ptr<Executor> shared_executor(int threads) {
     exec = std::make_shared<Executor>(threads);
     slot = exec;
   }
+  hold_executors_across_fork();
   return exec;
 }
 
@@ -114,7 +136,7 @@ void* Buffer::reserve(size_t bytes) {
 #if defined(MADV_HUGEPAGE)
     if (huge) madvise(p, size, MADV_HUGEPAGE);  // advice only: without transparent huge pages nothing changes
 #endif
-    data_.reset(p);
+    data_ = std::unique_ptr<void, Free>(p, Free{true});
     size_ = size;
   }
   return data_.get();
@@ -168,7 +190,7 @@ int64_t ForwardContext::live() { return g_live_contexts.load(); }
 // ------------------------------------------------------------------------------------------------- the layer
 MoELayer::MoELayer(std::string name, int experts, int hidden, int intermediate, const void* gate_up, const void* down,
                    DType weight_dtype, const std::string& isa, int threads, const ExpertActivation& activation,
-                   bool backward_copy)
+                   bool backward_copy, const SharedSpec& shared)
     : name_(std::move(name)), E_(experts), H_(hidden), I_(intermediate), compute_(weight_dtype),
       activation_(activation) {
   if (E_ < 1 || H_ < 1 || I_ < 1) fail("experts, hidden and intermediate sizes must be positive");
@@ -182,13 +204,21 @@ MoELayer::MoELayer(std::string name, int experts, int hidden, int intermediate, 
   gu_stride_ = static_cast<size_t>(Ip_) * Hp_;
   d_stride_ = static_cast<size_t>(Hp_) * Ip_;
   const size_t es = dtype_size(compute_);
-  wg_.reserve(E_ * gu_stride_ * es);
-  wu_.reserve(E_ * gu_stride_ * es);
-  wd_.reserve(E_ * d_stride_ * es);
-  if (backward_copy) {
-    wg_t_.reserve(E_ * gu_stride_ * es);
-    wu_t_.reserve(E_ * gu_stride_ * es);
-    wd_t_.reserve(E_ * d_stride_ * es);
+  Buffer* weights[] = {&wg_, &wu_, &wd_, &wg_t_, &wu_t_, &wd_t_};
+  const size_t weight_sizes[] = {E_ * gu_stride_ * es, E_ * gu_stride_ * es, E_ * d_stride_ * es};
+  const int copies = backward_copy ? 2 : 1;
+  if (shared.name.empty()) {
+    for (int i = 0; i < 3 * copies; ++i) weights[i]->reserve(weight_sizes[i % 3]);
+  } else {  // one segment for all local ranks: each matrix on its own huge-page boundary
+    size_t offsets[6], total = 0;
+    for (int i = 0; i < 3 * copies; ++i) {
+      offsets[i] = total;
+      total += round_up(weight_sizes[i % 3], size_t(2) << 20);
+    }
+    const uint64_t fingerprint = shared_weights_fingerprint(E_, H_, I_, compute_, copies);
+    shared_ = shared.create ? SharedSegment::create(shared, total, fingerprint, name_)
+                            : SharedSegment::open(shared, total, fingerprint, name_);
+    for (int i = 0; i < 3 * copies; ++i) weights[i]->adopt(shared_->data() + offsets[i], weight_sizes[i % 3]);
   }
   if (activation.gate_up_bias) {
     float* b = static_cast<float*>(gu_bias_.reserve(sizeof(float) * E_ * 2 * Ip_));
@@ -236,13 +266,21 @@ MoELayer::MoELayer(std::string name, int experts, int hidden, int intermediate, 
       }
     }
   };
+  constants_ = make_constants();
+  if (shared_ && !shared_->creator()) return;  // packed by local rank 0
   auto job = std::make_shared<PackJob>();
   job->layer = this;
   job->gate_up = static_cast<const char*>(gate_up);
   job->down = static_cast<const char*>(down);
   job->matrices = backward_copy ? 6 : 3;
-  exec_->pool.submit(job);
-  job->wait();
+  try {
+    exec_->pool.submit(job);
+    job->wait();
+  } catch (const std::exception& e) {
+    if (shared_) shared_->mark_failed(e.what());
+    throw;
+  }
+  if (shared_) shared_->mark_ready();
 }
 
 size_t MoELayer::weight_bytes() const {
@@ -276,91 +314,95 @@ void MoELayer::check_lora(const LoraRef& l, const char* which) const {
   if (l.rank > 0 && (!l.A || !l.B)) fail(std::string(which) + " LoRA factors are missing");
 }
 
-Plan MoELayer::base_plan() const {
-  Plan p;
-  p.E = E_;
-  p.H = H_;
-  p.I = I_;
-  p.Hp = Hp_;
-  p.Ip = Ip_;
+LayerConstants MoELayer::make_constants() const {
+  LayerConstants c;
+  c.E = E_;
+  c.H = H_;
+  c.I = I_;
+  c.Hp = Hp_;
+  c.Ip = Ip_;
   const int row_pad = 64 / static_cast<int>(dtype_size(compute_));
-  p.ldh = Hp_ + row_pad;
-  p.ldi = Ip_ + row_pad;
-  p.wg = wg_.data();
-  p.wu = wu_.data();
-  p.wd = wd_.data();
-  p.w_gu_stride = gu_stride_;
-  p.w_d_stride = d_stride_;
-  p.wg_t = wg_t_.data();
-  p.wu_t = wu_t_.data();
-  p.wd_t = wd_t_.data();
-  p.act = activation_.act;
-  p.alpha = activation_.alpha;
-  p.limit = activation_.limit;
-  p.gu_bias = activation_.gate_up_bias;
-  p.d_bias = activation_.down_bias;
-  p.gu_interleaved = activation_.gate_up_lora_interleaved;
-  return p;
+  c.ldh = Hp_ + row_pad;
+  c.ldi = Ip_ + row_pad;
+  c.wg = wg_.data();
+  c.wu = wu_.data();
+  c.wd = wd_.data();
+  c.w_gu_stride = gu_stride_;
+  c.w_d_stride = d_stride_;
+  c.wg_t = wg_t_.data();
+  c.wu_t = wu_t_.data();
+  c.wd_t = wd_t_.data();
+  c.act = activation_.act;
+  c.alpha = activation_.alpha;
+  c.limit = activation_.limit;
+  c.gu_bias = activation_.gate_up_bias;
+  c.d_bias = activation_.down_bias;
+  c.gu_interleaved = activation_.gate_up_lora_interleaved;
+  return c;
 }
 
-// Shared by forward and backward jobs: sizes the executor's scratch for the LoRA ranks and the row count.
+Routing ForwardContext::routing() const {
+  Routing r;
+  r.T = T;
+  r.k = k;
+  r.offsets = offsets.data();
+  r.row_src = row_src.data();
+  r.row_weight = row_weight.data();
+  r.slot_present = slot_present.empty() ? nullptr : slot_present.data();
+  r.active = active.data();
+  r.active_count = static_cast<int>(active.size());
+  return r;
+}
+
+// A forward or a backward: the core's phase table for the layer's compute type, run over a plan of the layer's
+// constants, the context's routing and LoRA factors, and buffers that the first phase's prepare reserves.
 class LayerJob : public Job {
  public:
-  LayerJob(std::shared_ptr<const MoELayer> layer, std::shared_ptr<ForwardContext> ctx)
-      : layer_(std::move(layer)), ex_(*layer_->exec_), ctx_(std::move(ctx)) {
-    plan_ = layer_->base_plan();
-    plan_.T = ctx_->T;
-    plan_.k = ctx_->k;
+  LayerJob(std::shared_ptr<const MoELayer> layer, std::shared_ptr<ForwardContext> ctx, const Pass& pass)
+      : layer_(std::move(layer)), ex_(*layer_->exec_), ctx_(std::move(ctx)), pass_(pass) {
+    static_cast<LayerConstants&>(plan_) = layer_->constants_;
+    static_cast<Routing&>(plan_) = ctx_->routing();
+    static_cast<PassLora&>(plan_) = ctx_->lora;
     plan_.io = ctx_->io;
-    plan_.gu = ctx_->gu;
-    plan_.dn = ctx_->dn;
-    plan_.r1p = static_cast<int>(round_up(plan_.gu.rank, kPad));
-    plan_.r2p = static_cast<int>(round_up(plan_.dn.rank, kPad));
-    plan_.offsets = ctx_->offsets.data();
-    plan_.row_src = ctx_->row_src.data();
-    plan_.row_weight = ctx_->row_weight.data();
-    plan_.slot_present = ctx_->slot_present.empty() ? nullptr : ctx_->slot_present.data();
-    plan_.items = ctx_->active.data();
   }
+  int num_phases() const override { return pass_.count; }
+  size_t prepare(int phase) override {
+    if (phase == 0) reserve();
+    return pass_.phases[phase].items(plan_);
+  }
+  void run(int phase, size_t item, int worker) override { pass_.phases[phase].run(plan_, item, worker); }
+  const char* phase_name(int phase) const override { return pass_.phases[phase].name; }
   void finish(bool completed) override {
     if (!completed) ex_.lora_layout_of = 0;  // the layout phase may have stopped half way
     ctx_.reset();
   }
 
  protected:
+  // The job's buffers, on the first worker before the first phase (a throw fails the job).
+  virtual void reserve() = 0;
+
   size_t rows() const { return static_cast<size_t>(ctx_->offsets.back()); }  // (token, slot) pairs computed here
   size_t slots() const { return static_cast<size_t>(plan_.T) * plan_.k; }
   size_t es() const { return dtype_size(layer_->compute()); }
-  size_t active() const { return ctx_->active.size(); }
-  size_t blocks(int cols) const { return active() * plan_.column_blocks(cols); }
 
-  // Scratch shared by the workers and the per-expert packed LoRA operands.
+  // What both passes use: the workers' scratch, the per-expert packed LoRA operands, the per-slot output rows and
+  // the expert-major B factors, sized as the core carves them.
   void reserve_common() {
-    Executor& ex = ex_;
-    const Plan& p = plan_;
-    const size_t maxT = std::max({static_cast<size_t>(p.r1p) * p.Hp, static_cast<size_t>(p.r2p) * p.Ip,
-                                  static_cast<size_t>(p.r2p) * p.Hp, static_cast<size_t>(p.col_block) * p.Hp,
-                                  2 * static_cast<size_t>(p.r1p) * p.Ip,
-                                  2 * static_cast<size_t>(p.col_block) * p.Ip});
-    const size_t max_f32 = std::max(static_cast<size_t>(2 * 240 * p.col_block), static_cast<size_t>(p.Hp));
-    plan_.scratch_bytes = round_up(round_up(maxT * es(), 64) + max_f32 * 4, 4096);
-    plan_.scratch = static_cast<char*>(ex.scratch.reserve(plan_.scratch_bytes * ex.pool.threads()));
-    plan_.lora_pk_stride = std::max({2 * static_cast<size_t>(p.Ip) * p.r1p, static_cast<size_t>(p.Hp) * p.r2p,
-                                     static_cast<size_t>(p.Ip) * p.r2p, static_cast<size_t>(p.Hp) * p.r1p});
-    plan_.lora_pk = ex.lora_pk.reserve(plan_.lora_pk_stride * p.E * es());
-    plan_.rows_out = ex.rows_out.reserve(slots() * p.Hp * es());
-    plan_.gu_Bt = static_cast<float*>(ex.gu_Bt.reserve(static_cast<size_t>(p.E) * p.gu.rank * 2 * p.I * 4));
-    plan_.dn_Bt = static_cast<float*>(ex.dn_Bt.reserve(static_cast<size_t>(p.E) * p.dn.rank * p.H * 4));
-  }
-  // Items of the phases that move LoRA B factors (or their grads) between PEFT's layout and expert-major.
-  size_t lora_row_blocks() const {
-    const Plan& p = plan_;
-    return (p.gu.rank ? (2 * p.I + 15) / 16 : 0) + (p.dn.rank ? (p.H + 15) / 16 : 0);
+    const Backend& core = *layer_->backend_;
+    Plan& p = plan_;
+    p.scratch_bytes = core.scratch_bytes(layer_->compute(), p);
+    p.scratch = static_cast<char*>(ex_.scratch.reserve(p.scratch_bytes * ex_.pool.threads()));
+    p.lora_pk_stride = core.lora_operand_elems(p);
+    p.lora_pk = ex_.lora_pk.reserve(p.lora_pk_stride * p.E * es());
+    p.rows_out = ex_.rows_out.reserve(slots() * p.Hp * es());
+    p.gu_Bt = static_cast<float*>(ex_.gu_Bt.reserve(static_cast<size_t>(p.E) * p.gu.rank * 2 * p.I * 4));
+    p.dn_Bt = static_cast<float*>(ex_.dn_Bt.reserve(static_cast<size_t>(p.E) * p.dn.rank * p.H * 4));
   }
 
   std::shared_ptr<const MoELayer> layer_;
   Executor& ex_;  // the layer's
   std::shared_ptr<ForwardContext> ctx_;
+  const Pass& pass_;
   Plan plan_;
 };
 
@@ -368,53 +410,36 @@ class ForwardJob : public LayerJob {
  public:
   ForwardJob(std::shared_ptr<const MoELayer> layer, std::shared_ptr<ForwardContext> ctx, const void* x, void* y,
              bool save)
-      : LayerJob(std::move(layer), std::move(ctx)) {
+      : LayerJob(layer, std::move(ctx), layer->backend_->forward[static_cast<int>(layer->compute())]) {
     plan_.x = x;
     plan_.y = y;
     plan_.save = save;
   }
-  int num_phases() const override { return 6; }
-  size_t prepare(int phase) override {
-    Plan& p = plan_;
-    switch (phase) {
-      case 0: {
-        ex_.lora_layout_of = 0;  // until this job has made the layout, should a reserve below fail
-        reserve_common();
-        ForwardContext& c = *ctx_;
-        const size_t R = rows(), s = es();
-        // Kept for the backward when saving, else in the executor's scratch.
-        SavedActivations& a = p.save ? *c.saved : ex_.activations;
-        p.X = a.X.reserve(R * p.ldh * s);
-        p.Z = a.Z.reserve(R * p.ldi * s);
-        p.ag = static_cast<float*>(a.ag.reserve(R * p.r1p * 4));
-        p.ad = static_cast<float*>(a.ad.reserve(R * p.r2p * 4));
-        if (p.save) {
-          p.dz_dg = a.dz_dg.reserve(R * p.ldi * s);
-          p.dz_du = a.dz_du.reserve(R * p.ldi * s);
-        }
-        p.ag_s = ex_.ag_s.reserve(R * p.r1p * s);
-        p.ad_s = ex_.ad_s.reserve(R * p.r2p * s);
-        c.forward_id = ex_.lora_layout_of = ++ex_.forwards_run;
-        return lora_row_blocks();
-      }
-      case 1: return active();
-      case 2: return blocks(p.Ip);
-      case 3: return p.dn.rank ? active() : 0;
-      case 4: return blocks(p.Hp);
-      default: return (static_cast<size_t>(p.T) + 15) / 16;
-    }
-  }
-  void run(int phase, size_t item, int worker) override {
-    layer_->backend_->forward_item(layer_->compute(), plan_, phase, item, worker);
-  }
-  const char* phase_name(int phase) const override {
-    static const char* names[] = {"forward.0.lora_layout", "forward.1.gather", "forward.2.gate_up",
-                                  "forward.3.down_lora", "forward.4.down", "forward.5.sum_slots"};
-    return names[phase];
-  }
   void finish(bool completed) override {
     if (!completed) ctx_->unusable = true;
     LayerJob::finish(completed);
+  }
+
+ private:
+  void reserve() override {
+    Plan& p = plan_;
+    ex_.lora_layout_of = 0;  // until this job has made the layout, should a reserve below fail
+    reserve_common();
+    ForwardContext& c = *ctx_;
+    const size_t R = rows(), s = es();
+    // Kept for the backward when saving, else in the executor's scratch.
+    SavedActivations& a = p.save ? *c.saved : ex_.activations;
+    p.X = a.X.reserve(R * p.ldh * s);
+    p.Z = a.Z.reserve(R * p.ldi * s);
+    p.ag = static_cast<float*>(a.ag.reserve(R * p.r1p * 4));
+    p.ad = static_cast<float*>(a.ad.reserve(R * p.r2p * 4));
+    if (p.save) {
+      p.dz_dg = a.dz_dg.reserve(R * p.ldi * s);
+      p.dz_du = a.dz_du.reserve(R * p.ldi * s);
+    }
+    p.ag_s = ex_.ag_s.reserve(R * p.r1p * s);
+    p.ad_s = ex_.ad_s.reserve(R * p.r2p * s);
+    c.forward_id = ex_.lora_layout_of = ++ex_.forwards_run;
   }
 };
 
@@ -422,7 +447,7 @@ class BackwardJob : public LayerJob {
  public:
   BackwardJob(std::shared_ptr<const MoELayer> layer, std::shared_ptr<ForwardContext> ctx, const void* dy, void* dx,
               float* dw, const LoraGradArgs& grads)
-      : LayerJob(std::move(layer), std::move(ctx)) {
+      : LayerJob(layer, std::move(ctx), layer->backend_->backward[static_cast<int>(layer->compute())]) {
     plan_.dy = dy;
     plan_.dx = dx;
     plan_.dw = dw;
@@ -438,48 +463,29 @@ class BackwardJob : public LayerJob {
     plan_.ad = static_cast<float*>(a.ad.data());
   }
 
-  int num_phases() const override { return 7; }
-  size_t prepare(int phase) override {
+ private:
+  void reserve() override {
     Plan& p = plan_;
-    switch (phase) {
-      case 0: {
-        // The forward's layout is still there when no job has made another since and the buffers stayed put: the
-        // factors as the forward used them (they must not change before its backward; if they do, a backward that
-        // redoes the layout sees them as they are now).
-        const void* layout[2] = {ex_.gu_Bt.data(), ex_.dn_Bt.data()};
-        const bool layout_kept = ex_.lora_layout_of == ctx_->forward_id;
-        ex_.lora_layout_of = 0;  // until this job has made the layout, should a reserve below fail
-        reserve_common();
-        const size_t R = rows(), s = es();
-        p.dY = ex_.dY.reserve(R * p.ldh * s);
-        p.dw_parts = static_cast<float*>(ex_.dw_parts.reserve(R * p.column_blocks(p.Ip) * 4));
-        p.dG = ex_.dG.reserve(R * p.ldi * s);
-        p.dU = ex_.dU.reserve(R * p.ldi * s);
-        p.bdy = static_cast<float*>(ex_.bdy.reserve(R * p.r2p * 4));
-        p.bdy_s = ex_.bdy_s.reserve(R * p.r2p * s);
-        p.gbg = static_cast<float*>(ex_.gbg.reserve(R * p.r1p * 4));
-        p.gbg_s = ex_.gbg_s.reserve(R * p.r1p * s);
-        p.gu_Gt = static_cast<float*>(ex_.gu_Gt.reserve(static_cast<size_t>(p.E) * p.gu.rank * 2 * p.I * 4));
-        p.dn_Gt = static_cast<float*>(ex_.dn_Gt.reserve(static_cast<size_t>(p.E) * p.dn.rank * p.H * 4));
-        ex_.lora_layout_of = ctx_->forward_id;
-        return layout_kept && layout[0] == p.gu_Bt && layout[1] == p.dn_Bt ? 0 : lora_row_blocks();
-      }
-      case 1: return active();
-      case 2: return blocks(p.Ip);
-      case 3: return active();
-      case 4: return blocks(p.Hp);
-      case 5: return (static_cast<size_t>(p.T) + 15) / 16;
-      default: return lora_row_blocks();
-    }
-  }
-  void run(int phase, size_t item, int worker) override {
-    layer_->backend_->backward_item(layer_->compute(), plan_, phase, item, worker);
-  }
-  const char* phase_name(int phase) const override {
-    static const char* names[] = {"backward.0.lora_layout", "backward.1.gather", "backward.2.down_activation",
-                                  "backward.3.lora_grads", "backward.4.gate_up", "backward.5.sum_slots",
-                                  "backward.6.lora_grad_layout"};
-    return names[phase];
+    // The forward's layout is still there when no job has made another since and the buffers stayed put: the
+    // factors as the forward used them (they must not change before its backward; if they do, a backward that
+    // redoes the layout sees them as they are now).
+    const void* layout[2] = {ex_.gu_Bt.data(), ex_.dn_Bt.data()};
+    const bool layout_kept = ex_.lora_layout_of == ctx_->forward_id;
+    ex_.lora_layout_of = 0;  // until this job has made the layout, should a reserve below fail
+    reserve_common();
+    const size_t R = rows(), s = es();
+    p.dY = ex_.dY.reserve(R * p.ldh * s);
+    p.dw_parts = static_cast<float*>(ex_.dw_parts.reserve(R * p.column_blocks(p.Ip) * 4));
+    p.dG = ex_.dG.reserve(R * p.ldi * s);
+    p.dU = ex_.dU.reserve(R * p.ldi * s);
+    p.bdy = static_cast<float*>(ex_.bdy.reserve(R * p.r2p * 4));
+    p.bdy_s = ex_.bdy_s.reserve(R * p.r2p * s);
+    p.gbg = static_cast<float*>(ex_.gbg.reserve(R * p.r1p * 4));
+    p.gbg_s = ex_.gbg_s.reserve(R * p.r1p * s);
+    p.gu_Gt = static_cast<float*>(ex_.gu_Gt.reserve(static_cast<size_t>(p.E) * p.gu.rank * 2 * p.I * 4));
+    p.dn_Gt = static_cast<float*>(ex_.dn_Gt.reserve(static_cast<size_t>(p.E) * p.dn.rank * p.H * 4));
+    p.lora_layout_ready = layout_kept && layout[0] == p.gu_Bt && layout[1] == p.dn_Bt;
+    ex_.lora_layout_of = ctx_->forward_id;
   }
 };
 
@@ -494,8 +500,10 @@ MoELayer::Submitted MoELayer::submit_forward(int T, int k, const void* x, DType 
   ctx->T = T;
   ctx->k = k;
   ctx->io = io;
-  ctx->gu = lora.gu;
-  ctx->dn = lora.dn;
+  ctx->lora.gu = lora.gu;
+  ctx->lora.dn = lora.dn;
+  ctx->lora.r1p = static_cast<int>(round_up(lora.gu.rank, kPad));
+  ctx->lora.r2p = static_cast<int>(round_up(lora.dn.rank, kPad));
   ctx->layer = shared_from_this();
   ctx->layer_name = name_;
   // Group the (token, slot) pairs by expert with a stable counting sort. Slots with id -1 are computed elsewhere
@@ -544,8 +552,8 @@ MoELayer::Submitted MoELayer::submit_backward(std::shared_ptr<ForwardContext> ct
          name_ + "')");
   if (ctx->unusable) fail("the forward that made this context was cancelled or failed: its activations are unusable");
   if (ctx->T > 0 && (!dy || !dx || !dw)) fail("missing gradient input or output");
-  if (ctx->gu.rank > 0 && (!grads.gu.A || !grads.gu.B)) fail("gate_up LoRA gradient buffers are missing");
-  if (ctx->dn.rank > 0 && (!grads.dn.A || !grads.dn.B)) fail("down LoRA gradient buffers are missing");
+  if (ctx->lora.gu.rank > 0 && (!grads.gu.A || !grads.gu.B)) fail("gate_up LoRA gradient buffers are missing");
+  if (ctx->lora.dn.rank > 0 && (!grads.dn.A || !grads.dn.B)) fail("down LoRA gradient buffers are missing");
   for (size_t i = 0; i < ctx->slot_present.size(); ++i)  // a skipped slot's routing weight has no gradient here
     if (!ctx->slot_present[i]) dw[i] = 0.f;
   auto job = std::make_shared<BackwardJob>(shared_from_this(), std::move(ctx), dy, dx, dw, grads);

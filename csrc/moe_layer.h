@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "plan.h"
+#include "shared_weights.h"
 #include "thread_pool.h"
 
 namespace kt {
@@ -24,14 +25,22 @@ const Backend* select_backend(const std::string& isa);
 class Buffer {
  public:
   void* reserve(size_t bytes);
+  // Memory owned elsewhere (a shared-memory segment), not freed here.
+  void adopt(void* p, size_t bytes) {
+    data_ = std::unique_ptr<void, Free>(p, Free{false});
+    size_ = bytes;
+  }
   void* data() const { return data_.get(); }
   size_t size() const { return size_; }
 
  private:
   struct Free {
-    void operator()(void* p) const { std::free(p); }
+    bool owned;
+    void operator()(void* p) const {
+      if (owned) std::free(p);
+    }
   };
-  std::unique_ptr<void, Free> data_;
+  std::unique_ptr<void, Free> data_{nullptr, Free{true}};
   size_t size_ = 0;
 };
 
@@ -86,11 +95,12 @@ struct ForwardContext {
 
   int T = 0, k = 0;
   DType io = DType::f32;
-  LoraRef gu, dn;
+  PassLora lora;
   std::vector<int64_t> offsets;
   std::vector<int32_t> row_src, active;
   std::vector<uint8_t> slot_present;  // [T*k] when some slot was skipped (id -1), else empty
   std::vector<float> row_weight;
+  Routing routing() const;  // the above as the core reads it
   std::unique_ptr<SavedActivations> saved;  // with save_for_backward; returns to `cache` with the context
   uint64_t forward_id = 0;                  // see Executor::lora_layout_of
   std::shared_ptr<ActivationCache> cache;
@@ -127,7 +137,7 @@ class MoELayer : public std::enable_shared_from_this<MoELayer> {
   static constexpr int kMaxThreads = 4096;
   MoELayer(std::string name, int experts, int hidden, int intermediate, const void* gate_up, const void* down,
            DType weight_dtype, const std::string& isa, int threads, const ExpertActivation& activation = {},
-           bool backward_copy = false);
+           bool backward_copy = false, const SharedSpec& shared = {});
 
   // A started job and, for a forward with save, the context its backward needs (valid once the job is done). The
   // job reads and writes the caller's buffers until it is done: the caller keeps them alive until then.
@@ -151,22 +161,28 @@ class MoELayer : public std::enable_shared_from_this<MoELayer> {
   int intermediate() const { return I_; }
   DType compute() const { return compute_; }
   size_t weight_bytes() const;  // both copies when the backward has its own
+  // The shared-memory segment holding the packed weights ("" when they are this process's own) and whether this
+  // process only maps it (read-only).
+  std::string shared_name() const { return shared_ ? shared_->name() : std::string(); }
+  bool weights_read_only() const { return shared_ && !shared_->creator(); }
   static size_t dtype_size(DType d) { return d == DType::bf16 ? 2 : 4; }
-
-  // The forward's packed weights, per expert gate [I][H], up [I][H], down [H][I] in the panel layout of plan.h,
-  // for an accelerator that streams them from host memory (this memory, registered as pinned: no second copy).
-  struct PackedMatrix {
-    const void* data;
-    size_t bytes;
-  };
-  PackedMatrix packed_gate() const { return {wg_.data(), E_ * gu_stride_ * dtype_size(compute_)}; }
-  PackedMatrix packed_up() const { return {wu_.data(), E_ * gu_stride_ * dtype_size(compute_)}; }
-  PackedMatrix packed_down() const { return {wd_.data(), E_ * d_stride_ * dtype_size(compute_)}; }
-  int padded_hidden() const { return Hp_; }
-  int padded_intermediate() const { return Ip_; }
 
   // Reads the frozen weights back in the transformers layout (for saving a base checkpoint).
   void export_weights(void* gate_up, void* down) const;
+
+  // The forward's packed weights where they lie, for a reader that copies them elsewhere as they are (the streamed
+  // accelerator tier, which registers this memory as pinned: no second host copy): per expert, gate and up as W[I][H]
+  // and down as W[H][I] in the panel layout of plan.h (N and K padded to Np, Kp), experts gate_up_stride /
+  // down_stride elements apart.
+  struct PackedWeights {
+    const void* gate;
+    const void* up;
+    const void* down;
+    size_t gate_up_stride, down_stride;  // elements per expert
+  };
+  PackedWeights packed_weights() const { return {wg_.data(), wu_.data(), wd_.data(), gu_stride_, d_stride_}; }
+  int padded_hidden() const { return Hp_; }
+  int padded_intermediate() const { return Ip_; }
 
  private:
   friend class LayerJob;
@@ -174,7 +190,7 @@ class MoELayer : public std::enable_shared_from_this<MoELayer> {
   friend class BackwardJob;
   [[noreturn]] void fail(const std::string& what) const { throw std::invalid_argument(name_ + ": " + what); }
   void check_lora(const LoraRef& l, const char* which) const;
-  Plan base_plan() const;
+  LayerConstants make_constants() const;
 
   std::string name_;
   int E_, H_, I_, Hp_, Ip_;
@@ -183,9 +199,11 @@ class MoELayer : public std::enable_shared_from_this<MoELayer> {
   std::shared_ptr<Executor> exec_;
   Buffer wg_, wu_, wd_;
   Buffer wg_t_, wu_t_, wd_t_;  // with backward_copy: packed for the backward, so it transposes nothing
+  std::unique_ptr<SharedSegment> shared_;  // where the buffers above live when they are shared by local ranks
   ExpertActivation activation_;
   Buffer gu_bias_, d_bias_;  // padded copies of the biases
   size_t gu_stride_ = 0, d_stride_ = 0;
+  LayerConstants constants_;  // the above as the core reads them
 };
 
 }  // namespace kt

@@ -1,9 +1,11 @@
-// Plain data shared by the ISA-neutral orchestration (moe_layer.cpp) and the ISA backends: element types and the
-// "plan" of one forward or backward pass, as raw pointers. Backend translation units include this, so everything
-// here is either a POD or has internal linkage: a function compiled with AVX-512 flags must never be picked by the
-// linker for a caller on a CPU without it.
+// Plain data shared by the ISA-neutral orchestration (moe_layer.cpp) and the ISA backends: element types, the
+// "plan" of one forward or backward pass as raw pointers, and the Backend table through which the orchestration
+// calls a backend's core (its passes as phase tables, its packing, its memory sizes). Backend translation units
+// include this, so everything here is either a POD or has internal linkage: a function compiled with AVX-512 flags
+// must never be picked by the linker for a caller on a CPU without it.
 #pragma once
 
+#include <algorithm>  // also for the numeric core, which backends include inside an anonymous namespace
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -62,14 +64,15 @@ struct LoraGrad {
   float* B = nullptr;
 };
 
-// One pass of one layer. Rows are (token, slot) pairs grouped by expert: rows offsets[e] .. offsets[e+1] belong to
-// expert e, and row r came from slot row_src[r] = t * k + j.
-struct Plan {
+// One pass of one layer, in four parts that the orchestration fills at different times: the layer's constants once
+// per layer, the routing and the LoRA factors once per forward (its backward reuses them), the buffers per job. The
+// core reads them all through Plan.
+
+// The frozen layer: sizes, packed weights, activation and biases.
+struct LayerConstants {
   int E = 0, H = 0, I = 0, Hp = 0, Ip = 0;  // Hp, Ip: H and I padded to multiples of kPad
   int ldh = 0, ldi = 0;  // row strides of the activation rows: Hp, Ip plus 64 bytes, so rows never sit 4 KiB apart
                          // (which maps the MR rows a GEMM reads together onto one cache set)
-  int T = 0, k = 0;
-  DType io = DType::f32;   // dtype of x, y, dy, dx
   const void* wg = nullptr;  // packed per expert: gate [I][H], up [I][H], down [H][I]
   const void* wu = nullptr;
   const void* wd = nullptr;
@@ -83,21 +86,40 @@ struct Plan {
   float alpha = 0.f, limit = 0.f;          // gpt_oss activation constants
   const float* gu_bias = nullptr;          // optional [E][2 * Ip]: gate bias, then up bias
   const float* d_bias = nullptr;           // optional [E][Hp]
-  bool gu_interleaved = false;             // gate_up LoRA B rows alternate gate, up (GPT-OSS) instead of gate block, up block
+  bool gu_interleaved = false;  // gate_up LoRA B rows alternate gate, up (GPT-OSS) instead of gate block, up block
+  int col_block = 64;                      // columns per (expert, column block) item
+  int column_blocks(int cols) const { return (cols + col_block - 1) / col_block; }
+};
 
+// The routing of one forward and its backward. Rows are (token, slot) pairs grouped by expert: rows offsets[e] ..
+// offsets[e+1] belong to expert e, and row r came from slot row_src[r] = t * k + j. A slot with expert id -1 (computed
+// by another executor tier) has no row: R = offsets[E] <= T * k.
+struct Routing {
+  int T = 0, k = 0;
   const int64_t* offsets = nullptr;  // [E + 1]
   const int32_t* row_src = nullptr;  // [R]
   const float* row_weight = nullptr; // [R]
   const uint8_t* slot_present = nullptr;  // [T*k] 0 for a skipped slot (no row, left out of the sum); null: all
-  const int32_t* items = nullptr;    // per phase work list, see moe_layer.cpp
-  int col_block = 64;                // columns per (expert, column block) item
-  int column_blocks(int cols) const { return (cols + col_block - 1) / col_block; }
+  const int32_t* active = nullptr;   // the experts with rows, ascending: what the per-expert work items walk
+  int active_count = 0;
+};
 
+// The LoRA factors of one forward and its backward (rank 0: none), read in place.
+struct PassLora {
+  LoraRef gu, dn;
+  int r1p = 0, r2p = 0;  // ranks padded to kPad
+};
+
+// The memory one job reads and writes: the caller's tensors and the executor's buffers.
+struct Buffers {
+  DType io = DType::f32;  // dtype of x, y, dy, dx
   const void* x = nullptr;
   void* y = nullptr;
   const void* dy = nullptr;
   void* dx = nullptr;
   float* dw = nullptr;
+  LoraGrad gu_grad, dn_grad;
+  bool grad_accumulate = true;  // add into gu_grad / dn_grad; else write them whole
 
   // Activations, expert-major rows, compute type; X: [R][ldh], Z and its derivatives by gate and up: [R][ldi].
   void* X = nullptr;
@@ -106,17 +128,14 @@ struct Plan {
   void* dz_du = nullptr;
   bool save = false;  // forward keeps dz_dg and dz_du for the backward
 
-  // LoRA (rank 0: none). ag = X A_gu^T, ad = Z A_d^T, unscaled fp32 [R][r]; their scaled copies in compute type.
-  LoraRef gu, dn;
-  LoraGrad gu_grad, dn_grad;
-  bool grad_accumulate = true;  // add into gu_grad / dn_grad; else write them whole
+  // ag = X A_gu^T, ad = Z A_d^T, unscaled fp32 [R][r]; their scaled copies in compute type.
   float* ag = nullptr;
   float* ad = nullptr;
   void* ag_s = nullptr;  // [R][r1p]
   void* ad_s = nullptr;  // [R][r2p]
-  int r1p = 0, r2p = 0;  // ranks padded to kPad
   float* gu_Bt = nullptr;  // the B factors expert-major: [E][r][out] fp32
   float* dn_Bt = nullptr;
+  bool lora_layout_ready = false;  // gu_Bt and dn_Bt already hold this forward's factors (the backward skips them)
   float* gu_Gt = nullptr;  // their gradients, same layout, for the experts that had rows (backward)
   float* dn_Gt = nullptr;
   void* lora_pk = nullptr;  // per-expert packed LoRA operands for the column-block phases
@@ -128,7 +147,8 @@ struct Plan {
   void* dG = nullptr;     // [R][ldi]
   void* dU = nullptr;
   // LoRA intermediates, unscaled fp32 and their scaled copies in compute type: bdy = dY Bd [R][r2p],
-  // gbg = dG Bg + dU Bu [R][r1p]. Apart, because phase 3 writes gbg while other experts still read their bdy.
+  // gbg = dG Bg + dU Bu [R][r1p]. Apart, because the LoRA gradient phase writes gbg while other experts still read
+  // their bdy.
   float* bdy = nullptr;
   void* bdy_s = nullptr;
   float* gbg = nullptr;
@@ -142,22 +162,40 @@ struct Plan {
   size_t scratch_bytes = 0;
 };
 
-// Defines kt::backend_<isa>() for a backend file, after its anonymous namespace that included kernel_impl.h.
-#define KT_DEFINE_BACKEND(isa)                                                                          \
-  namespace kt {                                                                                        \
-  const Backend* backend_##isa() {                                                                      \
-    static const Backend backend{#isa, backend_pack, backend_forward_item, backend_backward_item};      \
-    return &backend;                                                                                    \
-  }                                                                                                     \
-  }
+struct Plan : LayerConstants, Routing, PassLora, Buffers {};
+
+// One phase of a pass as the core defines it: its name in the profile, its work items for a plan (the workers
+// share them; the count may depend on the earlier phases' results), and one item.
+struct Phase {
+  const char* name;
+  size_t (*items)(const Plan& plan);
+  void (*run)(const Plan& plan, size_t item, int worker);
+};
+struct Pass {
+  const Phase* phases;
+  int count;
+};
 
 // What a backend provides: the same numeric core instantiated with its vector operations.
 struct Backend {
   const char* name;
   // Pack a logical W[N][K] read as src[n * sn + k * sk] into the packed layout.
   void (*pack)(DType compute, const void* src, DType src_dtype, ptrdiff_t sn, ptrdiff_t sk, int N, int K, void* dst);
-  void (*forward_item)(DType compute, const Plan& plan, int phase, size_t item, int worker);
-  void (*backward_item)(DType compute, const Plan& plan, int phase, size_t item, int worker);
+  // The phases of a forward and of a backward, by compute type ([static_cast<int>(DType)]).
+  Pass forward[2], backward[2];
+  // The memory the phases carve for a plan's layer constants and LoRA ranks: scratch bytes per worker, and
+  // elements of the packed LoRA operands per expert.
+  size_t (*scratch_bytes)(DType compute, const Plan& plan);
+  size_t (*lora_operand_elems)(const Plan& plan);
 };
+
+// Defines kt::backend_<isa>() for a backend file, after its anonymous namespace that included kernel_impl.h.
+#define KT_DEFINE_BACKEND(isa)                   \
+  namespace kt {                                 \
+  const Backend* backend_##isa() {               \
+    static const Backend backend = core(#isa);   \
+    return &backend;                             \
+  }                                              \
+  }
 
 }  // namespace kt

@@ -15,12 +15,13 @@
 
 namespace kt {
 
+namespace {
+// The error of a pool, or of a job submitted to one, in a child process forked after the pool's threads started.
 const char* const kForkedPoolMessage =
     "kt_patch: the CPU kernel's thread pool does not survive fork(): this process is a fork of one whose kernel "
     "threads had started, and they do not exist here. Use the 'spawn' (or 'forkserver') multiprocessing start "
     "method, or create the kernel in the child";
 
-namespace {
 std::atomic<bool> g_profiling{false};
 std::mutex g_profile_mu;
 std::map<std::string, std::pair<double, long>> g_profile;
@@ -89,8 +90,9 @@ struct PoolState {
 };
 
 // -------------------------------------------------------------------------------------------------- fork()
-// Only the forking thread exists in a child. The pools' mutexes are taken around fork() so that none is copied
-// locked mid-update by a worker; the child then counts the fork, which marks every pool and queued job as dead.
+// Only the forking thread exists in a child. The mutexes a child may still take (the pools' and the profile's) are
+// held across fork(), so that none is copied locked mid-update by a worker; the child then counts the fork, which
+// marks every pool and every job submitted before it as dead.
 namespace {
 std::mutex g_pools_mu;
 std::vector<PoolState*> g_pools;
@@ -98,8 +100,10 @@ std::vector<PoolState*> g_pools;
 void before_fork() {
   g_pools_mu.lock();
   for (PoolState* s : g_pools) s->mu.lock();
+  g_profile_mu.lock();
 }
 void after_fork_in_parent() {
+  g_profile_mu.unlock();
   for (PoolState* s : g_pools) s->mu.unlock();
   g_pools_mu.unlock();
 }
@@ -227,7 +231,9 @@ void PoolState::worker_main(int id) {
       std::unique_lock<std::mutex> lock(mu);
       if (id == 0) {
         cv.wait(lock, [this] { return stop || !queue.empty(); });
-        if (stop) return;  // the pool's destructor bumped the generation: the others return too
+        // Stopped by the pool's destructor, which also bumped the generation for the others. The queue is empty
+        // then: a job holds what owns its pool.
+        if (stop) return;
         current = queue.front();
         queue.pop_front();
         failed = false;

@@ -16,6 +16,8 @@
 
 namespace kt {
 
+struct PoolState;
+
 // A job is a sequence of phases. Before each phase one worker calls prepare(phase), which returns the phase's item
 // count (it may depend on the previous phases' results); then every worker pulls items until none is left.
 class Job {
@@ -62,9 +64,6 @@ void set_profiling(bool on);
 bool profiling_enabled();
 std::vector<PhaseTime> profile(bool reset);
 
-// The message of the error a pool gives in a child process forked after its threads started.
-extern const char* const kForkedPoolMessage;
-
 class ThreadPool {
  public:
   explicit ThreadPool(int threads);
@@ -81,7 +80,7 @@ class ThreadPool {
 
  private:
   // What the workers use; they share its ownership, so a worker detached by the destructor outlives the pool safely.
-  std::shared_ptr<struct PoolState> state_;
+  std::shared_ptr<PoolState> state_;
   std::vector<std::thread> workers_;
 };
 

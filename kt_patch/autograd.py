@@ -31,6 +31,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import peers
 from .executor import AcceleratorTier, TierPlan
 from .kernel import NO_LORA, ExpertKernel, ExpertLora
 from .phase import Phase, current_phase
@@ -48,6 +49,17 @@ class _ExpertFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kernel: ExpertKernel, plan: _Plan, lora: ExpertLora, x, topk_ids, topk_weights, gu_A, gu_B,
                 dn_A, dn_B):
+        peers.check()
+        try:
+            return _ExpertFunction._forward(ctx, kernel, plan, lora, x, topk_ids, topk_weights, gu_A, gu_B, dn_A,
+                                            dn_B)
+        except BaseException as error:
+            peers.report(error, f"{kernel.name} forward")
+            raise
+
+    @staticmethod
+    def _forward(ctx, kernel: ExpertKernel, plan: _Plan, lora: ExpertLora, x, topk_ids, topk_weights, gu_A, gu_B,
+                 dn_A, dn_B):
         x_meta, w_meta = (x.device, x.dtype), (topk_weights.device, topk_weights.dtype)
         tiers = plan.tiers
         kept = plan.kept_for_recompute(kernel, x.shape[0])
@@ -58,7 +70,8 @@ class _ExpertFunction(torch.autograd.Function):
             pending = kernel.submit_forward(x_cpu.contiguous(), kernel_ids, topk_weights, lora,
                                             save_for_backward=plan.keeps_cache(any(ctx.needs_input_grad)))
         # the accelerator's experts run while the CPU kernel computes its own
-        accelerated = None if tiers is None else plan.accelerator.forward(x, topk_ids, topk_weights, lora, tiers)
+        accelerated = None if tiers is None else plan.accelerator.forward(
+            x, topk_ids, topk_weights, lora, tiers, for_backward=plan.phase is Phase.RECOMPUTE)
         if kept is not None:
             y, kctx = kept
         else:
@@ -83,6 +96,15 @@ class _ExpertFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        peers.check()
+        try:
+            return _ExpertFunction._backward(ctx, dy)
+        except BaseException as error:
+            peers.report(error, f"{ctx.kernel.name} backward")
+            raise
+
+    @staticmethod
+    def _backward(ctx, dy):
         token, *routed = ctx.saved_tensors  # under non-reentrant checkpointing this runs the recompute if not done
         # the activations go now, not when the graph object is collected
         kctx = ctx.kctx if ctx.kctx is not None else getattr(token, _CACHE_ATTRIBUTE, None)

@@ -8,9 +8,10 @@ added to the kernel's in the same fp32 buffers, which autograd adds into the PEF
 Weights on the accelerator are either *resident* (unpacked onto the device once, within the ``gpu_expert_budget``)
 or *streamed*: the rows of the kernel's own packed buffers (:meth:`ExpertKernel.packed_weights`, registered as pinned
 memory in place, so host memory does not grow) are copied on a side stream while the CPU kernel runs, unpacked on the
-device and freed after use. The accelerator keeps no weights for its backward: it fetches them again and recomputes
-its experts' forward under autograd (cheap beside the CPU kernel), so a streamed layer holds no device memory between
-its forward and its backward.
+device and freed after use. A plain forward keeps nothing for its backward, which fetches the weights again and
+recomputes the accelerator's experts under autograd, so a streamed layer holds no device memory between its forward
+and its backward; a checkpointed layer's recompute, whose backward follows at once, records its computation for it.
+The LoRA factors are copied to the device once per optimizer step (their version changes with each update).
 
 The plan is a pure function of the call's routing and of rates frozen for the step, so a checkpointed layer's first
 forward and its recompute agree on it: a forced ``accelerator_fraction`` puts the experts with the most tokens on the
@@ -83,11 +84,36 @@ def _pin_in_place(kernel: ExpertKernel, tensors) -> None:
         return
     cudart = torch.cuda.cudart()
     addresses = []
+    flags = 8 if kernel.weights_read_only else 0  # cudaHostRegisterReadOnly: another rank's segment, mapped read-only
     for tensor in tensors:
-        cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0)
+        cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), flags)
         addresses.append(tensor.data_ptr())
     kernel._pinned = True
     weakref.finalize(kernel, lambda: [cudart.cudaHostUnregister(address) for address in addresses])
+
+
+def _keep_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+_GROUPED_MM_WORKS: dict = {}
+
+
+def _grouped_mm(rows: torch.Tensor, matrices: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """``rows[ends[g-1]:ends[g]] @ matrices[g]`` for every group g, stacked: torch's grouped GEMM where it takes these
+    operands (its kernels want 16-byte aligned strides, and a dtype the device implements), else a loop."""
+    key = (rows.device.type, rows.dtype, rows.shape[1], matrices.shape[2])
+    aligned = all(dim * rows.element_size() % 16 == 0 for dim in key[2:])  # also the backward's operands
+    if aligned and _GROUPED_MM_WORKS.get(key, True) and hasattr(torch, "_grouped_mm"):
+        try:
+            out = torch._grouped_mm(rows, matrices, offs=ends)
+            _GROUPED_MM_WORKS[key] = True
+            return out
+        except RuntimeError:
+            _GROUPED_MM_WORKS[key] = False
+    bounds = [0, *ends.tolist()]
+    parts = [rows[bounds[g]:bounds[g + 1]] @ matrices[g] for g in range(matrices.shape[0])]
+    return torch.cat(parts) if parts else rows.new_zeros(0, matrices.shape[2])
 
 
 class _Rates:
@@ -132,6 +158,8 @@ class AcceleratorTier:
         self.rates = _Rates()
         self._frozen_rates = (None, None, None)
         self._pending_event = None
+        self._recorded = None  # a recompute's forward under autograd, for the backward that follows it
+        self._factors = None  # (versions of the LoRA factors, their device copies)
 
     @property
     def tier_name(self) -> str:
@@ -195,10 +223,14 @@ class AcceleratorTier:
             return {name: self.kernel.unpack(self.packed[name][experts.cpu()].to(self.device), name)
                     for name in _MATRICES}
         packed = {}
+        whole = 2 * len(host_experts) > self.kernel.num_experts  # one copy of the layer beats many small ones
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.copy_stream):
             for name in _MATRICES:
                 src = self.packed[name]
+                if whole:
+                    packed[name] = src.to(self.device, non_blocking=True)
+                    continue
                 dst = torch.empty((len(host_experts), src.shape[1]), dtype=src.dtype, device=self.device)
                 for i, e in enumerate(host_experts):
                     dst[i].copy_(src[e], non_blocking=True)
@@ -206,24 +238,37 @@ class AcceleratorTier:
         torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
         for dst in packed.values():
             dst.record_stream(torch.cuda.current_stream(self.device))
+        if whole:
+            packed = {name: rows[experts.to(self.device)] for name, rows in packed.items()}
         return {name: self.kernel.unpack(packed[name], name) for name in _MATRICES}
 
-    def _lora_slices(self, lora: ExpertLora, experts: torch.Tensor) -> dict[str, torch.Tensor]:
-        """fp32 device copies of the accelerator experts' factors: A [n, r, in], B [n, out, r] (gate rows first)."""
+    def _device_factors(self, lora: ExpertLora) -> dict[str, torch.Tensor]:
+        """fp32 device copies of the factors, expert-major: A [E, r, in], B [E, out, r] (gate rows first). Copied
+        again only when a factor changed (an optimizer step bumps its version), so a step's forward, recompute and
+        backward share one copy."""
+        key = tuple((id(t), t._version) for _, f in lora.items() for t in (f.A, f.B))
+        if self._factors is not None and self._factors[0] == key:
+            return self._factors[1]
         E, out = self.kernel.num_experts, {}
         for which, factors in lora.items():
             rank = factors.A.shape[0] // E
-            host = experts.cpu()
-            A = factors.A.detach().view(E, rank, -1)[host]
-            B = factors.B.detach().view(factors.B.shape[0], rank, E)[:, :, host].permute(2, 0, 1)
-            if which == "gate_up" and self.interleaved:
-                B = _gate_then_up(B, 1)
-            out[f"{which}_A"] = A.to(self.device, torch.float32)
-            out[f"{which}_B"] = B.to(self.device, torch.float32)
+            A = factors.A.detach().to(self.device, torch.float32, non_blocking=True).view(E, rank, -1)
+            B = factors.B.detach().to(self.device, torch.float32, non_blocking=True)
+            B = B.view(B.shape[0], rank, E).permute(2, 0, 1)
+            out[f"{which}_A"] = A
+            out[f"{which}_B"] = _gate_then_up(B, 1) if which == "gate_up" and self.interleaved else B
+        self._factors = (key, out)
         return out
 
+    def _lora_slices(self, lora: ExpertLora, experts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The accelerator experts' rows of :meth:`_device_factors` (new tensors: leaves for the backward)."""
+        index = experts.to(self.device)
+        return {key: factors[index] for key, factors in self._device_factors(lora).items()}
+
     def _run(self, x, ids, w, plan: TierPlan, experts, weights, lora_slices, scalings) -> torch.Tensor:
-        """``sum_j w[t,j] expert(x[t])`` over the accelerator's slots, differentiable in x, w and the LoRA slices."""
+        """``sum_j w[t,j] expert(x[t])`` over the accelerator's slots, differentiable in x, w and the LoRA slices.
+
+        The slots are grouped by expert and every product is one grouped GEMM over the groups."""
         T, H = x.shape
         position = torch.full_like(plan.on_accelerator, -1, dtype=torch.long)
         position[experts] = torch.arange(experts.numel(), device=position.device)
@@ -232,35 +277,27 @@ class AcceleratorTier:
         group = slot_position[tokens, slots]
         order = torch.argsort(group, stable=True)
         tokens, slots, group = tokens[order], slots[order], group[order]
-        counts = torch.bincount(group, minlength=experts.numel()).tolist()
+        ends = torch.cumsum(torch.bincount(group, minlength=experts.numel()), 0).to(torch.int32)
         rows = x[tokens]
         gate_bias, down_bias = self.biases
-        outputs, begin = [], 0
-        for i, count in enumerate(counts):
-            xi = rows[begin:begin + count]
-            begin += count
-            if not count:
-                continue
-            e = experts[i]
-            gate = xi @ weights["gate"][i].T
-            up = xi @ weights["up"][i].T
-            if "gate_up_A" in lora_slices:
-                low = (xi.float() @ lora_slices["gate_up_A"][i].T) @ lora_slices["gate_up_B"][i].T
-                low = low * scalings["gate_up"]
-                gate, up = gate + low[:, :gate.shape[1]].to(gate.dtype), up + low[:, gate.shape[1]:].to(up.dtype)
-            if gate_bias is not None:
-                I = gate.shape[1]
-                gate, up = gate + gate_bias[e, :I].to(gate.dtype), up + gate_bias[e, I:].to(up.dtype)
-            z = self._activate(gate, up)
-            down = z @ weights["down"][i].T
-            if "down_A" in lora_slices:
-                low = (z.float() @ lora_slices["down_A"][i].T) @ lora_slices["down_B"][i].T
-                down = down + (low * scalings["down"]).to(down.dtype)
-            if down_bias is not None:
-                down = down + down_bias[e].to(down.dtype)
-            outputs.append(down)
-        expert_out = torch.cat(outputs) if outputs else x.new_zeros(0, H)
-        weighted = expert_out.float() * w[tokens, slots].float().unsqueeze(1)
+        dtype = rows.dtype
+        gate = _grouped_mm(rows, weights["gate"].transpose(1, 2), ends)
+        up = _grouped_mm(rows, weights["up"].transpose(1, 2), ends)
+        if "gate_up_A" in lora_slices:
+            low = _grouped_mm(rows, lora_slices["gate_up_A"].to(dtype).transpose(1, 2), ends)
+            low = _grouped_mm(low, lora_slices["gate_up_B"].to(dtype).transpose(1, 2), ends) * scalings["gate_up"]
+            gate, up = gate + low[:, :gate.shape[1]], up + low[:, gate.shape[1]:]
+        if gate_bias is not None:
+            row_bias = gate_bias[experts[group]].to(dtype)
+            gate, up = gate + row_bias[:, :gate.shape[1]], up + row_bias[:, gate.shape[1]:]
+        z = self._activate(gate, up)
+        down = _grouped_mm(z, weights["down"].transpose(1, 2), ends)
+        if "down_A" in lora_slices:
+            low = _grouped_mm(z, lora_slices["down_A"].to(dtype).transpose(1, 2), ends)
+            down = down + _grouped_mm(low, lora_slices["down_B"].to(dtype).transpose(1, 2), ends) * scalings["down"]
+        if down_bias is not None:
+            down = down + down_bias[experts[group]].to(dtype)
+        weighted = down.float() * w[tokens, slots].float().unsqueeze(1)
         return torch.zeros(T, H, dtype=torch.float32, device=x.device).index_add(0, tokens, weighted)
 
     def _activate(self, gate, up):
@@ -270,17 +307,28 @@ class AcceleratorTier:
         up = up.clamp(-self.limit, self.limit)
         return (up + 1) * gate * torch.sigmoid(self.alpha * gate)
 
-    def forward(self, x, ids, w, lora: ExpertLora, plan: TierPlan) -> torch.Tensor:
-        """The accelerator's share of y (fp32, on the device), with no autograd."""
+    def forward(self, x, ids, w, lora: ExpertLora, plan: TierPlan, for_backward: bool = False) -> torch.Tensor:
+        """The accelerator's share of y (fp32, on the device). ``for_backward``: the backward comes next (a
+        checkpointed layer's recompute), so the computation is recorded for it instead of being redone there."""
         experts = torch.nonzero(plan.on_accelerator).flatten()
         cuda = self.device.type == "cuda"
         start = torch.cuda.Event(enable_timing=True) if cuda else time.perf_counter()
         if cuda:
             start.record()
-        with torch.no_grad():
-            y = self._run(x.to(self.device), ids.to(self.device), w.to(self.device), plan, experts,
-                          self._weights(experts), self._lora_slices(lora, experts),
-                          {which: f.scaling for which, f in lora.items()})
+        self._recorded = None
+        try:
+            if for_backward:
+                self._recorded = self._record(x, ids, w, lora, plan, experts)
+                y = self._recorded[-1].detach()
+            else:
+                with torch.no_grad():
+                    y = self._run(x.to(self.device), ids.to(self.device), w.to(self.device), plan, experts,
+                                  self._weights(experts), self._lora_slices(lora, experts),
+                                  {which: f.scaling for which, f in lora.items()})
+        except torch.OutOfMemoryError:
+            self._recorded = None
+            self._warn_out_of_memory("forward")
+            return self._on_cpu(x, ids, w, lora, plan)[0]
         if cuda:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
@@ -290,19 +338,59 @@ class AcceleratorTier:
         self._pending_event = (start, end, rows, 0 if self.resident is not None else experts.numel())
         return y
 
+    def _warn_out_of_memory(self, where: str) -> None:
+        logger.warning("kt_patch: %s: out of accelerator memory in the %s; the CPU kernel computes this call's "
+                       "accelerator experts instead", self.kernel.name, where)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _on_cpu(self, x, ids, w, lora: ExpertLora, plan: TierPlan, dy=None):
+        """The accelerator's slots computed by the CPU kernel instead (out of accelerator memory): ``(y, dx, dw,
+        add_lora_grads)`` on the device, the last three with ``dy``."""
+        x_cpu = x.detach().to("cpu", self.kernel.dtype if x.dtype not in (torch.float32, torch.bfloat16) else x.dtype)
+        own_ids = ids.masked_fill(~plan.on_accelerator[ids], -1).cpu()
+        y, ctx = self.kernel.forward(x_cpu.contiguous(), own_ids, w, lora, save_for_backward=dy is not None)
+        y = y.to(self.device, torch.float32)
+        if dy is None:
+            return y, None, None, None
+        lora_parts = ctx.new_lora_grads()
+        dx, dw = self.kernel.backward(ctx, dy.detach().to("cpu", x_cpu.dtype).contiguous(), lora_parts)
+
+        def add_lora_grads(lora_grads: dict) -> None:
+            for key, grad in lora_parts.items():
+                lora_grads[key] += grad
+
+        return y, dx.to(self.device), dw.to(self.device), add_lora_grads
+
+    def _record(self, x, ids, w, lora, plan, experts):
+        """The accelerator's forward under autograd, from leaves: ``(experts, x, w, LoRA slices, y)``."""
+        x_leaf = x.detach().to(self.device).requires_grad_(True)
+        w_leaf = w.detach().to(self.device).requires_grad_(True)
+        slices = {key: t.requires_grad_(True) for key, t in self._lora_slices(lora, experts).items()}
+        # A graph of its own, kept by this tier: a checkpoint's saved-tensors hooks (active in a recompute) must not
+        # take its tensors, which the first forward never saved.
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep_tensor, _keep_tensor):
+            y = self._run(x_leaf, ids.to(self.device), w_leaf, plan, experts, self._weights(experts), slices,
+                          {which: f.scaling for which, f in lora.items()})
+        return experts, x_leaf, w_leaf, slices, y
+
     def backward(self, x, ids, w, lora: ExpertLora, plan: TierPlan, dy):
         """dx and dw of the accelerator's slots, and a function that adds their LoRA gradients into fp32 host buffers
         (PEFT layout; called once the CPU kernel has written them). The weights are fetched again and the forward
         recomputed under autograd."""
         experts = torch.nonzero(plan.on_accelerator).flatten()
-        x_leaf = x.detach().to(self.device).requires_grad_(True)
-        w_leaf = w.detach().to(self.device).requires_grad_(True)
-        slices = {key: t.requires_grad_(True) for key, t in self._lora_slices(lora, experts).items()}
-        with torch.enable_grad():
-            y = self._run(x_leaf, ids.to(self.device), w_leaf, plan, experts, self._weights(experts), slices,
-                          {which: f.scaling for which, f in lora.items()})
-            grads = torch.autograd.grad(y, [x_leaf, w_leaf, *slices.values()], dy.to(self.device, torch.float32),
-                                        allow_unused=True)
+        recorded, self._recorded = self._recorded, None
+        try:
+            if recorded is None or recorded[1].shape != x.shape or not torch.equal(recorded[0], experts):
+                recorded = self._record(x, ids, w, lora, plan, experts)
+            _, x_leaf, w_leaf, slices, y = recorded
+            with torch.enable_grad():
+                grads = torch.autograd.grad(y, [x_leaf, w_leaf, *slices.values()],
+                                            dy.to(self.device, torch.float32), allow_unused=True)
+        except torch.OutOfMemoryError:
+            del recorded
+            self._warn_out_of_memory("backward")
+            return self._on_cpu(x, ids, w, lora, plan, dy)[1:]
         dx = torch.zeros_like(x_leaf) if grads[0] is None else grads[0]
         dw = torch.zeros_like(w_leaf) if grads[1] is None else grads[1]
         lora_parts = {key: grad.to("cpu", torch.float32) for key, grad in zip(slices, grads[2:]) if grad is not None}

@@ -23,6 +23,7 @@ import torch
 
 from . import _C
 from .machine import physical_cores_available
+from .shared_weights import segment_name
 
 ACTIVATIONS = ("swiglu", "gpt_oss_swiglu")  # silu(gate) * up; GPT-OSS's clamped (up + 1) * gate * sigmoid(alpha gate)
 _BACKWARD_COPY = {"transpose": False, "copy": True}  # backward_weights -> the kernel keeps a backward copy
@@ -93,6 +94,10 @@ class KernelSpec:
     ``alpha`` and ``limit``; LoRA factors then follow that layout too. ``backward_weights="copy"`` keeps a second
     copy of the weights packed for the backward (twice the memory, no transposing in the backward); ``"transpose"``
     transposes the forward's copy as the backward runs.
+
+    ``shared_weights``: the name of a POSIX shared-memory segment holding the packed weights for the
+    ``local_world_size`` processes of this host (:mod:`kt_patch.shared_weights`): ``local_rank`` 0 creates and packs
+    it, the others wait for it (at most ``peer_timeout`` seconds) and map it read-only. None: this process's own copy.
     """
 
     name: str = "moe"
@@ -104,6 +109,10 @@ class KernelSpec:
     transposed: bool = False
     interleaved: bool = False
     backward_weights: str = "transpose"
+    shared_weights: Optional[str] = None
+    local_rank: int = 0
+    local_world_size: int = 1
+    peer_timeout: float = 1800.0
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -115,6 +124,10 @@ class KernelSpec:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise ValueError(f"{self.name}: threads must be an integer >= 1 (or None); got {self.threads!r}")
+        if self.shared_weights is not None and (not 0 <= self.local_rank < self.local_world_size
+                                                or not self.peer_timeout > 0):
+            raise ValueError(f"{self.name}: shared weights need 0 <= local_rank < local_world_size and "
+                             f"peer_timeout > 0; got {self.local_rank}, {self.local_world_size}, {self.peer_timeout}")
 
 
 class _Pending:
@@ -172,14 +185,19 @@ class ExpertKernel:
                                   _DTYPES[self.dtype], spec.isa, threads, spec.activation,
                                   float(spec.alpha), float(spec.limit),
                                   *(0 if b is None else b.data_ptr() for b in biases),
-                                  bool(spec.interleaved), _BACKWARD_COPY[spec.backward_weights])
+                                  bool(spec.interleaved), _BACKWARD_COPY[spec.backward_weights],
+                                  spec.shared_weights or "", spec.local_rank == 0, spec.local_world_size,
+                                  float(spec.peer_timeout))
 
     def rebuild(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, *,
                 gate_up_bias: Optional[torch.Tensor] = None, down_bias: Optional[torch.Tensor] = None
                 ) -> "ExpertKernel":
         """A new kernel from the same spec with other weights (given in this kernel's layout and dtype)."""
+        spec = dataclasses.asdict(self.spec)
+        if spec["shared_weights"] is not None:  # a segment of its own: the local ranks may still map the old one
+            spec["shared_weights"] = segment_name(self.spec.name)
         return ExpertKernel(gate_up_proj.detach().to("cpu", self.dtype), down_proj.detach().to("cpu", self.dtype),
-                            gate_up_bias=gate_up_bias, down_bias=down_bias, **dataclasses.asdict(self.spec))
+                            gate_up_bias=gate_up_bias, down_bias=down_bias, **spec)
 
     @property
     def isa(self) -> str:
@@ -188,6 +206,16 @@ class ExpertKernel:
     @property
     def threads(self) -> int:
         return self._layer.threads
+
+    @property
+    def shared_name(self) -> str:
+        """The ``/dev/shm`` segment (name) the packed weights live in, shared by the local ranks; '' if none."""
+        return self._layer.shared_name
+
+    @property
+    def weights_read_only(self) -> bool:
+        """Whether the packed weights are local rank 0's segment, mapped read-only here."""
+        return self._layer.weights_read_only
 
     @property
     def weight_bytes(self) -> int:
@@ -209,7 +237,7 @@ class ExpertKernel:
         The packed layout (csrc/plan.h) stores element (n, k) at ``((n/16)*(Kp/P) + k/P)*16*P + (n%16)*P + k%P``: a
         view [N/16, Kp/P, 16, P] whose middle axes swap."""
         layout = self._layer.packed_layout()
-        Hp, Ip, panel, pair = layout["hidden"], layout["intermediate"], layout["panel"], layout["pair"]
+        Hp, Ip, panel, pair = layout["Hp"], layout["Ip"], layout["panel"], layout["pair"]
         (Np, Kp), (N, K) = ((Ip, Hp), (self.intermediate_size, self.hidden_size)) if matrix != "down" else \
             ((Hp, Ip), (self.hidden_size, self.intermediate_size))
         tiles = rows.view(-1, Np // panel, Kp // pair, panel, pair).permute(0, 1, 3, 2, 4)

@@ -171,11 +171,9 @@ class KtMoeLayer(nn.Module):
         self._checkpoint_policy = policy
 
     def _accelerator_for(self, device: torch.device) -> AcceleratorTier | None:
-        """The accelerator tier of this layer on ``device``, or None where the CPU kernel computes every expert.
-
-        ``auto`` is ``cpu`` for now: the accelerator tier is exact but slower than the kernel end to end (README,
-        Options), so a model on an accelerator gets it only by asking for ``hybrid`` or ``accelerator``."""
-        if self.executor in ("cpu", "auto"):
+        """The accelerator tier of this layer on ``device``, or None where the CPU kernel computes every expert
+        (executor ``cpu``, or ``auto`` with the model on the CPU)."""
+        if self.executor == "cpu" or (self.executor == "auto" and device.type == "cpu"):
             return None
         if self.accelerator is None or self.accelerator.device != device:
             experts = unwrapped_experts(self._modules[self.family.experts])

@@ -12,14 +12,16 @@ import os
 import sys
 from typing import Any, Mapping
 
-from . import registry
+from . import _C, registry  # the extension alone (no torch): the CPU's features as the kernel's dispatcher reads them
 from .machine import physical_cores_available
+from .shared_weights import local_topology
 
 ISAS = ("auto", "amx_bf16", "avx512_bf16", "avx2", "scalar")
 CHECKPOINT_POLICIES = ("recompute", "retain")
 BACKWARD_WEIGHTS = ("transpose", "copy")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 EXECUTORS = ("auto", "cpu", "accelerator", "hybrid")
+SHARE_WEIGHTS = ("auto", "off")
 MAX_THREADS = 4096  # a pool size no host reaches; larger values are typos, and the pool would try to start them all
 # KT_* variables that are not options: kt_patch's switch, the benchmarks' kernel-profile switch, and those of
 # KTransformers' kt-kernel, which the benchmark runs beside kt_patch in one environment.
@@ -33,8 +35,10 @@ class OptionError(ValueError):
 
 
 def default_threads() -> int:
-    """All physical cores, less one for the thread that feeds the GPU when there is one."""
-    cores = physical_cores_available()
+    """This process's share of the physical cores (all of them, or an equal part for each of the host's local ranks
+    when a launcher started several: ``LOCAL_WORLD_SIZE``), less one for the thread that feeds the GPU when there is
+    one."""
+    cores = max(1, physical_cores_available() // local_topology()[1])
     return max(1, cores - 1) if _feeds_accelerator() and cores > 2 else cores
 
 
@@ -59,6 +63,8 @@ class Options:
     executor: str = "auto"
     gpu_expert_budget: Any = "auto"  # "auto" or GiB (a number >= 0)
     accelerator_fraction: Any = None  # None, or the fraction of each layer's experts forced onto the accelerator
+    share_weights: str = "auto"  # auto: one copy of the packed experts per host (shared memory) under several local ranks
+    peer_timeout: Any = 1800  # seconds kt_patch waits for another rank (shared segment, expert-LoRA averaging)
 
     def __post_init__(self):
         if self.threads is None:
@@ -77,6 +83,8 @@ class Options:
             _check_number(self, "gpu_expert_budget", 0.0, float("inf"), "'auto' or a number of GiB >= 0")
         if self.accelerator_fraction is not None:
             _check_number(self, "accelerator_fraction", 0.0, 1.0, "a number in [0, 1] (or unset)")
+        _check_choice(self, "share_weights", SHARE_WEIGHTS)
+        _check_number(self, "peer_timeout", 1e-3, float("inf"), "a number of seconds > 0")
         object.__setattr__(self, "architectures", _architectures(self.architectures))
 
 
@@ -115,8 +123,6 @@ def _check_int(opts, name, minimum, maximum=None):
 def _check_isa_runs_here(isa: str) -> None:
     if isa == "auto":
         return
-    from . import _C  # the extension alone (no torch): the CPU's features as the kernel's dispatcher reads them
-
     runs = list(_C.supported_isas())
     if isa not in runs:
         raise OptionError(f"kt_patch option 'isa': this CPU cannot run {isa!r}; it runs {', '.join(['auto', *runs])}")

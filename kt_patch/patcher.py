@@ -8,7 +8,7 @@ import logging
 
 from torch import nn
 
-from . import registry
+from . import registry, shared_weights
 from .executor import GpuExpertBudget
 from .kernel import ACTIVATIONS, ExpertKernel
 from .layer import KtMoeLayer, LoraExperts
@@ -27,11 +27,12 @@ class PatchSummary:
     isa: str
     threads: int
     split: str = ""
+    shared: str = ""
 
     def __str__(self) -> str:
         return (f"{', '.join(self.families)}: {self.layers} MoE layers, {self.experts} routed experts moved to the CPU "
-                f"kernel ({self.host_bytes / 2**30:.3f} GiB of host memory), ISA {self.isa}, {self.threads} threads; "
-                f"{self.split}")
+                f"kernel ({self.host_bytes / 2**30:.3f} GiB of host memory{self.shared}), ISA {self.isa}, "
+                f"{self.threads} threads; {self.split}")
 
 
 def patch_model(model: nn.Module, options: Options) -> PatchSummary | None:
@@ -88,6 +89,7 @@ def _replace_blocks(model, blocks, options: Options) -> PatchSummary:
                 kernel = ExpertKernel(*(getattr(experts, w).detach().to("cpu") for w in EXPERT_WEIGHTS), name=name,
                                       isa=options.isa, threads=options.threads,
                                       backward_weights=options.backward_weights,
+                                      **shared_weights.kernel_arguments(name, options),
                                       **registry.kernel_arguments(experts, family))
                 layer = KtMoeLayer(block, family, kernel, checkpoint_policy=options.checkpoint_policy,
                                    executor=options.executor, gpu_budget=gpu_budget,
@@ -102,6 +104,10 @@ def _replace_blocks(model, blocks, options: Options) -> PatchSummary:
             summary.experts += kernel.num_experts
             summary.host_bytes += kernel.weight_bytes
             summary.isa, summary.threads = kernel.isa, kernel.threads
+            if kernel.shared_name:
+                rank, size = kernel.spec.local_rank, kernel.spec.local_world_size
+                summary.shared = (f", one copy for the host's {size} local ranks in /dev/shm, "
+                                  f"{'packed by' if rank == 0 else 'mapped read-only from'} local rank 0")
     except BaseException:
         for parent, child_name, block, layer, frozen in reversed(swapped):
             layer.release_expert_weights()
@@ -137,9 +143,10 @@ def _split_description(options: Options) -> str:
               if options.accelerator_fraction is not None else "split per call so that both sides finish together")
     budget = options.gpu_expert_budget
     budget = "auto" if budget == "auto" else f"{budget:g} GiB"
-    if options.executor in ("cpu", "auto"):
-        return f"executor {options.executor}: every expert in the CPU kernel"
+    if options.executor == "cpu":
+        return "executor cpu: every expert in the CPU kernel"
     if options.executor == "accelerator":
         return f"executor accelerator: every expert on the model's device (resident within {budget}, else streamed)"
-    return (f"executor {options.executor}: experts on the accelerator (resident within {budget}, else "
+    where = "when the model is on an accelerator, " if options.executor == "auto" else ""
+    return (f"executor {options.executor}: {where}experts on the accelerator (resident within {budget}, else "
             f"streamed) and in the CPU kernel, {forced}")

@@ -142,3 +142,25 @@ def test_bad_executor_options_are_clear_errors():
     kernel = ExpertKernel(*weights, threads=1)
     with pytest.raises(ValueError, match="'gpu_expert_budget' .* is below one layer's stream buffers"):
         AcceleratorTier(kernel, CPU, executor="hybrid", budget=GpuExpertBudget(1e-9), accelerator_fraction=0.5)
+
+
+def test_out_of_accelerator_memory_falls_back_to_the_cpu_kernel(monkeypatch, caplog):
+    """An out-of-memory error in the accelerator's forward or backward: that call's accelerator experts run in the
+    CPU kernel instead, with a warning, and every result is still the CPU-only path's."""
+    E, H, I, T, k = 10, 72, 40, 41, 3
+    weights, lora_gu, lora_dn = random_layer(E, H, I, 8, 4, torch.float32, seed("oom"))
+    x, ids, w, dy = random_batch(T, H, E, k, torch.float32, seed("oomx"))
+    kernel = ExpertKernel(*weights, threads=2)
+    tier = AcceleratorTier(kernel, CPU, executor="hybrid", budget=budget_of(kernel, 2.5), accelerator_fraction=0.5)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("no room")
+
+    monkeypatch.setattr(tier, "_run", out_of_memory)
+    reference = run_layer(kernel, None, x, ids, w, dy, lora_gu, lora_dn)
+    with caplog.at_level("WARNING", logger="kt_patch"):
+        got = run_layer(kernel, tier, x, ids, w, dy, lora_gu, lora_dn)
+    assert "out of accelerator memory in the forward" in caplog.text
+    assert "out of accelerator memory in the backward" in caplog.text
+    errors = {name: rel_l2(got[name], reference[name]) for name in reference}
+    assert max(errors.values()) <= 1e-5, f"run seed {RUN_SEED}: {errors}"

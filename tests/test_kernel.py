@@ -3,6 +3,7 @@
 Tolerances (relative L2): 1e-5 with fp32 weights, 1e-2 with bf16 weights. Inputs are fresh random draws (seeded
 from the test id plus a per-run random offset, printed on failure).
 """
+import ctypes
 import random
 
 import pytest
@@ -365,6 +366,43 @@ def test_export_weights_round_trip():
     assert torch.equal(gate_up, weights[0]) and torch.equal(down, weights[1])
 
 
+def packed_as_logical(address, nbytes, dtype, experts, Np, Kp, pair):
+    """W[E][Np][Kp] from a packed buffer read in place: the panel layout of plan.h is a regular tiling
+    [E][Np/16][Kp/pair][16][pair], so a view and a permute undo it."""
+    buf = (ctypes.c_char * nbytes).from_address(address)
+    packed = torch.frombuffer(buf, dtype=dtype).view(experts, Np // 16, Kp // pair, 16, pair)
+    return packed.permute(0, 1, 3, 2, 4).reshape(experts, Np, Kp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backward_weights", ["transpose", "copy"])
+def test_packed_weights_rebuild_the_weights(dtype, backward_weights):
+    """The streamed accelerator tier copies the packed buffers as they lie and recovers W[N][K] with a permute:
+    every expert's gate, up and down come back exactly, and the padding is zeros; ExpertKernel.packed_weights()
+    views the same buffers and its unpack() gives back the weights of any rows (on the device they are on)."""
+    E, H, I = 3, 72, 40  # neither a multiple of 32: padded on both sides
+    (gate_up, down), _, _ = random_layer(E, H, I, 0, 0, dtype, seed("packed", dtype))
+    kernel = ExpertKernel(gate_up, down, threads=2, backward_weights=backward_weights)
+    layout, buffers = kernel._layer.packed_layout(), kernel._layer.packed_weights()
+    pair = 2 if dtype == torch.bfloat16 else 1
+    assert layout == {"dtype": {torch.bfloat16: "bf16", torch.float32: "f32"}[dtype], "panel": 16, "pair": pair,
+                      "Hp": 96, "Ip": 64, "gate_up_stride": 64 * 96, "down_stride": 96 * 64}
+    expected = {"gate": gate_up[:, :I], "up": gate_up[:, I:], "down": down}
+    for name, (address, nbytes) in buffers.items():
+        N, K = expected[name].shape[1:]
+        Np, Kp = (layout["Hp"], layout["Ip"]) if name == "down" else (layout["Ip"], layout["Hp"])
+        stride = layout["down_stride" if name == "down" else "gate_up_stride"]
+        assert nbytes == E * stride * dtype.itemsize and stride == Np * Kp
+        W = packed_as_logical(address, nbytes, dtype, E, Np, Kp, layout["pair"])
+        assert torch.equal(W[:, :N, :K], expected[name]), name
+        assert not W[:, N:].any() and not W[:, :, K:].any(), f"{name}: padding is not zero"
+    packed = kernel.packed_weights()
+    assert {name: (t.data_ptr(), t.numel() * t.element_size()) for name, t in packed.items()} == buffers
+    experts = torch.tensor([2, 0])
+    for name, W in expected.items():
+        assert torch.equal(kernel.unpack(packed[name][experts], name), W[experts]), name
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 @pytest.fixture
 def kernel():
@@ -461,18 +499,3 @@ def test_skipped_slots_are_left_to_another_tier(isa, dtype):
     ref["dw"] = ref["dw"].masked_fill(skipped, 0.0)
     assert_close({"y": y, "dx": dx, "dw": dw, **grads}, ref, TOL[dtype], f"{isa}")
     assert float(y[0].abs().sum()) == 0
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_packed_weights_unpack_to_the_given_weights(dtype):
-    """The accelerator tiers stream the kernel's own packed buffers: viewed in place and unpacked, they are the
-    weights the kernel was given, bit for bit (H and I not multiples of the padding)."""
-    E, H, I = 5, 72, 40
-    weights, _, _ = random_layer(E, H, I, 0, 0, dtype, seed("packed", dtype))
-    kernel = ExpertKernel(*weights, threads=1)
-    packed = kernel.packed_weights()
-    experts = torch.tensor([4, 1])
-    gate, up = kernel.unpack(packed["gate"][experts], "gate"), kernel.unpack(packed["up"][experts], "up")
-    down = kernel.unpack(packed["down"][experts], "down")
-    assert torch.equal(gate, weights[0][experts, :I]) and torch.equal(up, weights[0][experts, I:])
-    assert torch.equal(down, weights[1][experts])

@@ -11,13 +11,22 @@ every backward (also under ``no_sync``) gives the same sum, since after the firs
 value.
 
 The frozen expert weights are not compared across ranks: every rank must load the same ones (``from_pretrained``
-does).
+does). Several local ranks map one host copy of them (:mod:`kt_patch.shared_weights`).
+
+No rank waits forever on another's error (:mod:`kt_patch.peers`): a forward that raises under DDP, an expert backward
+that raises or an uncaught exception is written to the process group's store, the other ranks raise it at their next
+MoE layer or while waiting for the averaging, and the averaging's collectives wait at most the ``peer_timeout``
+option.
 """
 from __future__ import annotations
+
+import datetime
+import time
 
 import torch
 import torch.distributed as dist
 
+from .. import options, peers
 from ..layer import KtMoeLayer
 
 _GLOO_GROUPS: dict = {}
@@ -25,6 +34,21 @@ _GLOO_GROUPS: dict = {}
 
 def install(distributed_module, patches) -> None:
     patches.wrap(distributed_module.DistributedDataParallel, "__init__", _take_over_routed_experts)
+    patches.wrap(distributed_module.DistributedDataParallel, "forward", _forward_reporting_failures)
+
+
+def _forward_reporting_failures(wrapped, instance, args, kwargs):
+    peers.check(force=True)
+    try:
+        return wrapped(*args, **kwargs)
+    except BaseException as error:
+        peers.report(error, "in the forward")
+        raise
+
+
+def _peer_timeout() -> float:
+    in_force = options.current()
+    return float(in_force.peer_timeout if in_force is not None else options.Options.peer_timeout)
 
 
 def _take_over_routed_experts(wrapped, instance, args, kwargs):
@@ -50,6 +74,7 @@ def _average_across_ranks(params, process_group) -> None:
     if not new:
         return  # DDP built again around the same model: its gradients are already averaged
     group = _gloo_group(process_group)
+    peers.activate()
     source = dist.get_global_rank(group, 0)
     for param in new:
         dist.broadcast(param.data, src=source, group=group)
@@ -83,13 +108,37 @@ class _GradientAverage:
     def average(self) -> None:
         accumulated, self.accumulated_ids, self.queued_for = self.accumulated_ids, set(), None
         used = torch.tensor([id(param) in accumulated for param in self.params], dtype=torch.int32)
-        dist.all_reduce(used, group=self.group)
+        peers.check(force=True)  # a rank that failed issues none of these
+        _wait(dist.all_reduce(used, group=self.group, async_op=True), "which expert-LoRA gradients exist")
+        works = []
         for param, anywhere in zip(self.params, used.tolist()):
             if anywhere:
                 if param.grad is None:
                     param.grad = torch.zeros_like(param)
-                dist.all_reduce(param.grad, group=self.group)
-                param.grad.div_(self.size)
+                works.append((param, dist.all_reduce(param.grad, group=self.group, async_op=True)))
+        for param, work in works:
+            _wait(work, "the expert-LoRA gradient average")
+            param.grad.div_(self.size)
+
+
+def _wait(work, what: str) -> None:
+    """Wait for a collective of the averaging, raising when another rank reported a failure, when a rank left (gloo
+    fails the collective) or after ``peer_timeout`` seconds."""
+    timeout = _peer_timeout()
+    started = time.monotonic()
+    pause = 1e-4
+    while not work.is_completed():
+        peers.check(force=True)
+        if time.monotonic() - started > timeout:
+            raise RuntimeError(f"kt_patch: rank {dist.get_rank()}: waited {timeout:g} s for the other ranks in "
+                               f"{what} (option peer_timeout, KT_PEER_TIMEOUT): a rank is stuck or far behind")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.02)
+    try:
+        work.wait()
+    except Exception as error:
+        peers.check(force=True)  # the rank that failed first, if it said why
+        raise RuntimeError(f"kt_patch: rank {dist.get_rank()}: {what} failed: another rank left ({error})") from error
 
 
 def _gloo_group(process_group):
@@ -99,5 +148,6 @@ def _gloo_group(process_group):
     key = tuple(dist.get_process_group_ranks(process_group))
     if key not in _GLOO_GROUPS:
         # only these ranks take part, so DDP on a subgroup (several data-parallel groups) makes no world-wide call
-        _GLOO_GROUPS[key] = dist.new_group(ranks=list(key), backend="gloo", use_local_synchronization=True)
+        _GLOO_GROUPS[key] = dist.new_group(ranks=list(key), backend="gloo", use_local_synchronization=True,
+                                           timeout=datetime.timedelta(seconds=_peer_timeout()))
     return _GLOO_GROUPS[key]

@@ -31,8 +31,12 @@ import math
 import torch
 import torch.distributed as dist
 
+import kt_patch
+
 from .. import options as kt_options
 from ..layer import KtMoeLayer
+from ..patcher import patch_model
+from .ddp import _gloo_group
 from ..options import OptionError
 
 logger = logging.getLogger("kt_patch")
@@ -52,8 +56,6 @@ def configure_from_config(config) -> None:
     block = kt_options.check_deepspeed_block(config["kt_patch"])
     if kt_options.deepspeed_block() == block and kt_options.current() is not None:
         return
-    import kt_patch
-
     previous = kt_options.deepspeed_block()
     kt_options.set_deepspeed_block(block)
     try:
@@ -178,8 +180,6 @@ def _engine_init(original, engine, args, kwargs):
         return original(*bound.args, **bound.kwargs)
 
     if not _kt_layers(model):
-        from ..patcher import patch_model
-
         patch_model(_base_model(model), in_force)  # a model built before kt_patch was enabled (by this config)
     layers = _kt_layers(model)
     if not layers:
@@ -290,8 +290,6 @@ class _ExpertLora:
         if self.params and dist.is_available() and dist.is_initialized():
             dp_group = getattr(engine, "seq_data_parallel_group", None) or getattr(engine, "data_parallel_group",
                                                                                      None) or dist.group.WORLD
-            from .ddp import _gloo_group
-
             self.group = _gloo_group(dp_group)
             self.world = dist.get_world_size(self.group)
             source = dist.get_global_rank(self.group, 0)
