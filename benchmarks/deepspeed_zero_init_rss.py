@@ -5,7 +5,8 @@
 
 MODE: patched (the config's "kt_patch" block), unpatched (no block), or eager (block, no zero.Init). Each rank
 prints its RSS before from_pretrained, its peak during it (ru_maxrss; the process had not been above that before)
-and after it, and the routed experts' bytes. kt_patch is activated by the block alone (no import here).
+and after it (and the anonymous part, before and after a gc), the routed experts' bytes, and what the host holds
+after it (every rank's share of anonymous and shared memory, summed: the experts' shared segment counts once). kt_patch is activated by the block alone (no import here).
 """
 import gc
 import os
@@ -24,6 +25,14 @@ def anonymous_mib():
     """The anonymous part of the RSS (not file pages such as the checkpoint's memory map)."""
     with open("/proc/self/smaps_rollup") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("Anonymous:")) / 1024
+
+
+def share_mib():
+    """This process's proportional share of its anonymous and shared-memory pages (a /dev/shm segment mapped by the
+    host's local ranks counts 1/ranks in each): summed over the ranks, the host's memory."""
+    with open("/proc/self/smaps_rollup") as f:
+        fields = {line.split(":")[0]: int(line.split()[1]) for line in f if line.split()[-1] == "kB"}
+    return (fields["Pss_Anon"] + fields["Pss_Shmem"]) / 1024
 
 
 def peak_mib():
@@ -55,9 +64,11 @@ def run(directory, mode):
     live = HfDeepSpeedConfig(config)  # kept alive: from_pretrained builds under zero.Init (stage 3)
     if mode == "eager":
         del live
-    before, peak_before, anonymous_before = rss_mib(), peak_mib(), anonymous_mib()
+    before, peak_before, anonymous_before, share_before = rss_mib(), peak_mib(), anonymous_mib(), share_mib()
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     peak, after, anonymous = peak_mib(), rss_mib(), anonymous_mib() - anonymous_before
+    host = torch.tensor([share_mib() - share_before], dtype=torch.float64)
+    dist.all_reduce(host)
     gc.collect()
     collected = anonymous_mib() - anonymous_before
     summary = getattr(model, "kt_patch_summary", None)
@@ -69,7 +80,8 @@ def run(directory, mode):
     line = (f"{mode} rank {dist.get_rank()}/{world}: RSS before {before:.0f} MiB, peak during from_pretrained "
             f"{peak:.0f} MiB (+{peak - before:.0f}; the process peak before it {peak_before:.0f}), after {after:.0f} "
             f"MiB (+{after - before:.0f}, of which anonymous +{anonymous:.0f}, +{collected:.0f} after gc.collect()); "
-            f"routed experts {experts / 2**20:.0f} MiB")
+            f"routed experts {experts / 2**20:.0f} MiB; the host holds +{host.item():.0f} MiB (all ranks' anonymous "
+            f"and shared memory)")
     for rank in range(world):
         dist.barrier()
         if rank == dist.get_rank():

@@ -257,23 +257,30 @@ def run_refused(spec):
 
 
 def run_rss(spec):
+    """Host memory that from_pretrained under zero.Init leaves held: each rank's proportional share of its anonymous
+    and shared-memory pages (the experts' /dev/shm segment shared by the local ranks counts once in the sum), summed
+    over the ranks; and rank 0's own anonymous growth and peak."""
     import gc
     import resource
 
-    def anonymous():
+    def rollup():
         with open("/proc/self/smaps_rollup") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("Anonymous:")) * 1024
+            fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[-1] == "kB"}
+        return fields["Pss_Anon"] + fields["Pss_Shmem"], fields["Anonymous"]
 
     def peak():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     gc.collect()
     live = HfDeepSpeedConfig(ds_config(3, True))
-    before, peak_before = anonymous(), peak()
+    (share_before, anonymous_before), peak_before = rollup(), peak()
     model = AutoModelForCausalLM.from_pretrained(checkpoint + "_wide", dtype=torch.float32)
-    retained = anonymous() - before  # no gc.collect() here: what the patched model holds as from_pretrained returns
+    share, anonymous = rollup()  # no gc.collect() here: what the patched model holds as from_pretrained returns
+    host = torch.tensor([share - share_before], dtype=torch.float64)
+    dist.all_reduce(host)
     del live
-    return {"retained": retained, "peak": peak() - peak_before, "experts": model.kt_patch_summary.host_bytes,
+    return {"host": int(host.item()), "retained": anonymous - anonymous_before, "peak": peak() - peak_before,
+            "experts": model.kt_patch_summary.host_bytes, "shared": model.kt_patch_summary.shared,
             "report": routed_expert_report(model)}
 
 
