@@ -15,8 +15,10 @@ DeepSpeed-config ``Adam``/``AdamW``), reading each group's live hyper-parameters
 DeepSpeed's optimizer at every step. At each optimizer step (the gradient-accumulation boundary) their gradients are
 averaged once across the data-parallel ranks on a gloo group, then clipped with DeepSpeed's: stage 0 (fp32) clips
 them in its own ``clip_fp32_gradients`` (they are module parameters again by then), ZeRO 1/2/3 clip by the norm of
-DeepSpeed's gradients and ours together. ZeRO-3's consolidated state dict (``save_model`` / ``save_16bit_model``)
-gets them from here.
+DeepSpeed's gradients and ours together (and ``get_global_grad_norm()`` reports that joint norm). ZeRO-3's
+consolidated state dict (``save_model`` / ``save_16bit_model``) gets them from here. ``save_checkpoint`` /
+``load_checkpoint`` run with the experts detached and carry the expert LoRA's values and the companion optimizer's
+state under the client-state key ``kt_patch_expert_lora``.
 
 Refused: ZeRO-Infinity parameter offload (``offload_param``) and pipeline parallelism with patched experts, and fp16
 (loss scaling) with expert LoRA.
