@@ -15,8 +15,10 @@ DeepSpeed-config ``Adam``/``AdamW``), reading each group's live hyper-parameters
 DeepSpeed's optimizer at every step. At each optimizer step (the gradient-accumulation boundary) their gradients are
 averaged once across the data-parallel ranks on a gloo group, then clipped with DeepSpeed's: stage 0 (fp32) clips
 them in its own ``clip_fp32_gradients`` (they are module parameters again by then), ZeRO 1/2/3 clip by the norm of
-DeepSpeed's gradients and ours together. ZeRO-3's consolidated state dict (``save_model`` / ``save_16bit_model``)
-gets them from here.
+DeepSpeed's gradients and ours together (and ``get_global_grad_norm()`` reports that joint norm). ZeRO-3's
+consolidated state dict (``save_model`` / ``save_16bit_model``) gets them from here. ``save_checkpoint`` /
+``load_checkpoint`` run with the experts detached and carry the expert LoRA's values and the companion optimizer's
+state under the client-state key ``kt_patch_expert_lora``.
 
 Refused: ZeRO-Infinity parameter offload (``offload_param``) and pipeline parallelism with patched experts, and fp16
 (loss scaling) with expert LoRA.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 
 import torch
 import torch.distributed as dist
@@ -93,7 +96,8 @@ def install_engine(engine_module) -> None:
         return
     for name, wrapper in (("__init__", _engine_init), ("_get_gradients_for_reduction", _with_experts_detached),
                           ("_take_model_step", _take_model_step),
-                          ("_zero3_consolidated_16bit_state_dict", _zero3_state_dict)):
+                          ("_zero3_consolidated_16bit_state_dict", _zero3_state_dict),
+                          ("save_checkpoint", _save_checkpoint), ("load_checkpoint", _load_checkpoint)):
         original = getattr(engine, name)
         replacement = _bind(wrapper, original)
         replacement._kt_patch = True
@@ -341,6 +345,23 @@ class _ExpertLora:
 
         ds_optimizer.unscale_and_clip_grads = unscale_and_clip_grads
 
+    def state_dict(self) -> dict:
+        """What a DeepSpeed checkpoint carries for the expert LoRA: the values and the companion optimizer's state."""
+        return {"params": {self.names[id(param)]: param.detach().cpu().clone() for param in self.params},
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None}
+
+    def load_state_dict(self, state, optimizer=True) -> None:
+        values = state.get("params") or {}
+        missing = [self.names[id(param)] for param in self.params if self.names[id(param)] not in values]
+        if missing:
+            raise RuntimeError(f"kt_patch: the checkpoint holds no value for routed-expert LoRA parameter(s) "
+                               f"{missing[:4]}{'...' if len(missing) > 4 else ''} (saved from another model?)")
+        with torch.no_grad():
+            for param in self.params:
+                param.copy_(values[self.names[id(param)]])
+        if optimizer and self.optimizer is not None and state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+
     def step(self, live) -> None:
         """One step of the companion optimizer with the hyper-parameters DeepSpeed's groups had for this step."""
         if self.optimizer is None:
@@ -395,10 +416,64 @@ def _take_model_step(original, engine, args, kwargs):
     state.reduce()  # averaged before DeepSpeed's step, so stage 0's clip_fp32_gradients sees the averaged values
     live = [dict(group) for group in getattr(engine.optimizer, "param_groups", None) or []]  # before its scheduler
     grads = [param.grad for param in state.params]  # stage 0's zero_grad walks the module's parameters: ours too
+    ours = state.squared_norm()
     result = original(engine, *args, **kwargs)
+    norm = getattr(engine, "_global_grad_norm", None)  # get_global_grad_norm(), which HF Trainer logs
+    if ours and engine.zero_optimization() and norm is not None and math.isfinite(float(norm)):
+        # ZeRO 1/2/3 computed it over their own gradients; the global norm includes the expert LoRA's (stage 0
+        # keeps none: its clip already walks the module's parameters, ours among them)
+        engine._global_grad_norm = (norm.double() ** 2 + ours).sqrt().to(norm.dtype) if torch.is_tensor(norm) else (
+            float(norm) ** 2 + ours) ** 0.5
     for param, grad in zip(state.params, grads):
         param.grad = grad
     state.step(live)
+    return result
+
+
+_CHECKPOINT_KEY = "kt_patch_expert_lora"
+
+
+def _save_checkpoint(original, engine, args, kwargs):
+    """``engine.save_checkpoint``: DeepSpeed saves the model with the routed-experts modules detached (their frozen
+    weights live in the kernel and come from the base model; ZeRO 2/3 would also record the placeholders as frozen
+    parameters), and the expert LoRA's values and companion optimizer state go in under their own key of the client
+    state, which every rank passes alike (they are the same on every rank)."""
+    state = getattr(engine, "_kt_patch_experts", None)
+    if state is None:
+        return original(engine, *args, **kwargs)
+    bound = inspect.signature(original).bind(engine, *args, **kwargs)
+    client_state = dict(bound.arguments.get("client_state") or {})
+    if _CHECKPOINT_KEY in client_state:
+        raise KeyError(f"client_state key {_CHECKPOINT_KEY!r} is kt_patch's")
+    client_state[_CHECKPOINT_KEY] = state.state_dict()
+    bound.arguments["client_state"] = client_state
+    with _detached(state.layers):
+        return original(*bound.args, **bound.kwargs)
+
+
+def _load_checkpoint(original, engine, args, kwargs):
+    """``engine.load_checkpoint``: the model part loads with the routed-experts modules detached (as it was saved);
+    the expert LoRA's values come back, and its companion optimizer's state unless the optimizer states are not
+    loaded (``load_optimizer_states=False`` or ``load_module_only=True``)."""
+    state = getattr(engine, "_kt_patch_experts", None)
+    if state is None:
+        return original(engine, *args, **kwargs)
+    bound = inspect.signature(original).bind(engine, *args, **kwargs)
+    bound.apply_defaults()
+    with _detached(state.layers):
+        result = original(*bound.args, **bound.kwargs)
+    load_path, client_state = result
+    if load_path is None:  # nothing found; DeepSpeed warned
+        return result
+    saved = client_state.pop(_CHECKPOINT_KEY, None) if isinstance(client_state, dict) else None
+    if saved is None:
+        if state.params:
+            raise RuntimeError(f"kt_patch: checkpoint {load_path} was not saved from a patched model with LoRA on "
+                               "routed experts (no expert-LoRA state in it)")
+        return result
+    arguments = bound.arguments
+    state.load_state_dict(saved, optimizer=arguments.get("load_optimizer_states", True)
+                          and not arguments.get("load_module_only", False))
     return result
 
 
