@@ -8,6 +8,7 @@
         loss weight 0 (stock transformers cannot run an empty batch), as DDP scripts do for a rank without data
     ... --fail RANK:forward|backward: that rank's first MoE kernel raises in the first step's forward or backward;
         every rank writes what it raised to OUT.rankR.err and exits 1 once every rank has written one
+    ... --join: under DDP.join(), the last rank runs one step fewer (uneven inputs)
     ... --memory: load, patch, and write each rank's memory (smaps_rollup Pss, and the Pss of kt_patch's /dev/shm
         mappings) to OUT.rankR.mem while every rank is alive, then exit
 
@@ -17,6 +18,7 @@ drawn at random, so the expert LoRA changes the outputs from the first step) on 
 AdamW steps. Rank 0 writes the per-step losses, the initial and final adapter and the expert-LoRA gradient norms of
 the first step to OUT.
 """
+import contextlib
 import json
 import os
 import sys
@@ -145,24 +147,30 @@ if flag("--fail") is not None:
 
         setattr(kernel, method, injected)
 
+# --join: under DDP.join(), the last rank runs out of batches one step early; the one-process run's last step then
+# takes the other ranks' parts only (DDP averages by the initial world size).
+join = "--join" in sys.argv
+steps = 3 - (1 if join and rank == world - 1 and world > 1 else 0)
 losses, expert_grad_norms = [], {}
 try:
-    for step in range(3):
-        if world > 1:
-            loss = part_loss(network, parts[rank], weight=world)
-        else:
-            loss = sum(part_loss(model, part) for part in parts)
-        loss.backward()
-        if step == 0:
-            expert_grad_norms = {name: param.grad.norm().item() for name, param in trained.items()
-                                 if "experts" in name}
-        optimizer.step()
-        optimizer.zero_grad()
-        mean_loss = loss.detach().clone()
-        if world > 1:
-            dist.all_reduce(mean_loss)
-            mean_loss /= world
-        losses.append(mean_loss.item())
+    uneven = network.join() if join and world > 1 else contextlib.nullcontext()
+    with uneven:
+        for step in range(steps):
+            if world > 1:
+                loss = part_loss(network, parts[rank], weight=world)
+            else:
+                loss = sum(part_loss(model, part) for part in (parts[:-1] if join and step == 2 else parts))
+            loss.backward()
+            if step == 0:
+                expert_grad_norms = {name: param.grad.norm().item() for name, param in trained.items()
+                                     if "experts" in name}
+            optimizer.step()
+            optimizer.zero_grad()
+            mean_loss = loss.detach().clone()
+            if world > 1 and not join:
+                dist.all_reduce(mean_loss)
+                mean_loss /= world
+            losses.append(mean_loss.item())
 except Exception as error:
     if flag("--fail") is None:
         raise

@@ -92,6 +92,17 @@ def test_uneven_parts_and_a_rank_without_tokens(checkpoint, tmp_path):
     assert_same_training(one, many, 1e-5)
 
 
+def test_uneven_inputs_under_ddp_join(checkpoint, tmp_path):
+    """DDP.join(): the second rank runs out of batches a step early and shadows the expert-LoRA average's
+    collectives; nobody waits, and the adapter is the one-process run's whose last step has the first rank's part
+    only (DDP averages by the initial world size)."""
+    one = run_worker([], checkpoint, tmp_path / "join_one.pt", "--join")
+    many = run_worker([*TORCHRUN, "2"], checkpoint, tmp_path / "join_many.pt", "--join")
+    for name, final in one["final"].items():
+        difference = (many["final"][name] - final).norm() / final.norm()
+        assert difference <= 1e-5, f"{name}: joined run {difference:.2e} away from one process"
+
+
 def test_kernel_with_zero_tokens():
     from kt_patch.kernel import ExpertKernel
 

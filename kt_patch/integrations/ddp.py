@@ -21,10 +21,12 @@ option.
 from __future__ import annotations
 
 import datetime
+import inspect
 import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 
 from .. import options, peers
 from ..layer import KtMoeLayer
@@ -35,6 +37,24 @@ _GLOO_GROUPS: dict = {}
 def install(distributed_module, patches) -> None:
     patches.wrap(distributed_module.DistributedDataParallel, "__init__", _take_over_routed_experts)
     patches.wrap(distributed_module.DistributedDataParallel, "forward", _forward_reporting_failures)
+    patches.wrap(distributed_module.DistributedDataParallel, "join", _join_with_the_average)
+
+
+def _join_with_the_average(wrapped, instance, args, kwargs):
+    """``DDP.join()`` for uneven inputs: a rank out of batches also shadows the expert-LoRA average's collectives
+    (as DDP's join hook shadows its own), so the others do not wait for it."""
+    average = getattr(instance, "_kt_patch_average", None)
+    if average is None:
+        return wrapped(*args, **kwargs)
+    arguments = inspect.signature(wrapped).bind(*args, **kwargs)
+    arguments.apply_defaults()
+    given = arguments.arguments
+    if not given["divide_by_initial_world_size"]:
+        raise NotImplementedError("kt_patch: DDP.join(divide_by_initial_world_size=False) is not supported with "
+                                  "expert LoRA: its average divides by the initial world size")
+    average.attach(instance)
+    return Join([instance, average], given["enable"], given["throw_on_early_termination"],
+                divide_by_initial_world_size=True)
 
 
 def _forward_reporting_failures(wrapped, instance, args, kwargs):
@@ -65,11 +85,11 @@ def _take_over_routed_experts(wrapped, instance, args, kwargs):
     result = wrapped(*args, **kwargs)
     trainable = [param for param in experts.values() if param.requires_grad]
     if trainable:
-        _average_across_ranks(trainable, instance.process_group)
+        _average_across_ranks(instance, trainable, instance.process_group)
     return result
 
 
-def _average_across_ranks(params, process_group) -> None:
+def _average_across_ranks(instance, params, process_group) -> None:
     new = [param for param in params if getattr(param, "_kt_patch_gradient_average", None) is None]
     if not new:
         return  # DDP built again around the same model: its gradients are already averaged
@@ -79,11 +99,12 @@ def _average_across_ranks(params, process_group) -> None:
     for param in new:
         dist.broadcast(param.data, src=source, group=group)
     averager = _GradientAverage(new, group)
+    instance._kt_patch_average = averager
     for param in new:
         param._kt_patch_gradient_average = param.register_post_accumulate_grad_hook(averager.accumulated)
 
 
-class _GradientAverage:
+class _GradientAverage(Joinable):
     """Averages the expert-LoRA gradients across the ranks once a backward has finished, in one fixed order.
 
     Not in each gradient's own hook: with the model on an accelerator, the host-memory gradients are accumulated on
@@ -94,7 +115,10 @@ class _GradientAverage:
     """
 
     def __init__(self, params, group):
+        super().__init__()
         self.params, self.group, self.size = params, group, dist.get_world_size(group)
+        self.ddp = None  # the DDP module whose join() this average takes part in
+        self._reduced: set[int] = set()  # the parameters whose gradients the last reduce summed
         self.accumulated_ids: set[int] = set()
         self.queued_for = None  # the backward (graph task) whose end runs `average`
 
@@ -107,18 +131,57 @@ class _GradientAverage:
 
     def average(self) -> None:
         accumulated, self.accumulated_ids, self.queued_for = self.accumulated_ids, set(), None
-        used = torch.tensor([id(param) in accumulated for param in self.params], dtype=torch.int32)
+        if self.ddp is not None:
+            Join.notify_join_context(self)
+        self.reduce(torch.tensor([id(param) in accumulated for param in self.params], dtype=torch.int32),
+                    _gradient_of)
+        for param in self.params:
+            if id(param) in self._reduced:
+                param.grad.div_(self.size)
+
+    def reduce(self, used: torch.Tensor, gradient_of) -> None:
+        """The average's collectives: which gradients any rank has, then the sum of each of those."""
         peers.check(force=True)  # a rank that failed issues none of these
         _wait(dist.all_reduce(used, group=self.group, async_op=True), "which expert-LoRA gradients exist")
-        works = []
+        works, self._reduced = [], set()
         for param, anywhere in zip(self.params, used.tolist()):
             if anywhere:
-                if param.grad is None:
-                    param.grad = torch.zeros_like(param)
-                works.append((param, dist.all_reduce(param.grad, group=self.group, async_op=True)))
-        for param, work in works:
+                self._reduced.add(id(param))
+                works.append(dist.all_reduce(gradient_of(param), group=self.group, async_op=True))
+        for work in works:
             _wait(work, "the expert-LoRA gradient average")
-            param.grad.div_(self.size)
+
+    # Joinable: what a rank that has run out of inputs does while the others still train.
+    def attach(self, ddp) -> None:
+        self.ddp = ddp
+
+    def join_hook(self, **kwargs) -> JoinHook:
+        return _ShadowAverage(self)
+
+    @property
+    def join_device(self) -> torch.device:
+        return self.ddp.join_device
+
+    @property
+    def join_process_group(self):
+        return self.ddp.join_process_group
+
+
+def _gradient_of(param: torch.Tensor) -> torch.Tensor:
+    """The gradient buffer to sum into (zeros where this rank has none: another rank's layer)."""
+    if param.grad is None:
+        param.grad = torch.zeros_like(param)
+    return param.grad
+
+
+class _ShadowAverage(JoinHook):
+    """Each iteration the other ranks still run, the average's collectives with no gradient of this rank's."""
+
+    def __init__(self, average: _GradientAverage):
+        self.average = average
+
+    def main_hook(self) -> None:
+        self.average.reduce(torch.zeros(len(self.average.params), dtype=torch.int32), torch.zeros_like)
 
 
 def _wait(work, what: str) -> None:
