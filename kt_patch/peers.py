@@ -10,11 +10,14 @@ collectives waiting for it.
 """
 from __future__ import annotations
 
+import datetime
 import sys
 import time
 
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _get_default_store
+
+from . import options
 
 _CHECK_EVERY = 0.01
 _KEY = "first"
@@ -56,6 +59,7 @@ class _Peers:
 
 
 _active: _Peers | None = None
+_GLOO_GROUPS: dict = {}
 _previous_excepthook = None
 
 
@@ -83,3 +87,41 @@ def check(force: bool = False) -> None:
     """Raise :class:`PeerFailed` when another rank reported a failure."""
     if _active is not None:
         _active.check(force)
+
+
+def peer_timeout() -> float:
+    """Seconds a rank waits for the others in kt_patch's own collectives (the ``peer_timeout`` option)."""
+    in_force = options.current()
+    return float(in_force.peer_timeout if in_force is not None else options.Options.peer_timeout)
+
+
+def wait(work, what: str) -> None:
+    """Wait for a collective of the averaging, raising when another rank reported a failure, when a rank left (gloo
+    fails the collective) or after ``peer_timeout`` seconds."""
+    timeout = peer_timeout()
+    started = time.monotonic()
+    pause = 1e-4
+    while not work.is_completed():
+        check(force=True)
+        if time.monotonic() - started > timeout:
+            raise RuntimeError(f"kt_patch: rank {dist.get_rank()}: waited {timeout:g} s for the other ranks in "
+                               f"{what} (option peer_timeout, KT_PEER_TIMEOUT): a rank is stuck or far behind")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.02)
+    try:
+        work.wait()
+    except Exception as error:
+        check(force=True)  # the rank that failed first, if it said why
+        raise RuntimeError(f"kt_patch: rank {dist.get_rank()}: {what} failed: another rank left ({error})") from error
+
+
+def gloo_group(process_group):
+    """A gloo group of ``process_group``'s ranks, made once, for the expert-LoRA gradients alone: DDP's reducer
+    issues its own collectives from the accelerator's autograd thread, and sharing a group with it would interleave
+    theirs and ours in a different order on each rank."""
+    key = tuple(dist.get_process_group_ranks(process_group))
+    if key not in _GLOO_GROUPS:
+        # only these ranks take part, so DDP on a subgroup (several data-parallel groups) makes no world-wide call
+        _GLOO_GROUPS[key] = dist.new_group(ranks=list(key), backend="gloo", use_local_synchronization=True,
+                                           timeout=datetime.timedelta(seconds=peer_timeout()))
+    return _GLOO_GROUPS[key]

@@ -20,18 +20,15 @@ option.
 """
 from __future__ import annotations
 
-import datetime
 import inspect
-import time
 
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 
-from .. import options, peers
+from .. import peers
 from ..layer import KtMoeLayer
 
-_GLOO_GROUPS: dict = {}
 
 
 def install(distributed_module, patches) -> None:
@@ -66,11 +63,6 @@ def _forward_reporting_failures(wrapped, instance, args, kwargs):
         raise
 
 
-def _peer_timeout() -> float:
-    in_force = options.current()
-    return float(in_force.peer_timeout if in_force is not None else options.Options.peer_timeout)
-
-
 def _take_over_routed_experts(wrapped, instance, args, kwargs):
     module = args[0] if args else kwargs.get("module")
     experts = {}  # full name -> parameter, over the routed experts of every KtMoeLayer in the module
@@ -93,7 +85,7 @@ def _average_across_ranks(instance, params, process_group) -> None:
     new = [param for param in params if getattr(param, "_kt_patch_gradient_average", None) is None]
     if not new:
         return  # DDP built again around the same model: its gradients are already averaged
-    group = _gloo_group(process_group)
+    group = peers.gloo_group(process_group)
     peers.activate()
     source = dist.get_global_rank(group, 0)
     for param in new:
@@ -142,14 +134,14 @@ class _GradientAverage(Joinable):
     def reduce(self, used: torch.Tensor, gradient_of) -> None:
         """The average's collectives: which gradients any rank has, then the sum of each of those."""
         peers.check(force=True)  # a rank that failed issues none of these
-        _wait(dist.all_reduce(used, group=self.group, async_op=True), "which expert-LoRA gradients exist")
+        peers.wait(dist.all_reduce(used, group=self.group, async_op=True), "which expert-LoRA gradients exist")
         works, self._reduced = [], set()
         for param, anywhere in zip(self.params, used.tolist()):
             if anywhere:
                 self._reduced.add(id(param))
                 works.append(dist.all_reduce(gradient_of(param), group=self.group, async_op=True))
         for work in works:
-            _wait(work, "the expert-LoRA gradient average")
+            peers.wait(work, "the expert-LoRA gradient average")
 
     # Joinable: what a rank that has run out of inputs does while the others still train.
     def attach(self, ddp) -> None:
@@ -182,35 +174,3 @@ class _ShadowAverage(JoinHook):
 
     def main_hook(self) -> None:
         self.average.reduce(torch.zeros(len(self.average.params), dtype=torch.int32), torch.zeros_like)
-
-
-def _wait(work, what: str) -> None:
-    """Wait for a collective of the averaging, raising when another rank reported a failure, when a rank left (gloo
-    fails the collective) or after ``peer_timeout`` seconds."""
-    timeout = _peer_timeout()
-    started = time.monotonic()
-    pause = 1e-4
-    while not work.is_completed():
-        peers.check(force=True)
-        if time.monotonic() - started > timeout:
-            raise RuntimeError(f"kt_patch: rank {dist.get_rank()}: waited {timeout:g} s for the other ranks in "
-                               f"{what} (option peer_timeout, KT_PEER_TIMEOUT): a rank is stuck or far behind")
-        time.sleep(pause)
-        pause = min(pause * 2, 0.02)
-    try:
-        work.wait()
-    except Exception as error:
-        peers.check(force=True)  # the rank that failed first, if it said why
-        raise RuntimeError(f"kt_patch: rank {dist.get_rank()}: {what} failed: another rank left ({error})") from error
-
-
-def _gloo_group(process_group):
-    """A gloo group of ``process_group``'s ranks, made once, for the expert-LoRA gradients alone: DDP's reducer
-    issues its own collectives from the accelerator's autograd thread, and sharing a group with it would interleave
-    theirs and ours in a different order on each rank."""
-    key = tuple(dist.get_process_group_ranks(process_group))
-    if key not in _GLOO_GROUPS:
-        # only these ranks take part, so DDP on a subgroup (several data-parallel groups) makes no world-wide call
-        _GLOO_GROUPS[key] = dist.new_group(ranks=list(key), backend="gloo", use_local_synchronization=True,
-                                           timeout=datetime.timedelta(seconds=_peer_timeout()))
-    return _GLOO_GROUPS[key]

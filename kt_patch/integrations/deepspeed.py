@@ -36,9 +36,9 @@ import torch.distributed as dist
 import kt_patch
 
 from .. import options as kt_options
+from .. import peers
 from ..layer import KtMoeLayer
 from ..patcher import patch_model
-from .ddp import _gloo_group
 from ..options import OptionError
 
 logger = logging.getLogger("kt_patch")
@@ -292,7 +292,8 @@ class _ExpertLora:
         if self.params and dist.is_available() and dist.is_initialized():
             dp_group = getattr(engine, "seq_data_parallel_group", None) or getattr(engine, "data_parallel_group",
                                                                                      None) or dist.group.WORLD
-            self.group = _gloo_group(dp_group)
+            self.group = peers.gloo_group(dp_group)
+            peers.activate()
             self.world = dist.get_world_size(self.group)
             source = dist.get_global_rank(self.group, 0)
             for param in self.params:
@@ -305,7 +306,8 @@ class _ExpertLora:
         if self.group is None or self.world == 1:
             return
         has = torch.tensor([param.grad is not None for param in self.params], dtype=torch.int32)
-        dist.all_reduce(has, group=self.group)
+        peers.check(force=True)  # a rank that failed issues none of these
+        peers.wait(dist.all_reduce(has, group=self.group, async_op=True), "which expert-LoRA gradients exist")
         grads = []
         for param, anywhere in zip(self.params, has.tolist()):
             if anywhere:
@@ -314,7 +316,7 @@ class _ExpertLora:
                 grads.append(param.grad)
         if grads:
             flat = torch._utils._flatten_dense_tensors(grads)
-            dist.all_reduce(flat, group=self.group)
+            peers.wait(dist.all_reduce(flat, group=self.group, async_op=True), "the expert-LoRA gradient average")
             flat.div_(self.world)
             for grad, averaged in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
                 grad.copy_(averaged)
