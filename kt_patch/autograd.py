@@ -64,10 +64,10 @@ class _ExpertFunction(torch.autograd.Function):
         tiers = plan.tiers
         kept = plan.kept_for_recompute(kernel, x.shape[0])
         if kept is None:
-            x_cpu = x.detach().to("cpu", kernel.dtype if x.dtype not in (torch.float32, torch.bfloat16) else x.dtype)
+            x_cpu = kernel.host_tokens(x)
             kernel_ids = topk_ids if tiers is None else tiers.cpu_ids(topk_ids).cpu()
             started = time.perf_counter()
-            pending = kernel.submit_forward(x_cpu.contiguous(), kernel_ids, topk_weights, lora,
+            pending = kernel.submit_forward(x_cpu, kernel_ids, topk_weights, lora,
                                             save_for_backward=plan.keeps_cache(any(ctx.needs_input_grad)))
         # the accelerator's experts run while the CPU kernel computes its own
         accelerated = None if tiers is None else plan.accelerator.forward(

@@ -138,9 +138,7 @@ class AcceleratorTier:
                  accelerator_fraction: float | None, gate_up_bias=None, down_bias=None):
         self.kernel, self.device, self.executor = kernel, device, executor
         self.fraction = accelerator_fraction
-        spec = kernel.spec
-        self.activation, self.alpha, self.limit, self.interleaved = spec.activation, spec.alpha, spec.limit, \
-            spec.interleaved
+        self.spec = kernel.spec
         self.packed = kernel.packed_weights()
         expert_bytes = sum(t[0].numel() * t.element_size() for t in self.packed.values())
         self.resident = None
@@ -152,7 +150,7 @@ class AcceleratorTier:
             _pin_in_place(kernel, self.packed.values())
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" and self.resident is None else None
         gu_bias = None if gate_up_bias is None else gate_up_bias.detach().float()
-        gu_bias = _gate_then_up(gu_bias, 1) if gu_bias is not None and self.interleaved else gu_bias
+        gu_bias = _gate_then_up(gu_bias, 1) if gu_bias is not None and self.spec.interleaved else gu_bias
         self.biases = (None if gu_bias is None else gu_bias.to(device),
                        None if down_bias is None else down_bias.detach().float().to(device))
         self.rates = _Rates()
@@ -256,7 +254,7 @@ class AcceleratorTier:
             B = factors.B.detach().to(self.device, torch.float32, non_blocking=True)
             B = B.view(B.shape[0], rank, E).permute(2, 0, 1)
             out[f"{which}_A"] = A
-            out[f"{which}_B"] = _gate_then_up(B, 1) if which == "gate_up" and self.interleaved else B
+            out[f"{which}_B"] = _gate_then_up(B, 1) if which == "gate_up" and self.spec.interleaved else B
         self._factors = (key, out)
         return out
 
@@ -301,11 +299,12 @@ class AcceleratorTier:
         return torch.zeros(T, H, dtype=torch.float32, device=x.device).index_add(0, tokens, weighted)
 
     def _activate(self, gate, up):
-        if self.activation == "swiglu":
+        spec = self.spec
+        if spec.activation == "swiglu":
             return F.silu(gate) * up
-        gate = gate.clamp(max=self.limit)
-        up = up.clamp(-self.limit, self.limit)
-        return (up + 1) * gate * torch.sigmoid(self.alpha * gate)
+        gate = gate.clamp(max=spec.limit)
+        up = up.clamp(-spec.limit, spec.limit)
+        return (up + 1) * gate * torch.sigmoid(spec.alpha * gate)
 
     def forward(self, x, ids, w, lora: ExpertLora, plan: TierPlan, for_backward: bool = False) -> torch.Tensor:
         """The accelerator's share of y (fp32, on the device). ``for_backward``: the backward comes next (a
@@ -347,9 +346,9 @@ class AcceleratorTier:
     def _on_cpu(self, x, ids, w, lora: ExpertLora, plan: TierPlan, dy=None):
         """The accelerator's slots computed by the CPU kernel instead (out of accelerator memory): ``(y, dx, dw,
         add_lora_grads)`` on the device, the last three with ``dy``."""
-        x_cpu = x.detach().to("cpu", self.kernel.dtype if x.dtype not in (torch.float32, torch.bfloat16) else x.dtype)
+        x_cpu = self.kernel.host_tokens(x)
         own_ids = ids.masked_fill(~plan.on_accelerator[ids], -1).cpu()
-        y, ctx = self.kernel.forward(x_cpu.contiguous(), own_ids, w, lora, save_for_backward=dy is not None)
+        y, ctx = self.kernel.forward(x_cpu, own_ids, w, lora, save_for_backward=dy is not None)
         y = y.to(self.device, torch.float32)
         if dy is None:
             return y, None, None, None
@@ -402,7 +401,7 @@ class AcceleratorTier:
                 if key.endswith("_A"):
                     target.view(E, grad.shape[1], -1)[host] += grad
                     continue
-                if key == "gate_up_B" and self.interleaved:  # back to PEFT's alternating gate, up rows
+                if key == "gate_up_B" and self.spec.interleaved:  # back to PEFT's alternating gate, up rows
                     half = grad.shape[1] // 2
                     grad = torch.stack((grad[:, :half], grad[:, half:]), dim=2).reshape(grad.shape)
                 target.view(target.shape[0], grad.shape[2], E)[:, :, host] += grad.permute(1, 2, 0)

@@ -199,6 +199,12 @@ class ExpertKernel:
         return ExpertKernel(gate_up_proj.detach().to("cpu", self.dtype), down_proj.detach().to("cpu", self.dtype),
                             gate_up_bias=gate_up_bias, down_bias=down_bias, **spec)
 
+    def host_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` as this kernel takes them: a contiguous CPU tensor, in its own dtype if bfloat16 or float32,
+        else in the kernel's (fp16 activations, say)."""
+        dtype = tokens.dtype if tokens.dtype in _DTYPES else self.dtype
+        return tokens.detach().to("cpu", dtype).contiguous()
+
     @property
     def isa(self) -> str:
         return self._layer.isa
