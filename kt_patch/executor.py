@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from .kernel import ExpertKernel, ExpertLora, _gate_then_up
 
 logger = logging.getLogger("kt_patch")
-EXECUTORS = ("auto", "cpu", "accelerator", "hybrid")
 _MATRICES = ("gate", "up", "down")
 
 
