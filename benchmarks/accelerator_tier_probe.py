@@ -1,33 +1,81 @@
-"""One MoE layer of the Qwen3-30B-A3B shape on the accelerator tier: link copy, weight fetch, LoRA copy, forward and
-backward times beside the CPU kernel forward (needs a CUDA GPU): python benchmarks/accelerator_tier_probe.py"""
+"""One MoE layer of the Qwen3-30B-A3B shape (128 experts, top-8, bf16, LoRA r=8 on every expert matrix) on the
+accelerator tier beside the CPU kernel (needs a CUDA GPU):
+
+    python benchmarks/accelerator_tier_probe.py [--tokens 2048] [--profile]
+
+Prints milliseconds per call: fetching the layer's experts over the link, the accelerator's forward (plain, and
+recorded for a backward) and backward, resident and streamed, and the CPU kernel's forward and backward on the same
+tokens; ``--profile`` adds torch.profiler's table of one streamed forward + backward.
+"""
+import argparse
 import time
+
 import torch
+
+from kt_patch.executor import _GROUPED_MM_WORKS, AcceleratorTier, GpuExpertBudget, TierPlan
 from kt_patch.kernel import ExpertKernel, ExpertLora, LoraFactors
-from kt_patch.executor import AcceleratorTier, GpuExpertBudget, TierPlan
-E, H, I, T, k = 128, 2048, 768, 2048, 8
-g = torch.Generator().manual_seed(0)
-gu = (torch.randn(E, 2 * I, H, generator=g) * 0.02).bfloat16(); dn = (torch.randn(E, H, I, generator=g) * 0.02).bfloat16()
-kernel = ExpertKernel(gu, dn, threads=15)
-del gu, dn
-A1 = torch.randn(E * 16, H) * 0.01; B1 = torch.randn(2 * I, E * 16) * 0.01; A2 = torch.randn(E * 8, I) * 0.01; B2 = torch.randn(H, E * 8) * 0.01
-lora = ExpertLora(LoraFactors(A1, B1, 1.0), LoraFactors(A2, B2, 2.0))
-dev = torch.device("cuda")
-tier = AcceleratorTier(kernel, dev, executor="accelerator", budget=GpuExpertBudget(3.0), accelerator_fraction=None)
-print("tier", tier.tier_name, "pinned?", tier.packed["gate"].is_pinned())
-x = torch.randn(T, H, device=dev).bfloat16(); ids = torch.randint(0, E, (T, k), device=dev); w = torch.rand(T, k, device=dev)
-dy = torch.randn(T, H, device=dev).bfloat16()
-plan = TierPlan(torch.ones(E, dtype=torch.bool, device=dev))
-experts = torch.arange(E, device=dev)
-def timeit(name, f, n=3):
-    f(); torch.cuda.synchronize(); t = time.perf_counter()
-    for _ in range(n): f()
-    torch.cuda.synchronize(); print(f"{name}: {(time.perf_counter() - t) / n * 1e3:.1f} ms")
-src = tier.packed["gate"]
-timeit("copy gate matrix (402 MB)", lambda: src.to(dev, non_blocking=True))
-timeit("weights fetch (3 matrices + unpack)", lambda: tier._weights(experts))
-timeit("lora slices", lambda: tier._lora_slices(lora, experts))
-timeit("forward no lora", lambda: tier.forward(x, ids, w, ExpertLora(), plan))
-timeit("forward lora", lambda: tier.forward(x, ids, w, lora, plan))
-timeit("backward lora", lambda: tier.backward(x, ids, w, lora, plan, dy)[2]({"gate_up_A": torch.zeros_like(A1), "gate_up_B": torch.zeros_like(B1), "down_A": torch.zeros_like(A2), "down_B": torch.zeros_like(B2)}))
-xc, idc, wc = x.cpu(), ids.cpu(), w.cpu()
-timeit("cpu kernel fwd", lambda: kernel.forward(xc, idc, wc, lora))
+
+
+def timed(name, fn, repeat=3):
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    torch.cuda.synchronize()
+    print(f"{name:44s} {(time.perf_counter() - start) / repeat * 1e3:8.2f} ms", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    E, H, I, T, k, r = 128, 2048, 768, args.tokens, 8, 8
+    g = torch.Generator().manual_seed(0)
+    kernel = ExpertKernel((torch.randn(E, 2 * I, H, generator=g) * 0.02).bfloat16(),
+                          (torch.randn(E, H, I, generator=g) * 0.02).bfloat16(), threads=15)
+    factors = [torch.randn(E * r, H) * 0.01, torch.randn(2 * I, E * r) * 0.01,
+               torch.randn(E * r, I) * 0.01, torch.randn(H, E * r) * 0.01]
+    lora = ExpertLora(LoraFactors(factors[0], factors[1], 2.0), LoraFactors(factors[2], factors[3], 2.0))
+    device = torch.device("cuda")
+    layer_gib = sum(t.numel() * t.element_size() for t in kernel.packed_weights().values()) / 2**30
+    x = torch.randn(T, H, device=device).bfloat16()
+    ids = torch.stack([torch.randperm(E, device=device)[:k] for _ in range(T)])
+    w = torch.rand(T, k, device=device)
+    dy = torch.randn(T, H, device=device).bfloat16()
+    plan = TierPlan(tuple(range(E)), E)
+    grads = {"gate_up_A": torch.zeros_like(factors[0]), "gate_up_B": torch.zeros_like(factors[1]),
+             "down_A": torch.zeros_like(factors[2]), "down_B": torch.zeros_like(factors[3])}
+    for resident in (False, True):
+        tier = AcceleratorTier(kernel, device, executor="accelerator", accelerator_fraction=None,
+                               budget=GpuExpertBudget((4.5 if resident else 3.5) * layer_gib))
+        name = tier.tier_name
+        if not resident:
+            timed(f"{name}: fetch {layer_gib:.2f} GiB", lambda: tier.fetch(plan)[1].synchronize())
+        timed(f"{name}: forward", lambda: tier.forward(x, ids, w, lora, plan))
+        timed(f"{name}: forward for a backward + backward",
+              lambda: (tier.forward(x, ids, w, lora, plan, for_backward=True),
+                       tier.backward(x, ids, w, lora, plan, dy)[2](grads)))
+        print("  grouped GEMM used:", dict(_GROUPED_MM_WORKS))
+        if args.profile and not resident:
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                tier.forward(x, ids, w, lora, plan, for_backward=True)
+                tier.backward(x, ids, w, lora, plan, dy)[2](grads)
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=50))
+            print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=18, max_name_column_width=50))
+        del tier
+    x_cpu, ids_cpu, w_cpu, dy_cpu = x.cpu(), ids.cpu(), w.cpu(), dy.cpu()
+    timed("cpu kernel: forward", lambda: kernel.forward(x_cpu, ids_cpu, w_cpu, lora))
+
+    def cpu_forward_backward():
+        _, ctx = kernel.forward(x_cpu, ids_cpu, w_cpu, lora, save_for_backward=True)
+        kernel.backward(ctx, dy_cpu, ctx.new_lora_grads())
+
+    timed("cpu kernel: forward for a backward + backward", cpu_forward_backward)
+
+
+if __name__ == "__main__":
+    main()

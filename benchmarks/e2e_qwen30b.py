@@ -109,7 +109,12 @@ def main():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    step_s, expert_s, parts_s, losses = [], [], [], []
+    tiers = lambda: [m.accelerator for m in model.modules() if getattr(m, "accelerator", None) is not None]  # noqa
+
+    def busy():  # seconds each side worked, over the steps whose measurements are in (all but the last)
+        return {side: sum(t.busy_seconds[side] for t in tiers()) for side in ("cpu", "accelerator", "link")}
+
+    step_s, expert_s, parts_s, losses, busy_s = [], [], [], [], [busy()]
     for step in range(args.steps):
         ids = torch.randint(0, config.vocab_size, (1, args.qlen), device=device)
         sync()
@@ -129,6 +134,7 @@ def main():
         parts_s.append([round(b - a, 3) for a, b in zip(marks, marks[1:])])
         expert_s.append(sum(seconds for seconds, _ in _C.profile(True).values()))
         losses.append(loss.item())
+        busy_s.append(busy())
         progress(f"step {step}: {step_s[-1]:.2f} s (forward, backward, optimizer {parts_s[-1]}), kernel "
                  f"{expert_s[-1]:.2f} s, loss {losses[-1]:.4f}")
     counted = slice(1, None)
@@ -140,11 +146,21 @@ def main():
         "step_s": [round(s, 3) for s in step_s], "forward_backward_optimizer_s": parts_s, "cpu_expert_s": [round(s, 3) for s in expert_s],
         "tok_s": round(args.qlen / mean(step_s), 1),
         "step_over_cpu_expert": round(mean(step_s) / mean(expert_s), 3),
+        # a step's tier times are read when the next step is planned: step i's arrive with step i + 1
+        "tier_busy_s": [{side: round(b[side] - a[side], 3) for side in a} for a, b in zip(busy_s[2:], busy_s[3:])],
         "loss": [round(v, 4) for v in losses],
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
         "kt_patch": str(model.base_model.model.kt_patch_summary),
     }
+    result["planner"] = [  # every sixth layer: its split and fitted step costs (ms per expert, us per row)
+        {"layer": t.kernel.name, "tier": t.tier_name, "on_accelerator": len(t.step_plan.experts) if t.step_plan else 0,
+         **{side: None if not cost.known else [round(cost.per_expert * 1e3, 3), round(cost.per_row * 1e6, 3)]
+            for side, cost in (("cpu", t.rates.cpu), ("accelerator", t.rates.accelerator), ("link", t.rates.link))}}
+        for t in tiers()[::6]]
+    if result["tier_busy_s"]:
+        busiest = max(sum(step[side] for step in result["tier_busy_s"]) for side in ("cpu", "accelerator", "link"))
+        result["step_over_busier_tier"] = round(mean(step_s) / (busiest / len(result["tier_busy_s"])), 3)
     print(json.dumps(result))
     if args.baselines:
         del model, optimizer, trainable

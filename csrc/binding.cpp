@@ -101,6 +101,8 @@ class Pending {
     return context_ ? py::cast(context_) : py::none();
   }
 
+  double run_seconds() const { return job_->run_seconds(); }
+
  private:
   void release() {
     done_ = true;
@@ -139,7 +141,9 @@ PYBIND11_MODULE(_C, m) {
   py::class_<Pending>(m, "Pending")
       .def("wait", &Pending::wait,
            "Block until the job is done (Ctrl-C cancels it); the forward's context or None. Again: the same result, "
-           "or the job's error");
+           "or the job's error")
+      .def_property_readonly("run_seconds", &Pending::run_seconds,
+                             "seconds the workers spent on the job (not queued), once wait() has returned");
 
   py::class_<LoraRef>(m, "LoraFactors", "The LoRA factors of one projection, read in place (PEFT layout)")
       .def(py::init(&make_lora), py::arg("A"), py::arg("B"), py::arg("dtype"), py::arg("rank"), py::arg("scaling"))

@@ -250,6 +250,7 @@ void PoolState::worker_main(int id) {
         job = current;
       }
     }
+    const auto started = std::chrono::steady_clock::now();
     run_job(*job, id);
     if (id == 0) {
       {
@@ -266,6 +267,7 @@ void PoolState::worker_main(int id) {
         error = std::make_exception_ptr(std::runtime_error("kt_patch: the job was cancelled (interrupted)"));
       std::lock_guard<std::mutex> lock(job->mu_);
       job->error_ = error;
+      job->run_seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
       job->done_ = true;
       job->cv_.notify_all();
     }

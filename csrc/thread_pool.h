@@ -41,6 +41,8 @@ class Job {
   // (finish(false)) and wakes its waiters.
   void cancel() { cancelled_.store(true, std::memory_order_relaxed); }
   bool cancelled() const { return cancelled_.load(std::memory_order_relaxed); }
+  // Seconds the pool spent running the job (not waiting in its queue); meaningful once wait() has returned.
+  double run_seconds() const { return run_seconds_; }
 
  private:
   friend class ThreadPool;
@@ -49,6 +51,7 @@ class Job {
   std::mutex mu_;
   std::condition_variable cv_;
   bool done_ = false;
+  double run_seconds_ = 0;
   std::exception_ptr error_;
   std::atomic<bool> cancelled_{false};
   uint64_t forks_at_submit_ = 0;

@@ -26,7 +26,6 @@ rejects ``lora_dropout != 0`` itself, so there is no mask to repeat across the f
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
@@ -65,8 +64,7 @@ class _ExpertFunction(torch.autograd.Function):
         kept = plan.kept_for_recompute(kernel, x.shape[0])
         if kept is None:
             x_cpu = kernel.host_tokens(x)
-            kernel_ids = topk_ids if tiers is None else tiers.cpu_ids(topk_ids).cpu()
-            started = time.perf_counter()
+            kernel_ids = topk_ids if tiers is None else tiers.cpu_ids(topk_ids)
             pending = kernel.submit_forward(x_cpu, kernel_ids, topk_weights, lora,
                                             save_for_backward=plan.keeps_cache(any(ctx.needs_input_grad)))
         # the accelerator's experts run while the CPU kernel computes its own
@@ -77,7 +75,7 @@ class _ExpertFunction(torch.autograd.Function):
         else:
             y, kctx = pending.wait()
             if tiers is not None:
-                plan.accelerator.record_cpu_time(time.perf_counter() - started, int((kernel_ids >= 0).sum()))
+                plan.accelerator.record_cpu_time(pending.run_seconds)
             plan.ran_kernel()
         out = y.to(*x_meta)
         if plan.region is not None and plan.phase is Phase.FIRST_FORWARD:
@@ -122,6 +120,8 @@ class _ExpertFunction(torch.autograd.Function):
             accelerated = ctx.accelerator.backward(*routed, ctx.lora, ctx.tiers, dy)
         dx, dw = pending.wait()
         dx, dw = dx.to(*ctx.x_meta), dw.to(*ctx.w_meta)
+        if ctx.tiers is not None:
+            ctx.accelerator.record_cpu_time(pending.run_seconds)
         if accelerated is not None:
             dx_accelerator, dw_accelerator, add_lora_grads = accelerated
             dx = (dx.float() + dx_accelerator.float()).to(ctx.x_meta[1])
@@ -173,7 +173,7 @@ def expert_forward(kernel: ExpertKernel, x: torch.Tensor, topk_ids: torch.Tensor
     phase, region = current_phase(kernel.name, policy)
     tiers = None
     if accelerator is not None:
-        tiers = accelerator.plan(topk_ids, refresh_rates=phase is not Phase.RECOMPUTE)
+        tiers = accelerator.plan(topk_ids, first_forward=phase is not Phase.RECOMPUTE)
         tiers = tiers if tiers.any else None
     plan = _Plan(phase, region, policy, on_kernel_run, accelerator, tiers)
     factor_tensors = []  # autograd inputs, so that the factors receive their gradients

@@ -1,23 +1,24 @@
 """Where each routed expert of a MoE layer runs: on the accelerator (resident or streamed) or in the CPU kernel.
 
-Per layer and per call a :class:`TierPlan` puts every expert on one tier. The CPU kernel is submitted first with the
+Per layer and per step a :class:`TierPlan` puts every expert on one tier. The CPU kernel is submitted first with the
 accelerator's slots marked as skipped (expert id -1); the accelerator computes its experts meanwhile; the outputs are
 summed. Gradients (dx, routing weights, the expert-LoRA factors) mean the same on both tiers: the accelerator's are
 added to the kernel's in the same fp32 buffers, which autograd adds into the PEFT parameters' ``.grad``.
 
 Weights on the accelerator are either *resident* (unpacked onto the device once, within the ``gpu_expert_budget``)
 or *streamed*: the rows of the kernel's own packed buffers (:meth:`ExpertKernel.packed_weights`, registered as pinned
-memory in place, so host memory does not grow) are copied on a side stream while the CPU kernel runs, unpacked on the
-device and freed after use. A plain forward keeps nothing for its backward, which fetches the weights again and
-recomputes the accelerator's experts under autograd, so a streamed layer holds no device memory between its forward
-and its backward; a checkpointed layer's recompute, whose backward follows at once, records its computation for it.
-The LoRA factors are copied to the device once per optimizer step (their version changes with each update).
+memory in place, so host memory does not grow) are copied and unpacked on a side stream and freed after use. The
+streamed layers of a device are fetched one ahead of use (:class:`_Prefetcher`): the next layer's during a forward,
+the previous layer's during a backward, so the link works while both sides compute. A plain forward keeps nothing
+for its backward, which fetches the weights again and recomputes the accelerator's experts under autograd; a
+checkpointed layer's recompute, whose backward follows at once, records its computation for it.
 
-The plan is a pure function of the call's routing and of rates frozen for the step, so a checkpointed layer's first
-forward and its recompute agree on it: a forced ``accelerator_fraction`` puts the experts with the most tokens on the
-accelerator; otherwise the split is the one that balances the two sides' estimated times (CPU seconds per row,
-accelerator seconds per row, link seconds per streamed expert), measured on every call and frozen when a layer starts
-a forward that is not a recompute.
+The plan of a step is chosen before the step's routing is known, from the layer's routing in its previous step (which
+changes slowly), so that it can be fetched ahead; the first step plans from its own routing. Any plan is correct: it
+only decides who computes what. The busiest experts go to the accelerator (most rows per byte streamed): a forced
+``accelerator_fraction`` of them, or as many as balance the two sides' measured times per step: the CPU's and the
+accelerator's by experts and rows (:class:`_Cost`), the link's by streamed experts (it overlaps the accelerator's
+compute), each summed over the step's forward, recompute and backward.
 """
 from __future__ import annotations
 
@@ -33,21 +34,35 @@ from .kernel import ExpertKernel, ExpertLora, _gate_then_up
 
 logger = logging.getLogger("kt_patch")
 _MATRICES = ("gate", "up", "down")
+# a streamed layer holds at most: its own weights (recorded for a backward), the next layer's fetched ahead, and one
+# layer's packed rows on their way to being unpacked
+_STREAM_BUFFERS = 3
 
 
 @dataclasses.dataclass(frozen=True)
 class TierPlan:
-    """One layer's split for one call: ``on_accelerator`` [E] bool (on the routing's device)."""
+    """One layer's split for one step: the sorted ids of the experts the accelerator computes."""
 
-    on_accelerator: torch.Tensor
+    experts: tuple[int, ...]
+    num_experts: int
+    _masks: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def mask(self, device: torch.device) -> torch.Tensor:
+        """[E] bool on ``device``: True for the accelerator's experts."""
+        if device not in self._masks:
+            mask = torch.zeros(self.num_experts, dtype=torch.bool)
+            mask[list(self.experts)] = True
+            self._masks[device] = mask.to(device)
+        return self._masks[device]
 
     def cpu_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """The routing the CPU kernel gets: the accelerator's slots as -1 (skipped)."""
-        return ids.masked_fill(self.on_accelerator[ids], -1)
+        """The routing the CPU kernel gets (on the host): the accelerator's slots as -1 (skipped)."""
+        ids = ids.cpu()
+        return ids.masked_fill(self.mask(ids.device)[ids], -1)
 
     @property
     def any(self) -> bool:
-        return bool(self.on_accelerator.any())
+        return bool(self.experts)
 
 
 class GpuExpertBudget:
@@ -58,8 +73,8 @@ class GpuExpertBudget:
         self.left: int | None = None
 
     def take(self, resident_bytes: int, stream_bytes: int, device: torch.device) -> bool:
-        """Reserve ``resident_bytes`` for one layer's resident experts if the budget, less the stream buffers of one
-        layer (``stream_bytes``), allows it; False: that layer streams."""
+        """Reserve ``resident_bytes`` for one layer's resident experts if the budget, less the stream buffers
+        (``stream_bytes``), allows it; False: that layer streams."""
         if self.left is None:
             if self.budget_gib == "auto":
                 free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
@@ -99,10 +114,11 @@ _GROUPED_MM_WORKS: dict = {}
 
 
 def _grouped_mm(rows: torch.Tensor, matrices: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """``rows[ends[g-1]:ends[g]] @ matrices[g]`` for every group g, stacked: torch's grouped GEMM where it takes these
-    operands (its kernels want 16-byte aligned strides, and a dtype the device implements), else a loop."""
-    key = (rows.device.type, rows.dtype, rows.shape[1], matrices.shape[2])
-    aligned = all(dim * rows.element_size() % 16 == 0 for dim in key[2:])  # also the backward's operands
+    """``rows[ends[g-1]:ends[g]] @ matrices[g]`` for every group g (empty groups allowed), stacked: torch's grouped
+    GEMM where it takes these operands (its kernels want 16-byte aligned strides, and a dtype the device
+    implements), else a loop."""
+    key = (rows.device.type, rows.dtype, rows.shape[1], matrices.shape[2], matrices.stride())
+    aligned = all(dim * rows.element_size() % 16 == 0 for dim in key[2:4])  # also the backward's operands
     if aligned and _GROUPED_MM_WORKS.get(key, True) and hasattr(torch, "_grouped_mm"):
         try:
             out = torch._grouped_mm(rows, matrices, offs=ends)
@@ -115,18 +131,168 @@ def _grouped_mm(rows: torch.Tensor, matrices: torch.Tensor, ends: torch.Tensor) 
     return torch.cat(parts) if parts else rows.new_zeros(0, matrices.shape[2])
 
 
-class _Rates:
-    """Exponential averages of measured seconds: per CPU row, per accelerator row, per streamed expert."""
+class _Timer:
+    """Seconds of work on a device queue: CUDA events on a stream (read later, without waiting), else wall time."""
+
+    def __init__(self, stream: torch.cuda.Stream | None):
+        self.stream = stream
+        if stream is None:
+            self.start = time.perf_counter()
+        else:
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.start.record(stream)
+
+    def stop(self) -> "_Timer":
+        if self.stream is None:
+            self.end = time.perf_counter()
+        else:
+            self.end = torch.cuda.Event(enable_timing=True)
+            self.end.record(self.stream)
+        return self
+
+    def seconds(self) -> float:
+        if self.stream is None:
+            return self.end - self.start
+        self.end.synchronize()
+        return self.start.elapsed_time(self.end) / 1e3
+
+
+@dataclasses.dataclass
+class _Window:
+    """What one layer measured between two of its planned steps: the forward's rows and streamed experts, and the
+    seconds of every pass of that step (forward, recompute, backward) on each side."""
+
+    cpu_rows: int = 0
+    accelerator_rows: int = 0
+    cpu_experts: int = 0  # with rows
+    accelerator_experts: int = 0
+    streamed_experts: int = 0
+    cpu_seconds: float = 0.0
+    accelerator: list = dataclasses.field(default_factory=list)  # _Timer
+    link: list = dataclasses.field(default_factory=list)
+
+
+class _Cost:
+    """Seconds per step of one side as ``per_expert * experts + per_row * rows``, fitted (non-negative least squares)
+    to the last steps' measurements. Both terms matter: a CPU expert's weights are read from memory whatever its
+    rows, and its rows cost compute. Until the measured splits differ enough to tell the terms apart, each is taken
+    to be half of what was measured."""
+
+    HISTORY = 8
 
     def __init__(self):
-        self.cpu_row = self.accelerator_row = self.stream_expert = None
+        self.samples: list[tuple[int, int, float]] = []  # (experts, rows, seconds)
+        self.per_expert = self.per_row = None
 
-    def update(self, name: str, value: float) -> None:
-        old = getattr(self, name)
-        setattr(self, name, value if old is None else 0.7 * old + 0.3 * value)
+    @property
+    def known(self) -> bool:
+        return self.per_expert is not None
 
-    def frozen(self) -> tuple:
-        return self.cpu_row, self.accelerator_row, self.stream_expert
+    def add(self, experts: int, rows: int, seconds: float) -> None:
+        if not experts or seconds <= 0:
+            return
+        self.samples = [*self.samples[1 - self.HISTORY:], (experts, rows, seconds)]
+        X = torch.tensor([[e, r] for e, r, _ in self.samples], dtype=torch.float64)
+        y = torch.tensor([t for _, _, t in self.samples], dtype=torch.float64)
+        fit = None
+        if len(self.samples) > 1 and torch.linalg.matrix_rank(X / X.norm(dim=0).clamp_min(1e-30), tol=0.05) == 2:
+            fit = torch.linalg.lstsq(X, y.unsqueeze(1)).solution.flatten()
+            if bool((fit < 0).any()):  # one term alone explains it better than a negative one
+                fits = [(x * y).sum() / (x * x).sum() for x in X.T]
+                residuals = [float((y - f * x).norm()) for f, x in zip(fits, X.T)]
+                fit = torch.zeros(2, dtype=torch.float64)
+                best = min(range(2), key=residuals.__getitem__)
+                fit[best] = fits[best]
+        if fit is None:
+            experts, rows, seconds = (float(v) for v in X.sum(0).tolist() + [y.sum()])
+            fit = torch.tensor([seconds / 2 / experts, seconds / 2 / rows] if rows else [seconds / experts, 0.0],
+                               dtype=torch.float64)
+        self.per_expert, self.per_row = float(fit[0]), float(fit[1])
+
+    def seconds(self, experts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return self.per_expert * experts + self.per_row * rows
+
+
+class _Rates:
+    """What one step costs each side of a layer, from the steps measured (each summed over the step's passes): the
+    CPU and the accelerator by their experts that have rows and by rows, the link by streamed experts."""
+
+    def __init__(self):
+        self.cpu, self.accelerator, self.link = _Cost(), _Cost(), _Cost()
+        self.steps = 0
+
+    @property
+    def known(self) -> bool:
+        return self.cpu.known and self.accelerator.known
+
+    def add(self, seconds: dict[str, float], window: _Window) -> None:
+        self.steps += 1
+        if self.steps == 1:
+            return  # the first step warms up (CUDA context, kernels loaded, allocator growing)
+        self.cpu.add(window.cpu_experts, window.cpu_rows, seconds["cpu"])
+        self.accelerator.add(window.accelerator_experts, window.accelerator_rows, seconds["accelerator"])
+        self.link.add(window.streamed_experts, 0, seconds["link"])
+
+
+class _Prefetcher:
+    """The accelerator tiers of one device in the order of the model's forward, and the one streamed layer fetched
+    ahead."""
+
+    def __init__(self, device: torch.device):
+        self._order: list[weakref.ref] = []
+        self._ahead = None  # (tier, plan, weights, ready event)
+        # one stream for every fetch of the device: the link serves them in order, and their buffers come from one
+        # pool of the caching allocator (which keeps a pool per stream)
+        self.copy_stream = torch.cuda.Stream(device)
+
+    def register(self, tier: "AcceleratorTier") -> None:
+        self._order = [ref for ref in self._order if ref() is not None]
+        if not any(ref() is tier for ref in self._order):
+            self._order.append(weakref.ref(tier))
+
+    def fetch_next(self, tier: "AcceleratorTier", backward: bool) -> None:
+        """Start fetching the streamed layer that runs after ``tier`` (before it, in a backward), for its plan."""
+        tiers = [ref() for ref in self._order]
+        if tier not in tiers:
+            return
+        at = tiers.index(tier)
+        following = [t for t in (reversed(tiers[:at]) if backward else tiers[at + 1:])
+                     if t is not None and t.resident is None]
+        if not following:
+            return
+        target = following[0]
+        plan = target.step_plan if backward else target.upcoming_plan()
+        if plan is None or not plan.any or (self._ahead is not None and self._ahead[:2] == (target, plan)):
+            return
+        self._ahead = None  # one layer ahead at most: an unused fetch is dropped
+        try:
+            self._ahead = (target, plan, *target.fetch(plan))
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()  # the layer is fetched when it runs instead
+
+    def take(self, tier: "AcceleratorTier", plan: TierPlan):
+        """The weights fetched ahead for ``tier``'s ``plan`` (the caller's stream waits for them), or None."""
+        if self._ahead is None or self._ahead[0] is not tier:
+            return None
+        _, ahead_plan, weights, ready = self._ahead
+        self._ahead = None
+        if ahead_plan != plan:
+            return None
+        return weights, ready
+
+
+_prefetchers: dict[torch.device, _Prefetcher] = {}
+_HOST_STAGING: dict[tuple, torch.Tensor] = {}  # (device, LoRA factor, its shape past the experts) -> pinned buffer
+
+
+@dataclasses.dataclass
+class _Groups:
+    """The accelerator's slots grouped by expert: token and slot of each row, its group, the groups' ends."""
+
+    tokens: torch.Tensor
+    slots: torch.Tensor
+    group: torch.Tensor
+    ends: torch.Tensor
 
 
 class AcceleratorTier:
@@ -135,6 +301,8 @@ class AcceleratorTier:
 
     def __init__(self, kernel: ExpertKernel, device: torch.device, *, executor: str, budget: GpuExpertBudget,
                  accelerator_fraction: float | None, gate_up_bias=None, down_bias=None):
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         self.kernel, self.device, self.executor = kernel, device, executor
         self.fraction = accelerator_fraction
         self.spec = kernel.spec
@@ -142,19 +310,26 @@ class AcceleratorTier:
         expert_bytes = sum(t[0].numel() * t.element_size() for t in self.packed.values())
         self.resident = None
         layer_bytes = expert_bytes * kernel.num_experts
-        # a streamed layer holds its packed rows and their unpacked copy at once
-        if budget.take(layer_bytes, 2 * layer_bytes, device):
+        if budget.take(layer_bytes, _STREAM_BUFFERS * layer_bytes, device):
             self.resident = {name: kernel.unpack(self.packed[name].to(device), name) for name in _MATRICES}
         elif device.type == "cuda":
             _pin_in_place(kernel, self.packed.values())
-        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" and self.resident is None else None
+        self.prefetcher, self.copy_stream = None, None
+        if device.type == "cuda":  # resident layers take part too: they start the fetch of the streamed layer after
+            self.prefetcher = _prefetchers.get(device) or _prefetchers.setdefault(device, _Prefetcher(device))
+            self.copy_stream = self.prefetcher.copy_stream if self.resident is None else None
         gu_bias = None if gate_up_bias is None else gate_up_bias.detach().float()
         gu_bias = _gate_then_up(gu_bias, 1) if gu_bias is not None and self.spec.interleaved else gu_bias
         self.biases = (None if gu_bias is None else gu_bias.to(device),
                        None if down_bias is None else down_bias.detach().float().to(device))
         self.rates = _Rates()
-        self._frozen_rates = (None, None, None)
-        self._pending_event = None
+        # seconds each side worked on this layer, summed over its steps whose measurements are in (a step's are
+        # read when the next one is planned): "cpu" (the kernel), "accelerator" (compute), "link" (streaming)
+        self.busy_seconds = {"cpu": 0.0, "accelerator": 0.0, "link": 0.0}
+        self._window = _Window()
+        self.step_plan: TierPlan | None = None  # the plan of the step under way
+        self._next_plan: TierPlan | None = None  # the next step's, once asked for (by a fetch ahead)
+        self._last_counts: torch.Tensor | None = None  # rows per expert in the last step's routing
         self._recorded = None  # a recompute's forward under autograd, for the backward that follows it
         self._factors = None  # (versions of the LoRA factors, their device copies)
 
@@ -163,81 +338,125 @@ class AcceleratorTier:
         return "resident" if self.resident is not None else "streamed"
 
     # ------------------------------------------------------------------------------------------------ plan
-    def plan(self, ids: torch.Tensor, refresh_rates: bool) -> TierPlan:
-        E = self.kernel.num_experts
-        self._collect_accelerator_time()
-        if refresh_rates:
-            self._frozen_rates = self.rates.frozen()
-        if self.executor == "accelerator":
-            return TierPlan(torch.ones(E, dtype=torch.bool, device=ids.device))
-        counts = torch.bincount(ids.flatten(), minlength=E)
-        order = torch.sort(counts, descending=True, stable=True).indices
-        if self.fraction is not None:
-            chosen = round(self.fraction * E)
+    def plan(self, ids: torch.Tensor, first_forward: bool) -> TierPlan:
+        """The split of this call: a new step's (``first_forward``: not a checkpoint's recompute), else the plan of
+        the step under way."""
+        if not first_forward and self.step_plan is not None:
+            return self.step_plan
+        counts = torch.bincount(ids.flatten(), minlength=self.kernel.num_experts).cpu()
+        if self._last_counts is None:
+            self._close_window()
+            plan = self._choose(counts)
         else:
-            chosen = self._balanced_count(counts[order].cpu())
-        on = torch.zeros(E, dtype=torch.bool, device=ids.device)
-        on[order[:chosen]] = True
-        return TierPlan(on)
+            plan = self.upcoming_plan()
+        self._next_plan, self._last_counts, self.step_plan = None, counts, plan
+        on = plan.mask(torch.device("cpu"))
+        window = self._window
+        window.accelerator_rows = int(counts[on].sum())
+        window.cpu_rows = int(counts.sum()) - window.accelerator_rows
+        window.accelerator_experts = int((counts[on] > 0).sum())
+        window.cpu_experts = int((counts > 0).sum()) - window.accelerator_experts
+        window.streamed_experts = len(plan.experts) if self.resident is None else 0
+        if self.prefetcher is not None:
+            self.prefetcher.register(self)
+        return plan
+
+    def upcoming_plan(self) -> TierPlan | None:
+        """The next step's plan, from this step's routing and the rates measured over this step (None before the
+        first step)."""
+        if self._next_plan is None and self._last_counts is not None:
+            self._close_window()
+            self._next_plan = self._choose(self._last_counts)
+        return self._next_plan
+
+    def _close_window(self) -> None:
+        window = self._window
+        if not window.cpu_rows + window.accelerator_rows:
+            return  # no step planned yet
+        seconds = {"cpu": window.cpu_seconds, "accelerator": sum(t.seconds() for t in window.accelerator),
+                   "link": sum(t.seconds() for t in window.link)}
+        for side, value in seconds.items():
+            self.busy_seconds[side] += value
+        self.rates.add(seconds, window)
+        self._window = _Window()
+
+    def _choose(self, counts: torch.Tensor) -> TierPlan:
+        E = self.kernel.num_experts
+        if self.executor == "accelerator":
+            return TierPlan(tuple(range(E)), E)
+        order = torch.sort(counts, descending=True, stable=True).indices
+        chosen = round(self.fraction * E) if self.fraction is not None else self._balanced_count(counts[order])
+        return TierPlan(tuple(sorted(order[:chosen].tolist())), E)
 
     def _balanced_count(self, sorted_counts: torch.Tensor) -> int:
         """How many of the busiest experts go to the accelerator so that both sides finish together."""
-        cpu_row, accelerator_row, stream_expert = self._frozen_rates
-        if cpu_row is None or accelerator_row is None:
+        rates = self.rates
+        if not rates.known:
             return (sorted_counts.numel() + 1) // 2  # no measurement yet: half, to measure both sides
-        rows = torch.cat((torch.zeros(1), torch.cumsum(sorted_counts.double(), 0)))
+        zero = torch.zeros(1, dtype=torch.float64)
+        rows = torch.cat((zero, torch.cumsum(sorted_counts.double(), 0)))  # the n busiest experts' rows
+        experts = torch.cat((zero, torch.cumsum((sorted_counts > 0).double(), 0)))  # ...and those with rows
         n = torch.arange(rows.numel(), dtype=torch.float64)
-        link = (stream_expert or 0.0) * n if self.resident is None else 0.0
-        cost = torch.maximum((rows[-1] - rows) * cpu_row, rows * accelerator_row + link)
+        link = rates.link.seconds(n, 0 * n) if self.resident is None and rates.link.known else 0 * n
+        cost = torch.maximum(rates.cpu.seconds(experts[-1] - experts, rows[-1] - rows),
+                             torch.maximum(rates.accelerator.seconds(experts, rows), link))
         return int(torch.argmin(cost))
 
-    def record_cpu_time(self, seconds: float, rows: int) -> None:
-        if rows:
-            self.rates.update("cpu_row", seconds / rows)
+    def record_cpu_time(self, seconds: float) -> None:
+        """The CPU kernel's seconds on this layer's share in one pass of the step."""
+        self._window.cpu_seconds += seconds
 
-    def _collect_accelerator_time(self) -> None:
-        if self._pending_event is None:
-            return
-        start, end, rows, streamed = self._pending_event
-        if isinstance(start, float):
-            seconds = end - start
-        elif end.query():
-            seconds = start.elapsed_time(end) / 1e3
-        else:
-            return
-        self._pending_event = None
-        if rows:
-            self.rates.update("accelerator_row", seconds / rows)
-        if streamed:
-            self.rates.update("stream_expert", seconds / streamed / 4)  # the link's share, roughly
-
-    # ------------------------------------------------------------------------------------------------ compute
-    def _weights(self, experts: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.resident is not None:
-            return {name: self.resident[name][experts.to(self.device)] for name in _MATRICES}
-        host_experts = experts.tolist()
-        if self.copy_stream is None:
-            return {name: self.kernel.unpack(self.packed[name][experts.cpu()].to(self.device), name)
-                    for name in _MATRICES}
-        packed = {}
-        whole = 2 * len(host_experts) > self.kernel.num_experts  # one copy of the layer beats many small ones
-        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.copy_stream):
+    # ------------------------------------------------------------------------------------------------ weights
+    def fetch(self, plan: TierPlan):
+        """Start copying and unpacking ``plan``'s experts on the copy stream: ``(weights, ready event)``."""
+        stream, packed = self.copy_stream, {}
+        timer = _Timer(stream)
+        with torch.cuda.stream(stream):
             for name in _MATRICES:
                 src = self.packed[name]
-                if whole:
-                    packed[name] = src.to(self.device, non_blocking=True)
-                    continue
-                dst = torch.empty((len(host_experts), src.shape[1]), dtype=src.dtype, device=self.device)
-                for i, e in enumerate(host_experts):
-                    dst[i].copy_(src[e], non_blocking=True)
+                dst = torch.empty((len(plan.experts), src.shape[1]), dtype=src.dtype, device=self.device)
+                for at, first, count in _runs(plan.experts):  # a copy per run of consecutive experts
+                    dst[at:at + count].copy_(src[first:first + count], non_blocking=True)
                 packed[name] = dst
-        torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
-        for dst in packed.values():
-            dst.record_stream(torch.cuda.current_stream(self.device))
-        if whole:
-            packed = {name: rows[experts.to(self.device)] for name, rows in packed.items()}
-        return {name: self.kernel.unpack(packed[name], name) for name in _MATRICES}
+            weights = {name: self.kernel.unpack(packed[name], name) for name in _MATRICES}
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        self._window.link.append(timer.stop())
+        return weights, ready
+
+    def _weights(self, plan: TierPlan) -> dict[str, torch.Tensor]:
+        """[n, N, K] weights of the groups :meth:`_groups` makes: the layer's own (resident), else ``plan``'s."""
+        if self.resident is not None:
+            return self.resident
+        if self.copy_stream is None:
+            experts = torch.tensor(plan.experts, dtype=torch.long)
+            return {name: self.kernel.unpack(self.packed[name][experts].to(self.device), name) for name in _MATRICES}
+        ahead = self.prefetcher.take(self, plan)
+        weights, ready = ahead if ahead is not None else self.fetch(plan)
+        stream = torch.cuda.current_stream(self.device)
+        stream.wait_event(ready)
+        for tensor in weights.values():
+            tensor.record_stream(stream)  # made on the copy stream, used and freed on this one
+        return weights
+
+    def _group_experts(self, plan: TierPlan) -> tuple[int, ...]:
+        """The expert of each group: a resident layer groups all its experts (those of the CPU empty), which spares
+        gathering their weights; a streamed one only the fetched ones."""
+        return tuple(range(self.kernel.num_experts)) if self.resident is not None else plan.experts
+
+    def _groups(self, ids: torch.Tensor, plan: TierPlan) -> _Groups:
+        group_experts = self._group_experts(plan)
+        position = torch.full((self.kernel.num_experts,), -1, dtype=torch.long, device=self.device)
+        position[torch.tensor(group_experts, dtype=torch.long, device=self.device)] = torch.arange(
+            len(group_experts), device=self.device)
+        position = position.masked_fill(~plan.mask(self.device), -1)
+        slot_position = position[ids]
+        tokens, slots = torch.nonzero(slot_position >= 0, as_tuple=True)
+        group = slot_position[tokens, slots]
+        order = torch.argsort(group, stable=True)
+        tokens, slots, group = tokens[order], slots[order], group[order]
+        ends = torch.cumsum(torch.bincount(group, minlength=len(group_experts)), 0).to(torch.int32)
+        return _Groups(tokens, slots, group, ends)
 
     def _device_factors(self, lora: ExpertLora) -> dict[str, torch.Tensor]:
         """fp32 device copies of the factors, expert-major: A [E, r, in], B [E, out, r] (gate rows first). Copied
@@ -252,49 +471,48 @@ class AcceleratorTier:
             A = factors.A.detach().to(self.device, torch.float32, non_blocking=True).view(E, rank, -1)
             B = factors.B.detach().to(self.device, torch.float32, non_blocking=True)
             B = B.view(B.shape[0], rank, E).permute(2, 0, 1)
-            out[f"{which}_A"] = A
-            out[f"{which}_B"] = _gate_then_up(B, 1) if which == "gate_up" and self.spec.interleaved else B
+            B = _gate_then_up(B, 1) if which == "gate_up" and self.spec.interleaved else B
+            out[f"{which}_A"], out[f"{which}_B"] = A, B.contiguous()  # the grouped GEMM's layout
         self._factors = (key, out)
         return out
 
-    def _lora_slices(self, lora: ExpertLora, experts: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The accelerator experts' rows of :meth:`_device_factors` (new tensors: leaves for the backward)."""
-        index = experts.to(self.device)
-        return {key: factors[index] for key, factors in self._device_factors(lora).items()}
+    def _lora_of_groups(self, lora: ExpertLora, plan: TierPlan) -> dict[str, torch.Tensor]:
+        """The groups' rows of :meth:`_device_factors`, as new leaves (for the backward)."""
+        factors = self._device_factors(lora)
+        if self.resident is not None:
+            return {key: t.detach() for key, t in factors.items()}
+        index = torch.tensor(plan.experts, dtype=torch.long, device=self.device)
+        return {key: t[index] for key, t in factors.items()}
 
-    def _run(self, x, ids, w, plan: TierPlan, experts, weights, lora_slices, scalings) -> torch.Tensor:
-        """``sum_j w[t,j] expert(x[t])`` over the accelerator's slots, differentiable in x, w and the LoRA slices.
-
-        The slots are grouped by expert and every product is one grouped GEMM over the groups."""
+    # ------------------------------------------------------------------------------------------------ compute
+    def _run(self, x, w, groups: _Groups, plan: TierPlan, weights, lora_groups, scalings) -> torch.Tensor:
+        """``sum_j w[t,j] expert(x[t])`` over the accelerator's slots, differentiable in x, w and the LoRA groups:
+        every product one grouped GEMM over the groups."""
         T, H = x.shape
-        position = torch.full_like(plan.on_accelerator, -1, dtype=torch.long)
-        position[experts] = torch.arange(experts.numel(), device=position.device)
-        slot_position = position[ids]
-        tokens, slots = torch.nonzero(slot_position >= 0, as_tuple=True)
-        group = slot_position[tokens, slots]
-        order = torch.argsort(group, stable=True)
-        tokens, slots, group = tokens[order], slots[order], group[order]
-        ends = torch.cumsum(torch.bincount(group, minlength=experts.numel()), 0).to(torch.int32)
+        tokens, ends = groups.tokens, groups.ends
         rows = x[tokens]
         gate_bias, down_bias = self.biases
         dtype = rows.dtype
         gate = _grouped_mm(rows, weights["gate"].transpose(1, 2), ends)
         up = _grouped_mm(rows, weights["up"].transpose(1, 2), ends)
-        if "gate_up_A" in lora_slices:
-            low = _grouped_mm(rows, lora_slices["gate_up_A"].to(dtype).transpose(1, 2), ends)
-            low = _grouped_mm(low, lora_slices["gate_up_B"].to(dtype).transpose(1, 2), ends) * scalings["gate_up"]
+        if "gate_up_A" in lora_groups:
+            low = _grouped_mm(rows, lora_groups["gate_up_A"].to(dtype).transpose(1, 2), ends)
+            low = _grouped_mm(low, lora_groups["gate_up_B"].to(dtype).transpose(1, 2), ends) * scalings["gate_up"]
             gate, up = gate + low[:, :gate.shape[1]], up + low[:, gate.shape[1]:]
+        row_expert = None
+        if gate_bias is not None or down_bias is not None:
+            row_expert = torch.tensor(self._group_experts(plan), dtype=torch.long, device=self.device)[groups.group]
         if gate_bias is not None:
-            row_bias = gate_bias[experts[group]].to(dtype)
+            row_bias = gate_bias[row_expert].to(dtype)
             gate, up = gate + row_bias[:, :gate.shape[1]], up + row_bias[:, gate.shape[1]:]
         z = self._activate(gate, up)
         down = _grouped_mm(z, weights["down"].transpose(1, 2), ends)
-        if "down_A" in lora_slices:
-            low = _grouped_mm(z, lora_slices["down_A"].to(dtype).transpose(1, 2), ends)
-            down = down + _grouped_mm(low, lora_slices["down_B"].to(dtype).transpose(1, 2), ends) * scalings["down"]
+        if "down_A" in lora_groups:
+            low = _grouped_mm(z, lora_groups["down_A"].to(dtype).transpose(1, 2), ends)
+            down = down + _grouped_mm(low, lora_groups["down_B"].to(dtype).transpose(1, 2), ends) * scalings["down"]
         if down_bias is not None:
-            down = down + down_bias[experts[group]].to(dtype)
-        weighted = down.float() * w[tokens, slots].float().unsqueeze(1)
+            down = down + down_bias[row_expert].to(dtype)
+        weighted = down.float() * w[tokens, groups.slots].float().unsqueeze(1)
         return torch.zeros(T, H, dtype=torch.float32, device=x.device).index_add(0, tokens, weighted)
 
     def _activate(self, gate, up):
@@ -305,36 +523,45 @@ class AcceleratorTier:
         up = up.clamp(-spec.limit, spec.limit)
         return (up + 1) * gate * torch.sigmoid(spec.alpha * gate)
 
+    def _compute_timer(self) -> _Timer:
+        return _Timer(torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None)
+
     def forward(self, x, ids, w, lora: ExpertLora, plan: TierPlan, for_backward: bool = False) -> torch.Tensor:
         """The accelerator's share of y (fp32, on the device). ``for_backward``: the backward comes next (a
         checkpointed layer's recompute), so the computation is recorded for it instead of being redone there."""
-        experts = torch.nonzero(plan.on_accelerator).flatten()
-        cuda = self.device.type == "cuda"
-        start = torch.cuda.Event(enable_timing=True) if cuda else time.perf_counter()
-        if cuda:
-            start.record()
         self._recorded = None
         try:
+            groups = self._groups(ids.to(self.device), plan)  # syncs: before waiting on any weights
+            weights = self._weights(plan)
+            if self.prefetcher is not None:
+                self.prefetcher.fetch_next(self, backward=for_backward)
+            timer = self._compute_timer()
             if for_backward:
-                self._recorded = self._record(x, ids, w, lora, plan, experts)
+                self._recorded = self._record(x, w, lora, plan, groups, weights)
                 y = self._recorded[-1].detach()
             else:
                 with torch.no_grad():
-                    y = self._run(x.to(self.device), ids.to(self.device), w.to(self.device), plan, experts,
-                                  self._weights(experts), self._lora_slices(lora, experts),
-                                  {which: f.scaling for which, f in lora.items()})
+                    y = self._run(x.to(self.device), w.to(self.device), groups, plan, weights,
+                                  self._lora_of_groups(lora, plan), {which: f.scaling for which, f in lora.items()})
         except torch.OutOfMemoryError:
             self._recorded = None
             self._warn_out_of_memory("forward")
             return self._on_cpu(x, ids, w, lora, plan)[0]
-        if cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-        else:
-            end = time.perf_counter()
-        rows = int((plan.on_accelerator[ids]).sum())
-        self._pending_event = (start, end, rows, 0 if self.resident is not None else experts.numel())
+        self._window.accelerator.append(timer.stop())
         return y
+
+    def _to_host(self, key: str, grad: torch.Tensor) -> torch.Tensor:
+        """``grad`` copied into host memory without waiting: into pinned buffers, one per factor, shared by the
+        layers of the device (a layer's backward adds them to its host gradients before the next one starts)."""
+        if self.device.type != "cuda":
+            return grad.float().cpu()
+        key = (self.device, key, grad.shape[1:])
+        buffer = _HOST_STAGING.get(key)
+        if buffer is None or buffer.shape[0] < grad.shape[0]:
+            buffer = _HOST_STAGING[key] = torch.empty((self.kernel.num_experts, *grad.shape[1:]), pin_memory=True)
+        staged = buffer[:grad.shape[0]]
+        staged.copy_(grad, non_blocking=True)
+        return staged
 
     def _warn_out_of_memory(self, where: str) -> None:
         logger.warning("kt_patch: %s: out of accelerator memory in the %s; the CPU kernel computes this call's "
@@ -346,7 +573,8 @@ class AcceleratorTier:
         """The accelerator's slots computed by the CPU kernel instead (out of accelerator memory): ``(y, dx, dw,
         add_lora_grads)`` on the device, the last three with ``dy``."""
         x_cpu = self.kernel.host_tokens(x)
-        own_ids = ids.masked_fill(~plan.on_accelerator[ids], -1).cpu()
+        ids = ids.cpu()
+        own_ids = ids.masked_fill(~plan.mask(ids.device)[ids], -1)
         y, ctx = self.kernel.forward(x_cpu, own_ids, w, lora, save_for_backward=dy is not None)
         y = y.to(self.device, torch.float32)
         if dy is None:
@@ -360,30 +588,34 @@ class AcceleratorTier:
 
         return y, dx.to(self.device), dw.to(self.device), add_lora_grads
 
-    def _record(self, x, ids, w, lora, plan, experts):
-        """The accelerator's forward under autograd, from leaves: ``(experts, x, w, LoRA slices, y)``."""
+    def _record(self, x, w, lora, plan, groups, weights):
+        """The accelerator's forward under autograd, from leaves: ``(plan, x, w, LoRA groups, y)``."""
         x_leaf = x.detach().to(self.device).requires_grad_(True)
         w_leaf = w.detach().to(self.device).requires_grad_(True)
-        slices = {key: t.requires_grad_(True) for key, t in self._lora_slices(lora, experts).items()}
+        lora_groups = {key: t.requires_grad_(True) for key, t in self._lora_of_groups(lora, plan).items()}
         # A graph of its own, kept by this tier: a checkpoint's saved-tensors hooks (active in a recompute) must not
         # take its tensors, which the first forward never saved.
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep_tensor, _keep_tensor):
-            y = self._run(x_leaf, ids.to(self.device), w_leaf, plan, experts, self._weights(experts), slices,
+            y = self._run(x_leaf, w_leaf, groups, plan, weights, lora_groups,
                           {which: f.scaling for which, f in lora.items()})
-        return experts, x_leaf, w_leaf, slices, y
+        return plan, x_leaf, w_leaf, lora_groups, y
 
     def backward(self, x, ids, w, lora: ExpertLora, plan: TierPlan, dy):
         """dx and dw of the accelerator's slots, and a function that adds their LoRA gradients into fp32 host buffers
-        (PEFT layout; called once the CPU kernel has written them). The weights are fetched again and the forward
-        recomputed under autograd."""
-        experts = torch.nonzero(plan.on_accelerator).flatten()
+        (PEFT layout; called once the CPU kernel has written them). Unless the recompute recorded the forward, the
+        weights are fetched again and the forward recomputed under autograd."""
         recorded, self._recorded = self._recorded, None
         try:
-            if recorded is None or recorded[1].shape != x.shape or not torch.equal(recorded[0], experts):
-                recorded = self._record(x, ids, w, lora, plan, experts)
-            _, x_leaf, w_leaf, slices, y = recorded
+            if recorded is None or recorded[1].shape != x.shape or recorded[0] != plan:
+                groups = self._groups(ids.to(self.device), plan)
+                weights = self._weights(plan)
+                if self.prefetcher is not None:
+                    self.prefetcher.fetch_next(self, backward=True)
+                recorded = self._record(x, w, lora, plan, groups, weights)
+            _, x_leaf, w_leaf, lora_groups, y = recorded
+            timer = self._compute_timer()
             with torch.enable_grad():
-                grads = torch.autograd.grad(y, [x_leaf, w_leaf, *slices.values()],
+                grads = torch.autograd.grad(y, [x_leaf, w_leaf, *lora_groups.values()],
                                             dy.to(self.device, torch.float32), allow_unused=True)
         except torch.OutOfMemoryError:
             del recorded
@@ -391,18 +623,37 @@ class AcceleratorTier:
             return self._on_cpu(x, ids, w, lora, plan, dy)[1:]
         dx = torch.zeros_like(x_leaf) if grads[0] is None else grads[0]
         dw = torch.zeros_like(w_leaf) if grads[1] is None else grads[1]
-        lora_parts = {key: grad.to("cpu", torch.float32) for key, grad in zip(slices, grads[2:]) if grad is not None}
+        lora_parts = {key: self._to_host(key, grad) for key, grad in zip(lora_groups, grads[2:]) if grad is not None}
+        copied = None
+        if self.device.type == "cuda":
+            copied = torch.cuda.Event()
+            copied.record(torch.cuda.current_stream(self.device))
+        self._window.accelerator.append(timer.stop())
+        group_experts = torch.tensor(self._group_experts(plan), dtype=torch.long)
 
         def add_lora_grads(lora_grads: dict) -> None:
-            E, host = self.kernel.num_experts, experts.cpu()
+            if copied is not None:
+                copied.synchronize()
+            E = self.kernel.num_experts
             for key, grad in lora_parts.items():
                 target = lora_grads[key]
                 if key.endswith("_A"):
-                    target.view(E, grad.shape[1], -1)[host] += grad
+                    target.view(E, grad.shape[1], -1)[group_experts] += grad
                     continue
                 if key == "gate_up_B" and self.spec.interleaved:  # back to PEFT's alternating gate, up rows
                     half = grad.shape[1] // 2
                     grad = torch.stack((grad[:, :half], grad[:, half:]), dim=2).reshape(grad.shape)
-                target.view(target.shape[0], grad.shape[2], E)[:, :, host] += grad.permute(1, 2, 0)
+                target.view(target.shape[0], grad.shape[2], E)[:, :, group_experts] += grad.permute(1, 2, 0)
 
         return dx, dw, add_lora_grads
+
+
+def _runs(experts: tuple[int, ...]):
+    """``(position, first expert, count)`` of each run of consecutive ids in the sorted ``experts``."""
+    at = 0
+    while at < len(experts):
+        count = 1
+        while at + count < len(experts) and experts[at + count] == experts[at] + count:
+            count += 1
+        yield at, experts[at], count
+        at += count

@@ -139,6 +139,11 @@ class _Pending:
     def wait(self):
         return self._result(self._handle.wait())
 
+    @property
+    def run_seconds(self) -> float:
+        """Seconds the kernel's workers spent on the call (not queued behind another), once ``wait()`` returned."""
+        return self._handle.run_seconds
+
 
 class ExpertKernel:
     """The routed experts of one MoE layer in the C++ kernel.

@@ -11,7 +11,7 @@ import torch
 
 import tiny_models
 from kt_patch.autograd import expert_forward
-from kt_patch.executor import AcceleratorTier, GpuExpertBudget
+from kt_patch.executor import AcceleratorTier, GpuExpertBudget, _Cost
 from kt_patch.kernel import ExpertKernel, ExpertLora, LoraFactors
 from kt_patch.layer import KtMoeLayer
 from kt_patch.options import OptionError, resolve
@@ -28,8 +28,8 @@ def seed(*parts):
 
 
 def budget_of(kernel, layers):
-    """A budget of ``layers`` times one layer's packed experts: a layer is resident from 3 (its own and the stream
-    buffers of one layer, packed and unpacked), streamed below."""
+    """A budget of ``layers`` times one layer's packed experts: a layer is resident from 4 (its own and the stream
+    buffers: three layers' worth, see kt_patch.executor), streamed from 3, an error below."""
     layer_bytes = sum(t.numel() * t.element_size() for t in kernel.packed_weights().values())
     return GpuExpertBudget(layers * layer_bytes / 2**30)
 
@@ -64,7 +64,7 @@ def test_split_equals_the_cpu_kernel_alone(dtype, fraction, resident, gpt_oss):
             if dtype == torch.float32 else 7.0
     kernel = ExpertKernel(*weights, threads=2, **extra)
     biases = {name: extra[name] for name in ("gate_up_bias", "down_bias") if name in extra}
-    tier = AcceleratorTier(kernel, CPU, executor="hybrid", budget=budget_of(kernel, 4 if resident else 2.5),
+    tier = AcceleratorTier(kernel, CPU, executor="hybrid", budget=budget_of(kernel, 4.5 if resident else 3.5),
                            accelerator_fraction=fraction, **biases)
     assert tier.tier_name == ("resident" if resident else "streamed")
     reference = run_layer(kernel, None, x, ids, w, dy, lora_gu, lora_dn)
@@ -77,18 +77,49 @@ def test_plan_puts_the_busiest_experts_on_the_accelerator_and_balances_by_rates(
     weights, _, _ = random_layer(8, 32, 16, 0, 0, torch.float32, seed("plan"))
     kernel = ExpertKernel(*weights, threads=1)
     ids = torch.tensor([[5, 2], [5, 2], [5, 1], [5, 7], [2, 0]])
-    tier = AcceleratorTier(kernel, CPU, executor="hybrid", budget=budget_of(kernel, 2.5), accelerator_fraction=0.25)
-    assert torch.nonzero(tier.plan(ids, refresh_rates=True).on_accelerator).flatten().tolist() == [2, 5]
-    balanced = AcceleratorTier(kernel, CPU, executor="hybrid", budget=budget_of(kernel, 2.5),
+    tier = AcceleratorTier(kernel, CPU, executor="hybrid", budget=budget_of(kernel, 3.5), accelerator_fraction=0.25)
+    assert tier.plan(ids, first_forward=True).experts == (2, 5)
+    # the next step is planned from this step's routing (so that it can be fetched ahead), whatever its own
+    assert tier.upcoming_plan().experts == (2, 5)
+    assert tier.plan(torch.tensor([[0, 1], [0, 1], [0, 3]]), first_forward=True).experts == (2, 5)
+    assert tier.upcoming_plan().experts == (0, 1)
+    balanced = AcceleratorTier(kernel, CPU, executor="hybrid", budget=budget_of(kernel, 3.5),
                                accelerator_fraction=None)
-    balanced.rates.cpu_row, balanced.rates.accelerator_row, balanced.rates.stream_expert = 1.0, 1.0, 0.0
+    rates = balanced.rates
+    for cost, per_row in ((rates.cpu, 1.0), (rates.accelerator, 1.0), (rates.link, 0.0)):
+        cost.per_expert, cost.per_row = 0.0, per_row
     # rows per expert 4 (5), 3 (2), 1, 1, 1: equal rates split the 10 rows as near half as the experts allow
-    plan = balanced.plan(ids, refresh_rates=True)
-    assert torch.nonzero(plan.on_accelerator).flatten().tolist() == [5] or \
-        torch.nonzero(plan.on_accelerator).flatten().tolist() == [2, 5]
-    balanced.rates.cpu_row = 100.0  # the CPU much slower: everything goes to the accelerator...
-    assert balanced.plan(ids, refresh_rates=False).on_accelerator.sum() == plan.on_accelerator.sum()  # ...next step
-    assert bool(balanced.plan(ids, refresh_rates=True).on_accelerator[[0, 1, 2, 5, 7]].all())
+    plan = balanced.plan(ids, first_forward=True)
+    assert plan.experts in ((5,), (2, 5))
+    rates.cpu.per_row = 100.0  # the CPU much slower: everything goes to the accelerator...
+    assert balanced.plan(ids, first_forward=False) is plan  # ...not in this step's recompute...
+    assert set(balanced.plan(ids, first_forward=True).experts) == {0, 1, 2, 5, 7}  # ...from the next step on
+    # CPU rows 3x the accelerator's: 3 experts (8 rows) balance 2 rows on the CPU best, until streaming an expert
+    # costs 4 rows' time: then 2 (7 rows, 8 s of link against 9 s of CPU)
+    rates.cpu.per_row, rates.link.per_expert = 3.0, 0.0
+    assert len(balanced.upcoming_plan().experts) == 3
+    balanced.plan(ids, first_forward=True)
+    rates.link.per_expert = 4.0
+    assert balanced.upcoming_plan().experts == (2, 5)
+    # a CPU whose time goes by experts, not rows (their weights read from memory): it keeps no 1-row expert
+    balanced.plan(ids, first_forward=True)
+    rates.cpu.per_expert, rates.cpu.per_row, rates.link.per_expert = 10.0, 0.1, 1.0
+    assert set(balanced.upcoming_plan().experts) == {0, 1, 2, 5, 7}
+
+
+def test_step_costs_are_fitted_per_expert_and_per_row():
+    g = torch.Generator().manual_seed(seed("cost"))
+    per_expert, per_row = 1e-3 * (1 + torch.rand(1, generator=g).item()), 1e-6 * (1 + torch.rand(1, generator=g).item())
+    cost = _Cost()
+    cost.add(64, 3000, per_expert * 64 + per_row * 3000)  # one split: half each
+    assert cost.per_expert * 64 == pytest.approx(cost.per_row * 3000)
+    assert cost.seconds(64, 3000) == pytest.approx(per_expert * 64 + per_row * 3000)
+    for experts, rows in ((100, 9000), (20, 12000), (128, 16000)):
+        cost.add(experts, rows, per_expert * experts + per_row * rows)
+    assert (cost.per_expert, cost.per_row) == pytest.approx((per_expert, per_row))
+    link = _Cost()
+    link.add(40, 0, 0.02)  # no rows: all per expert
+    assert (link.per_expert, link.per_row) == (0.02 / 40, 0.0)
 
 
 def train(model_type, options, mode, policy, accumulation=3, steps=4):
@@ -151,7 +182,7 @@ def test_out_of_accelerator_memory_falls_back_to_the_cpu_kernel(monkeypatch, cap
     weights, lora_gu, lora_dn = random_layer(E, H, I, 8, 4, torch.float32, seed("oom"))
     x, ids, w, dy = random_batch(T, H, E, k, torch.float32, seed("oomx"))
     kernel = ExpertKernel(*weights, threads=2)
-    tier = AcceleratorTier(kernel, CPU, executor="hybrid", budget=budget_of(kernel, 2.5), accelerator_fraction=0.5)
+    tier = AcceleratorTier(kernel, CPU, executor="hybrid", budget=budget_of(kernel, 3.5), accelerator_fraction=0.5)
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("no room")
