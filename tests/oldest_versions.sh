@@ -3,8 +3,8 @@
 # at the floors that pyproject.toml declares (read from it, so the floors stay the tested ones), then the tests that
 # depend on those versions: every family patched or, where its registry entry needs a newer transformers, left
 # untouched with the version named (test_registry.py); LoRA training parity with stock PEFT, with LoRA on the routed
-# experts refused at injection by a PEFT too old for it (test_peft.py); LLaMA-Factory 0.9.5's checkpoint function on
-# the transformers it takes (test_checkpointing.py).
+# experts refused at injection by a PEFT too old for it, LoRA Experts saved and reloaded to the trained model
+# (test_peft.py); LLaMA-Factory 0.9.5's checkpoint function on the transformers it takes (test_checkpointing.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 floors=$(python3 -c '
