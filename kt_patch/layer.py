@@ -65,10 +65,18 @@ def _side_stream(device: torch.device):
     return _side_streams[index]
 
 
+# The name of the LoRA Experts' child module, so also their key in the adapter file. It must not contain PEFT's LoRA
+# parameter prefix "lora_": PEFT before 0.21 takes every key containing it for a LoRA factor and, loading the adapter,
+# inserts the adapter name after it (".lora_experts.default.modules_to_save.default.gate_up_proj"), so the saved
+# weights were never loaded.
+LORA_EXPERTS_MODULE = "adapter_experts"
+
+
 class LoraExperts(nn.Module):
     """Small dense SwiGLU MLPs applied to every token and summed; trainable, saved with the adapter.
 
-    ``down_proj`` starts at zero so that adding them leaves the model's outputs unchanged until they are trained.
+    ``down_proj`` starts at zero so that adding them leaves the model's outputs unchanged until they are trained. The
+    layer holds them as its ``LORA_EXPERTS_MODULE`` child, which PEFT trains and saves as a ``modules_to_save`` entry.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, device=None):
@@ -117,7 +125,7 @@ class KtMoeLayer(nn.Module):
         self.accelerator: AcceleratorTier | None = None  # made at the first forward, once the device is known
         self.expert_runs = 0
         if lora_experts is not None:
-            self.lora_experts = lora_experts
+            self.add_module(LORA_EXPERTS_MODULE, lora_experts)
         experts = getattr(block, family.experts)
         for name in EXPERT_WEIGHTS:
             setattr(experts, name, weight_placeholder(getattr(experts, name)))
@@ -203,8 +211,8 @@ class KtMoeLayer(nn.Module):
             dense = getattr(self, self.family.shared_expert)(tokens)
             if self.family.shared_expert_gate is not None:
                 dense = torch.sigmoid(getattr(self, self.family.shared_expert_gate)(tokens)) * dense
-        if "lora_experts" in self._modules:
-            lora = self.lora_experts(tokens)
+        if LORA_EXPERTS_MODULE in self._modules:
+            lora = self._modules[LORA_EXPERTS_MODULE](tokens)
             dense = lora if dense is None else dense + lora
         return dense
 

@@ -53,7 +53,8 @@ def patch_model(model: nn.Module, options: Options) -> PatchSummary | None:
             return None
 
     for name, block, family in blocks:
-        with _gathered(getattr(block, family.experts)):  # ZeRO-3: the check reads the whole shapes
+        # ZeRO-3: the check reads the whole shapes; a block without the experts module is the check's to report
+        with _gathered(getattr(block, family.experts, None)):
             reason = registry.unsupported_reason(block, family, ACTIVATIONS)
         if reason is not None:
             logger.warning("kt_patch: %s left untouched: %s (at %s)", model_name, reason, name)
@@ -118,10 +119,10 @@ def _replace_blocks(model, blocks, options: Options) -> PatchSummary:
     return summary
 
 
-def _gathered(experts: nn.Module):
+def _gathered(experts: nn.Module | None):
     """DeepSpeed ZeRO-3 parameters of a routed-experts module (built under ``zero.Init``) gathered for the block's
     take-over; they are replaced by placeholders inside, so no partitioned parameter is left for them."""
-    if not any(hasattr(param, "ds_id") for param in experts.parameters(recurse=False)):
+    if experts is None or not any(hasattr(param, "ds_id") for param in experts.parameters(recurse=False)):
         return contextlib.nullcontext()
     import deepspeed  # only for DeepSpeed's parameters
 

@@ -29,6 +29,9 @@ class MoeFamily:
     jitter_noise: bool = False  # the block multiplies its input by U(1-j, 1+j) in training (block.jitter_noise)
     returns_router_scores: bool = False  # the block returns (hidden_states, routing_weights)
     activation: str = SWIGLU
+    # The oldest transformers release whose block is the one described here; older releases have a block of the same
+    # class that computes otherwise (router outputs in another order, routing inside the block), left unpatched.
+    min_transformers: str | None = None
 
     @property
     def expert_biases(self) -> tuple[str, ...]:
@@ -44,23 +47,24 @@ FAMILIES: list[MoeFamily] = [
               shared_expert_gate="shared_expert_gate"),
     MoeFamily("mixtral", "MixtralSparseMoeBlock", jitter_noise=True),
     MoeFamily("minimax", "MiniMaxSparseMoeBlock", jitter_noise=True),
-    MoeFamily("deepseek_v2", "DeepseekV2Moe", shared_expert="shared_experts"),
-    MoeFamily("deepseek_v3", "DeepseekV3MoE", shared_expert="shared_experts"),
-    MoeFamily("glm4_moe", "Glm4MoeMoE", shared_expert="shared_experts"),
+    MoeFamily("deepseek_v2", "DeepseekV2Moe", shared_expert="shared_experts", min_transformers="5.13.0"),
+    MoeFamily("deepseek_v3", "DeepseekV3MoE", shared_expert="shared_experts", min_transformers="5.13.0"),
+    MoeFamily("glm4_moe", "Glm4MoeMoE", shared_expert="shared_experts", min_transformers="5.13.0"),
     MoeFamily("olmoe", "OlmoeSparseMoeBlock"),
     MoeFamily("gpt_oss", "GptOssMLP", router="router", returns_router_scores=True, activation=GPT_OSS_SWIGLU),
-    MoeFamily("granitemoe", "GraniteMoeMoE", router="router"),
-    MoeFamily("ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock", shared_expert="shared_experts"),
-    MoeFamily("hunyuan_v1_moe", "HunYuanMoEV1Moe", shared_expert="shared_mlp"),
-    MoeFamily("dots1", "Dots1MoE", shared_expert="shared_experts"),
-    MoeFamily("glm4_moe_lite", "Glm4MoeLiteMoE", shared_expert="shared_experts"),
-    MoeFamily("exaone_moe", "ExaoneMoeSparseMoEBlock", shared_expert="shared_experts"),
-    MoeFamily("solar_open", "SolarOpenMoE", shared_expert="shared_experts"),
+    MoeFamily("granitemoe", "GraniteMoeMoE", router="router", min_transformers="5.21.0"),
+    MoeFamily("ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock", shared_expert="shared_experts",
+              min_transformers="5.13.0"),
+    MoeFamily("hunyuan_v1_moe", "HunYuanMoEV1Moe", shared_expert="shared_mlp", min_transformers="5.13.0"),
+    MoeFamily("dots1", "Dots1MoE", shared_expert="shared_experts", min_transformers="5.13.0"),
+    MoeFamily("glm4_moe_lite", "Glm4MoeLiteMoE", shared_expert="shared_experts", min_transformers="5.13.0"),
+    MoeFamily("exaone_moe", "ExaoneMoeSparseMoEBlock", shared_expert="shared_experts", min_transformers="5.13.0"),
+    MoeFamily("solar_open", "SolarOpenMoE", shared_expert="shared_experts", min_transformers="5.13.0"),
     MoeFamily("qwen3_5_moe", "Qwen3_5MoeSparseMoeBlock", shared_expert="shared_expert",
               shared_expert_gate="shared_expert_gate"),
     MoeFamily("flex_olmo", "FlexOlmoSparseMoeBlock"),
     MoeFamily("mellum", "MellumSparseMoeBlock"),
-    MoeFamily("jamba", "JambaSparseMoeBlock", router="router"),
+    MoeFamily("jamba", "JambaSparseMoeBlock", router="router", min_transformers="5.21.0"),
 ]
 
 _BY_BLOCK_CLASS = {family.block_class: family for family in FAMILIES}
@@ -95,6 +99,17 @@ def names() -> list[str]:
     return [family.name for family in FAMILIES]
 
 
+def transformers_too_old(family: MoeFamily) -> str | None:
+    """Why the installed transformers is too old for this family's entry, or None when it is not."""
+    import transformers
+    from packaging.version import Version
+
+    if family.min_transformers is None or Version(transformers.__version__) >= Version(family.min_transformers):
+        return None
+    return (f"{family.name} needs transformers >= {family.min_transformers} (installed: {transformers.__version__}, "
+            f"whose {family.block_class} computes otherwise)")
+
+
 def unsupported_reason(block: nn.Module, family: MoeFamily, activations: tuple[str, ...]) -> str | None:
     """Why the kernel cannot take this block's experts, or None when it can.
 
@@ -103,6 +118,8 @@ def unsupported_reason(block: nn.Module, family: MoeFamily, activations: tuple[s
     """
     from torch import nn
 
+    if (too_old := transformers_too_old(family)) is not None:
+        return too_old
     if family.activation not in activations:
         return f"the kernel does not implement the {family.activation} expert activation of {family.name}"
     for attr in (family.router, family.experts, family.shared_expert, family.shared_expert_gate):

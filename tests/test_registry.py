@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import torch
+from packaging.version import Version
 
 import tiny_models
 from kt_patch import registry
@@ -27,14 +28,33 @@ def record_router_ids(model, store):
 def test_every_tiny_family_has_one_entry():
     by_name = {f.name: f for f in registry.FAMILIES}
     assert sorted(by_name) == sorted(map(tiny_models.family_name, tiny_models.FAMILIES))
-    for model_type in tiny_models.FAMILIES:
+    for model_type in filter(tiny_models.available, tiny_models.FAMILIES):
         model = tiny_models.build(model_type)
         found = {registry.family_of(m) for m in model.modules()} - {None}
         assert found == {by_name[tiny_models.family_name(model_type)]}
 
 
+def assert_left_untouched_naming_the_version(model_type, caplog):
+    import transformers
+
+    model = tiny_models.build(model_type)
+    with caplog.at_level(logging.WARNING, logger="kt_patch"):
+        assert patch_model(model, resolve({})) is None
+    assert not any(isinstance(m, KtMoeLayer) for m in model.modules())
+    family = registry.family_of(next(m for m in model.modules() if registry.family_of(m) is not None))
+    assert f"left untouched: {family.name} needs transformers >= {family.min_transformers} " \
+           f"(installed: {transformers.__version__}, whose {family.block_class} computes otherwise)" in caplog.text
+
+
 @pytest.mark.parametrize("model_type", SUPPORTED)
-def test_patched_block_matches_stock(model_type):
+def test_patched_block_matches_stock(model_type, caplog):
+    import transformers
+
+    if not tiny_models.available(model_type):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
+    if tiny_models.too_old(model_type):  # the oldest-versions run: what kt_patch does instead
+        assert_left_untouched_naming_the_version(model_type, caplog)
+        return
     stock, patched = tiny_models.build(model_type, seed=3), tiny_models.build(model_type, seed=3)
     summary = patch_model(patched, resolve({}))
     assert summary is not None and summary.layers == 2 and summary.experts == 16
@@ -69,6 +89,15 @@ def test_patched_block_matches_stock(model_type):
     assert router_grads, "routing weights must carry gradient into the router"
     for name, grad in patched_grads.items():
         assert rel(grad, stock_grads[name]) < 1e-4, name
+
+
+def test_a_family_newer_than_the_installed_transformers_is_left_untouched(monkeypatch, caplog):
+    import transformers
+
+    family = next(f for f in registry.FAMILIES if f.name == "granitemoe")
+    monkeypatch.setattr(transformers, "__version__", "5.6.0")  # below granitemoe's min_transformers
+    assert Version(family.min_transformers) > Version("5.6.0")
+    assert_left_untouched_naming_the_version("granitemoe", caplog)
 
 
 def test_unsupported_experts_leave_model_untouched(caplog):
@@ -122,7 +151,7 @@ def test_failure_midway_restores_every_block(monkeypatch):
         return built[-1]
 
     monkeypatch.setattr(kt_patch.patcher, "ExpertKernel", second_fails)
-    model = tiny_models.build("deepseek_v3", seed=5)
+    model = tiny_models.build("qwen2_moe", seed=5)  # a family that every supported transformers patches
     before = {n: t.clone() for n, t in model.state_dict().items()}
     classes = [type(m) for m in model.modules()]
     with pytest.raises(MemoryError):

@@ -83,6 +83,26 @@ def family_name(model_type: str) -> str:
     return model_type.removesuffix("_text")
 
 
+def available(model_type: str) -> bool:
+    """Whether the installed transformers has this model type (older releases lack the newer families)."""
+    from transformers import CONFIG_MAPPING
+
+    return model_type in CONFIG_MAPPING
+
+
+def too_old(model_type: str) -> str | None:
+    """Why kt_patch leaves this family unpatched with the installed transformers (the registry's min_transformers),
+    or None when it takes it over."""
+    from kt_patch import registry
+
+    return registry.transformers_too_old(next(f for f in registry.FAMILIES if f.name == family_name(model_type)))
+
+
+def patchable() -> list[str]:
+    """The model types that the installed transformers has and kt_patch takes over there."""
+    return [model_type for model_type in FAMILIES if available(model_type) and too_old(model_type) is None]
+
+
 def config(model_type: str, **overrides):
     from transformers import AutoConfig
 
@@ -110,13 +130,14 @@ def save(model_type: str, directory: str, seed: int = 0, **overrides) -> str:
 
 
 def checkpoints_fixture():
-    """Session-scoped pytest fixture: a directory with the save_pretrained checkpoint of every family."""
+    """Session-scoped pytest fixture: a directory with the save_pretrained checkpoint of every family that the installed
+    transformers has."""
     import pytest
 
     @pytest.fixture(scope="session")
     def checkpoints(tmp_path_factory):
         directory = str(tmp_path_factory.mktemp("tiny_checkpoints"))
-        for model_type in FAMILIES:
+        for model_type in filter(available, FAMILIES):
             save(model_type, directory)
         return directory
 
@@ -127,10 +148,14 @@ def lora_config(model_type: str, variant: str = "parameters"):
     """LoRA on attention output and on the routed experts, in the form a user of that family would write it.
 
     ``parameters``: explicit ``target_parameters``; ``names``: the per-expert names PEFT rewrites to fused parameters
-    (gate/up/down or w1/w2/w3); ``all-linear``: PEFT's shorthand (also puts LoRA on the router).
+    (gate/up/down or w1/w2/w3); ``all-linear``: PEFT's shorthand (also puts LoRA on the router); ``attention``: no
+    LoRA on the routed experts (what a PEFT older than ``kt_patch.integrations.peft.PEFT_FOR_EXPERT_LORA`` can train
+    under kt_patch).
     """
     from peft import LoraConfig
 
+    if variant == "attention":
+        return LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"])
     if variant == "all-linear":
         return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
     if variant == "names":
@@ -140,10 +165,21 @@ def lora_config(model_type: str, variant: str = "parameters"):
                       target_parameters=["experts.gate_up_proj", "experts.down_proj"])
 
 
+def expert_lora_variant() -> str:
+    """The ``lora_config`` variant that kt_patch trains with the installed PEFT: ``parameters`` (attention and routed
+    experts), or ``attention`` where PEFT is older than the one kt_patch needs for expert LoRA (which it refuses)."""
+    import peft
+    from packaging.version import Version
+
+    from kt_patch.integrations.peft import PEFT_FOR_EXPERT_LORA
+
+    return "parameters" if Version(peft.__version__) >= Version(PEFT_FOR_EXPERT_LORA) else "attention"
+
+
 def train(checkpoint: str, model_type: str, out_dir: str, *, dtype=torch.float32, steps: int = 10,
           variant: str = "parameters"):
     """Fine-tune LoRA with AdamW on fixed random tokens; saves the adapter and returns losses, the first step's LoRA
-    gradients and the trained model's logits on fixed evaluation tokens.
+    gradients, the trained model's logits on fixed evaluation tokens and its number of kt_patch MoE layers.
 
     LoRA starts random (``init_lora_weights=False``) so that every factor, A included, has a gradient at the first
     step; later steps' gradients are not compared, since AdamW's first update moves elements whose gradient is near
@@ -170,7 +206,8 @@ def train(checkpoint: str, model_type: str, out_dir: str, *, dtype=torch.float32
     model.save_pretrained(out_dir)
     with torch.no_grad():
         logits = model(input_ids=evaluation_tokens()).logits.float()
-    return {"losses": losses, "grads": grads, "logits": logits}
+    kt_layers = sum(type(module).__name__ == "KtMoeLayer" for module in model.modules())
+    return {"losses": losses, "grads": grads, "logits": logits, "kt_layers": kt_layers}
 
 
 def evaluation_tokens():

@@ -11,9 +11,8 @@ from packaging.version import Version
 from torch import nn
 
 from ..expert_lora import check_expert_wrappers, param_wrappers
-from ..layer import KtMoeLayer, is_placeholder, skip_expert_export
+from ..layer import LORA_EXPERTS_MODULE, KtMoeLayer, is_placeholder, skip_expert_export
 
-LORA_EXPERTS = "lora_experts"
 # The oldest PEFT with LoRA on fused experts as the kernel reads it (A [E*r, in], B [out, E*r] per parameter): older
 # ones lay the factors out otherwise (0.19.0 and before), which the kernel would meet only at the first forward.
 PEFT_FOR_EXPERT_LORA = "0.19.1"
@@ -57,12 +56,12 @@ def _inject_adapter(wrapped, instance, args, kwargs):
     model = kwargs["model"] if "model" in kwargs else args[0]
     adapter_name = kwargs["adapter_name"] if "adapter_name" in kwargs else args[1]
     layers = _kt_layers(model)
-    if layers and any(LORA_EXPERTS in layer._modules for layer in layers):
+    if layers and any(LORA_EXPERTS_MODULE in layer._modules for layer in layers):
         # LoRA Experts are new modules of the patched model: PEFT trains and saves them as modules_to_save.
         config = instance.peft_config[adapter_name]
         modules_to_save = set(config.modules_to_save or ())
-        if LORA_EXPERTS not in modules_to_save:
-            config.modules_to_save = sorted(modules_to_save | {LORA_EXPERTS})
+        if LORA_EXPERTS_MODULE not in modules_to_save:
+            config.modules_to_save = sorted(modules_to_save | {LORA_EXPERTS_MODULE})
     result = wrapped(*args, **kwargs)
     import peft  # imported already (this is its own method); at module level it would import it for every user
 
