@@ -153,9 +153,9 @@ def main():
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
         "kt_patch": str(model.base_model.model.kt_patch_summary),
     }
-    result["planner"] = [  # every sixth layer: its split and fitted step costs (ms per expert, us per row)
+    result["planner"] = [  # every sixth layer: its split and fitted step costs (ms per unit, us per row)
         {"layer": t.kernel.name, "tier": t.tier_name, "on_accelerator": len(t.step_plan.experts) if t.step_plan else 0,
-         **{side: None if not cost.known else [round(cost.per_expert * 1e3, 3), round(cost.per_row * 1e6, 3)]
+         **{side: None if not cost.known else [round(cost.per_unit * 1e3, 3), round(cost.per_row * 1e6, 3)]
             for side, cost in (("cpu", t.rates.cpu), ("accelerator", t.rates.accelerator), ("link", t.rates.link))}}
         for t in tiers()[::6]]
     if result["tier_busy_s"]:

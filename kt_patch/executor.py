@@ -16,9 +16,9 @@ checkpointed layer's recompute, whose backward follows at once, records its comp
 The plan of a step is chosen before the step's routing is known, from the layer's routing in its previous step (which
 changes slowly), so that it can be fetched ahead; the first step plans from its own routing. Any plan is correct: it
 only decides who computes what. The busiest experts go to the accelerator (most rows per byte streamed): a forced
-``accelerator_fraction`` of them, or as many as balance the two sides' measured times per step: the CPU's and the
-accelerator's by experts and rows (:class:`_Cost`), the link's by streamed experts (it overlaps the accelerator's
-compute), each summed over the step's forward, recompute and backward.
+``accelerator_fraction`` of them, or as many as balance the two sides' measured times per step (:class:`_Cost`):
+the CPU's by experts and rows, the accelerator's by a fixed part and rows, the link's by streamed experts (it
+overlaps the accelerator's compute), each summed over the step's forward, recompute and backward.
 """
 from __future__ import annotations
 
@@ -173,26 +173,28 @@ class _Window:
 
 
 class _Cost:
-    """Seconds per step of one side as ``per_expert * experts + per_row * rows``, fitted (non-negative least squares)
-    to the last steps' measurements. Both terms matter: a CPU expert's weights are read from memory whatever its
-    rows, and its rows cost compute. Until the measured splits differ enough to tell the terms apart, each is taken
-    to be half of what was measured."""
+    """Seconds per step of one side as ``per_unit * units + per_row * rows``, fitted by least squares (no negative
+    term) to the last steps' measurements. The units are experts for the CPU (each one's weights are read from memory
+    whatever its rows) and the link; for the accelerator they are its one share of the layer (a fixed time: launches,
+    the LoRA factors' copies, which do not grow with its experts). Until the measured splits differ enough to tell
+    the two terms apart, ``unit_share`` of the time measured is put on the units and the rest on the rows."""
 
     HISTORY = 8
 
-    def __init__(self):
-        self.samples: list[tuple[int, int, float]] = []  # (experts, rows, seconds)
-        self.per_expert = self.per_row = None
+    def __init__(self, unit_share: float):
+        self.unit_share = unit_share
+        self.samples: list[tuple[int, int, float]] = []  # (units, rows, seconds)
+        self.per_unit = self.per_row = None
 
     @property
     def known(self) -> bool:
-        return self.per_expert is not None
+        return self.per_unit is not None
 
-    def add(self, experts: int, rows: int, seconds: float) -> None:
-        if not experts or seconds <= 0:
+    def add(self, units: int, rows: int, seconds: float) -> None:
+        if not units or seconds <= 0:
             return
-        self.samples = [*self.samples[1 - self.HISTORY:], (experts, rows, seconds)]
-        X = torch.tensor([[e, r] for e, r, _ in self.samples], dtype=torch.float64)
+        self.samples = [*self.samples[1 - self.HISTORY:], (units, rows, seconds)]
+        X = torch.tensor([[u, r] for u, r, _ in self.samples], dtype=torch.float64)
         y = torch.tensor([t for _, _, t in self.samples], dtype=torch.float64)
         fit = None
         if len(self.samples) > 1 and torch.linalg.matrix_rank(X / X.norm(dim=0).clamp_min(1e-30), tol=0.05) == 2:
@@ -204,21 +206,23 @@ class _Cost:
                 best = min(range(2), key=residuals.__getitem__)
                 fit[best] = fits[best]
         if fit is None:
-            experts, rows, seconds = (float(v) for v in X.sum(0).tolist() + [y.sum()])
-            fit = torch.tensor([seconds / 2 / experts, seconds / 2 / rows] if rows else [seconds / experts, 0.0],
+            units, rows, seconds = (float(v) for v in X.sum(0).tolist() + [y.sum()])
+            share = self.unit_share if rows else 1.0
+            fit = torch.tensor([seconds * share / units, seconds * (1 - share) / rows if rows else 0.0],
                                dtype=torch.float64)
-        self.per_expert, self.per_row = float(fit[0]), float(fit[1])
+        self.per_unit, self.per_row = float(fit[0]), float(fit[1])
 
-    def seconds(self, experts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return self.per_expert * experts + self.per_row * rows
+    def seconds(self, units: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return self.per_unit * units + self.per_row * rows
 
 
 class _Rates:
     """What one step costs each side of a layer, from the steps measured (each summed over the step's passes): the
-    CPU and the accelerator by their experts that have rows and by rows, the link by streamed experts."""
+    CPU by its experts that have rows and by rows, the accelerator by a fixed time and rows, the link by streamed
+    experts."""
 
     def __init__(self):
-        self.cpu, self.accelerator, self.link = _Cost(), _Cost(), _Cost()
+        self.cpu, self.accelerator, self.link = _Cost(unit_share=0.5), _Cost(unit_share=1.0), _Cost(unit_share=1.0)
         self.steps = 0
 
     @property
@@ -230,7 +234,7 @@ class _Rates:
         if self.steps == 1:
             return  # the first step warms up (CUDA context, kernels loaded, allocator growing)
         self.cpu.add(window.cpu_experts, window.cpu_rows, seconds["cpu"])
-        self.accelerator.add(window.accelerator_experts, window.accelerator_rows, seconds["accelerator"])
+        self.accelerator.add(int(window.accelerator_experts > 0), window.accelerator_rows, seconds["accelerator"])
         self.link.add(window.streamed_experts, 0, seconds["link"])
 
 
@@ -399,7 +403,7 @@ class AcceleratorTier:
         n = torch.arange(rows.numel(), dtype=torch.float64)
         link = rates.link.seconds(n, 0 * n) if self.resident is None and rates.link.known else 0 * n
         cost = torch.maximum(rates.cpu.seconds(experts[-1] - experts, rows[-1] - rows),
-                             torch.maximum(rates.accelerator.seconds(experts, rows), link))
+                             torch.maximum(rates.accelerator.seconds((n > 0).double(), rows), link))
         return int(torch.argmin(cost))
 
     def record_cpu_time(self, seconds: float) -> None:

@@ -87,7 +87,7 @@ def test_plan_puts_the_busiest_experts_on_the_accelerator_and_balances_by_rates(
                                accelerator_fraction=None)
     rates = balanced.rates
     for cost, per_row in ((rates.cpu, 1.0), (rates.accelerator, 1.0), (rates.link, 0.0)):
-        cost.per_expert, cost.per_row = 0.0, per_row
+        cost.per_unit, cost.per_row = 0.0, per_row
     # rows per expert 4 (5), 3 (2), 1, 1, 1: equal rates split the 10 rows as near half as the experts allow
     plan = balanced.plan(ids, first_forward=True)
     assert plan.experts in ((5,), (2, 5))
@@ -96,30 +96,38 @@ def test_plan_puts_the_busiest_experts_on_the_accelerator_and_balances_by_rates(
     assert set(balanced.plan(ids, first_forward=True).experts) == {0, 1, 2, 5, 7}  # ...from the next step on
     # CPU rows 3x the accelerator's: 3 experts (8 rows) balance 2 rows on the CPU best, until streaming an expert
     # costs 4 rows' time: then 2 (7 rows, 8 s of link against 9 s of CPU)
-    rates.cpu.per_row, rates.link.per_expert = 3.0, 0.0
+    rates.cpu.per_row, rates.link.per_unit = 3.0, 0.0
     assert len(balanced.upcoming_plan().experts) == 3
     balanced.plan(ids, first_forward=True)
-    rates.link.per_expert = 4.0
+    rates.link.per_unit = 4.0
     assert balanced.upcoming_plan().experts == (2, 5)
     # a CPU whose time goes by experts, not rows (their weights read from memory): it keeps no 1-row expert
     balanced.plan(ids, first_forward=True)
-    rates.cpu.per_expert, rates.cpu.per_row, rates.link.per_expert = 10.0, 0.1, 1.0
+    rates.cpu.per_unit, rates.cpu.per_row, rates.link.per_unit = 10.0, 0.1, 1.0
     assert set(balanced.upcoming_plan().experts) == {0, 1, 2, 5, 7}
 
 
-def test_step_costs_are_fitted_per_expert_and_per_row():
+def test_step_costs_are_fitted_per_unit_and_per_row():
     g = torch.Generator().manual_seed(seed("cost"))
-    per_expert, per_row = 1e-3 * (1 + torch.rand(1, generator=g).item()), 1e-6 * (1 + torch.rand(1, generator=g).item())
-    cost = _Cost()
-    cost.add(64, 3000, per_expert * 64 + per_row * 3000)  # one split: half each
-    assert cost.per_expert * 64 == pytest.approx(cost.per_row * 3000)
-    assert cost.seconds(64, 3000) == pytest.approx(per_expert * 64 + per_row * 3000)
+    per_unit, per_row = 1e-3 * (1 + torch.rand(1, generator=g).item()), 1e-6 * (1 + torch.rand(1, generator=g).item())
+    cost = _Cost(unit_share=0.5)
+    cost.add(64, 3000, per_unit * 64 + per_row * 3000)  # one split: half each
+    assert cost.per_unit * 64 == pytest.approx(cost.per_row * 3000)
+    assert cost.seconds(64, 3000) == pytest.approx(per_unit * 64 + per_row * 3000)
     for experts, rows in ((100, 9000), (20, 12000), (128, 16000)):
-        cost.add(experts, rows, per_expert * experts + per_row * rows)
-    assert (cost.per_expert, cost.per_row) == pytest.approx((per_expert, per_row))
-    link = _Cost()
-    link.add(40, 0, 0.02)  # no rows: all per expert
-    assert (link.per_expert, link.per_row) == (0.02 / 40, 0.0)
+        cost.add(experts, rows, per_unit * experts + per_row * rows)
+    assert (cost.per_unit, cost.per_row) == pytest.approx((per_unit, per_row))
+    link = _Cost(unit_share=1.0)
+    link.add(40, 0, 0.02)  # no rows: all per unit
+    assert (link.per_unit, link.per_row) == (0.02 / 40, 0.0)
+    # the accelerator: a fixed part (unit 1) and rows; alike splits put it all on the fixed part, so that its experts
+    # do not look dear for a time they do not cost
+    accelerator = _Cost(unit_share=1.0)
+    for rows in (1000, 1010):
+        accelerator.add(1, rows, 0.02 + per_row * rows)
+    assert accelerator.per_row == 0 and accelerator.per_unit == pytest.approx(0.02 + per_row * 1005)
+    accelerator.add(1, 12000, 0.02 + per_row * 12000)
+    assert (accelerator.per_unit, accelerator.per_row) == pytest.approx((0.02, per_row))
 
 
 def train(model_type, options, mode, policy, accumulation=3, steps=4):
