@@ -86,6 +86,17 @@ class LoraExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.zeros(num_experts, hidden_size, intermediate_size, device=device))
         nn.init.normal_(self.gate_up_proj, std=1.0 / math.sqrt(hidden_size))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # LoRA Experts of another count or intermediate size (same hidden size: else they are another model's adapter)
+        # would fail in torch's copy naming only the shapes: name the options that set them.
+        saved, own = state_dict.get(prefix + "down_proj"), self.down_proj.shape  # [count, hidden, intermediate size]
+        if saved is not None and saved.shape != own and saved.shape[1:2] == own[1:2]:
+            raise ValueError(f"kt_patch: the LoRA Experts being loaded are {saved.shape[0]} of intermediate size "
+                             f"{saved.shape[2]} per layer, this model's {own[0]} of {own[2]}: load the base model with "
+                             f"kt_patch enabled with lora_experts={saved.shape[0]}, "
+                             f"lora_expert_intermediate_size={saved.shape[2]} (the options they were trained with)")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         gate, up = torch.einsum("th,eih->eti", hidden_states, self.gate_up_proj.to(hidden_states.dtype)).chunk(2, -1)
         return torch.einsum("eti,ehi->th", F.silu(gate) * up, self.down_proj.to(hidden_states.dtype))

@@ -273,6 +273,70 @@ def test_lora_experts_train_and_save_with_the_adapter(checkpoints, tmp_path):
     assert rel(after, before) > 1e-4
 
 
+def test_loading_an_adapter_checks_its_lora_experts_against_the_model(checkpoints, tmp_path):
+    """PeftModel.from_pretrained and model.load_adapter: an adapter saved with LoRA Experts loads them into a model
+    patched with the same options and is refused (naming the options) by one patched without them (PEFT would drop them
+    without an error) or with another count or size; model.load_adapter of transformers that would leave them out
+    refuses it too. An adapter without them loads into a model with them, whose LoRA Experts start at zero output and
+    train from there."""
+    import transformers
+    from packaging.version import Version
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from kt_patch.integrations.transformers import TRANSFORMERS_LOADING_MODULES_TO_SAVE
+
+    old_transformers = Version(transformers.__version__) < Version(TRANSFORMERS_LOADING_MODULES_TO_SAVE)
+    left_out = "has LoRA Experts, which model.load_adapter does not load before transformers"
+    ids = tiny_models.evaluation_tokens()
+    trained = {}
+    for name, make in (("with", patched_peft), ("without", stock_peft)):
+        options = dict(lora_experts=2, lora_expert_intermediate_size=8) if name == "with" else {}
+        model = make(checkpoints, "qwen3_moe", tiny_models.lora_config("qwen3_moe", "attention"), **options)
+        train_steps(model, 1)  # LoRA (and LoRA Experts) off zero output
+        model.save_pretrained(str(tmp_path / name))
+        with torch.no_grad():
+            trained[name] = model(input_ids=ids).logits
+
+    def load(adapter, via, **options):
+        kt_patch.enable(**options)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(os.path.join(checkpoints, "qwen3_moe"))
+            if via == "transformers":
+                model.load_adapter(str(tmp_path / adapter), is_trainable=True)
+                return model
+            return PeftModel.from_pretrained(model, str(tmp_path / adapter), is_trainable=True)
+        finally:
+            kt_patch.disable()
+
+    for via in ("peft", "transformers"):
+        if via == "transformers" and old_transformers:
+            with pytest.raises(ValueError, match=left_out):
+                load("with", via, lora_experts=2, lora_expert_intermediate_size=8)
+        else:
+            model = load("with", via, lora_experts=2, lora_expert_intermediate_size=8)
+            with torch.no_grad():
+                assert rel(model(input_ids=ids).logits, trained["with"]) <= 1e-5, via
+        with pytest.raises(ValueError, match="trained with LoRA Experts .* has none: .* the lora_experts and "
+                                             "lora_expert_intermediate_size options the adapter was trained with"):
+            load("with", via)
+        for count, size in ((3, 8), (2, 4)):
+            message = (f"being loaded are 2 of intermediate size 8 per layer, this model's {count} of {size}: .* "
+                       "lora_experts=2, lora_expert_intermediate_size=8")
+            error = ValueError
+            if via == "transformers" and old_transformers:
+                message = left_out
+            elif via == "transformers":  # transformers' own size-mismatch error
+                error, message = RuntimeError, "ignore_mismatched_sizes"
+            with pytest.raises(error, match=message):
+                load("with", via, lora_experts=count, lora_expert_intermediate_size=size)
+        model = load("without", via, lora_experts=2, lora_expert_intermediate_size=8)
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad and f".{LORA_EXPERTS_MODULE}." in n]
+        assert len(trainable) == 4, via  # 2 layers x (gate_up_proj, down_proj)
+        with torch.no_grad():
+            assert rel(model(input_ids=ids).logits, trained["without"]) <= 1e-5, via
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_trainer_with_accumulation_and_clipping_matches_stock(checkpoints, tmp_path, checkpointing):
     from transformers import Trainer, TrainingArguments

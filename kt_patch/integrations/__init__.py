@@ -20,7 +20,7 @@ _HOOKS = {
     "torch.utils.checkpoint": checkpointing.install_torch_hook,
     "torch.nn.parallel.distributed": ddp.install,
     "peft.tuners.tuners_utils": peft_integration.install_tuner_hook,
-    "peft.peft_model": peft_integration.install_save_hook,
+    "peft.peft_model": peft_integration.install_peft_model_hook,
     "peft.tuners.lora.layer": peft_integration.install_merge_hook,
     "deepspeed.runtime.engine": deepspeed_integration.install,
     "accelerate.utils.deepspeed": deepspeed_integration.install,

@@ -4,6 +4,10 @@ Wrapping ``PreTrainedModel.from_pretrained`` catches the Auto classes and direct
 ``from_config`` goes through ``PreTrainedModel._from_config``. Composite models build their sub-models through the
 same entry points while they are being constructed (weights not loaded yet), so only the outermost call patches.
 
+``PeftAdapterMixin.load_adapter`` (``model.load_adapter``), where it leaves PEFT's modules_to_save weights unloaded
+(transformers before 5.18.0): it runs marked, so that :mod:`kt_patch.integrations.peft` refuses to inject an adapter
+with LoRA Experts there instead of losing them.
+
 Gradient checkpointing: ``PreTrainedModel._set_gradient_checkpointing`` (where ``gradient_checkpointing_enable`` and
 ``activation_checkpointing_enable`` land) gives a patched model's layers a checkpoint function that tells its MoE
 layers which pass they run in (see :mod:`kt_patch.integrations.checkpointing`, which also wraps
@@ -16,6 +20,7 @@ import logging
 import threading
 
 import torch
+from packaging.version import Version
 from torch import nn
 
 from .. import options
@@ -24,13 +29,35 @@ from .checkpointing import wrap_model_checkpoint_function
 
 logger = logging.getLogger("kt_patch")
 _nesting = threading.local()
+# The first transformers whose model.load_adapter loads the weights of PEFT's modules_to_save (so LoRA Experts); older
+# ones leave them out, with only an "UNEXPECTED" line in their load report.
+TRANSFORMERS_LOADING_MODULES_TO_SAVE = "5.18.0"
+_adapter_loader = threading.local()
 _PLACEMENT_POLICIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def install(modeling_utils, patches) -> None:
+    import transformers  # imported already (modeling_utils is its module); at module level it would be for every user
+
     patches.wrap(modeling_utils.PreTrainedModel, "from_pretrained", _patch_loaded_model)
     patches.wrap(modeling_utils.PreTrainedModel, "_from_config", _patch_built_model)
     patches.wrap(modeling_utils.PreTrainedModel, "_set_gradient_checkpointing", _set_gradient_checkpointing)
+    if Version(transformers.__version__) < Version(TRANSFORMERS_LOADING_MODULES_TO_SAVE):
+        patches.wrap(modeling_utils.PeftAdapterMixin, "load_adapter", _load_adapter_without_modules_to_save)
+
+
+def _load_adapter_without_modules_to_save(wrapped, instance, args, kwargs):
+    _adapter_loader.drops_modules_to_save = True
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        _adapter_loader.drops_modules_to_save = False
+
+
+def loading_adapter_without_modules_to_save() -> bool:
+    """Whether an adapter is being injected by a ``model.load_adapter`` that will not load its modules_to_save
+    weights (transformers older than ``TRANSFORMERS_LOADING_MODULES_TO_SAVE``)."""
+    return getattr(_adapter_loader, "drops_modules_to_save", False)
 
 
 def _set_gradient_checkpointing(wrapped, instance, args, kwargs):
