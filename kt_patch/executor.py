@@ -197,7 +197,7 @@ class _Cost:
         X = torch.tensor([[u, r] for u, r, _ in self.samples], dtype=torch.float64)
         y = torch.tensor([t for _, _, t in self.samples], dtype=torch.float64)
         fit = None
-        if len(self.samples) > 1 and torch.linalg.matrix_rank(X / X.norm(dim=0).clamp_min(1e-30), tol=0.05) == 2:
+        if len(self.samples) > 1 and torch.linalg.matrix_rank(X / X.norm(dim=0).clamp_min(1e-30), tol=0.2) == 2:
             fit = torch.linalg.lstsq(X, y.unsqueeze(1)).solution.flatten()
             if bool((fit < 0).any()):  # one term alone explains it better than a negative one
                 fits = [(x * y).sum() / (x * x).sum() for x in X.T]
