@@ -173,11 +173,12 @@ class _Window:
 
 
 class _Cost:
-    """Seconds per step of one side as ``per_unit * units + per_row * rows``, fitted by least squares (no negative
-    term) to the last steps' measurements. The units are experts for the CPU (each one's weights are read from memory
+    """Seconds per step of one side as ``per_unit * units + per_row * rows``, fitted by least squares to the last
+    steps' measurements. The units are experts for the CPU (each one's weights are read from memory
     whatever its rows) and the link; for the accelerator they are its one share of the layer (a fixed time: launches,
     the LoRA factors' copies, which do not grow with its experts). Until the measured splits differ enough to tell
-    the two terms apart, ``unit_share`` of the time measured is put on the units and the rest on the rows."""
+    the two terms apart (or where the fit makes one negative), ``unit_share`` of the time measured is put on the
+    units and the rest on the rows."""
 
     HISTORY = 8
 
@@ -199,12 +200,8 @@ class _Cost:
         fit = None
         if len(self.samples) > 1 and torch.linalg.matrix_rank(X / X.norm(dim=0).clamp_min(1e-30), tol=0.2) == 2:
             fit = torch.linalg.lstsq(X, y.unsqueeze(1)).solution.flatten()
-            if bool((fit < 0).any()):  # one term alone explains it better than a negative one
-                fits = [(x * y).sum() / (x * x).sum() for x in X.T]
-                residuals = [float((y - f * x).norm()) for f, x in zip(fits, X.T)]
-                fit = torch.zeros(2, dtype=torch.float64)
-                best = min(range(2), key=residuals.__getitem__)
-                fit[best] = fits[best]
+            if bool((fit < 0).any()):  # noise, or a cost the two terms do not describe: keep to the prior split
+                fit = None
         if fit is None:
             units, rows, seconds = (float(v) for v in X.sum(0).tolist() + [y.sum()])
             share = self.unit_share if rows else 1.0
