@@ -499,3 +499,23 @@ def test_skipped_slots_are_left_to_another_tier(isa, dtype):
     ref["dw"] = ref["dw"].masked_fill(skipped, 0.0)
     assert_close({"y": y, "dx": dx, "dw": dw, **grads}, ref, TOL[dtype], f"{isa}")
     assert float(y[0].abs().sum()) == 0
+
+
+def test_a_job_reports_the_seconds_its_workers_ran():
+    """``run_seconds`` (what the executor's planner measures the CPU by): the workers' time on the job, within the
+    caller's wall time around submit and wait, and more for more work."""
+    import time
+
+    weights, _, _ = random_layer(8, 256, 128, 0, 0, torch.float32, seed("jobtime"))
+    kernel = ExpertKernel(*weights, threads=2)
+    seconds = {}
+    for T in (16, 2048):
+        x, ids, w, _ = random_batch(T, 256, 8, 2, torch.float32, seed("jobtime", T))
+        kernel.forward(x, ids, w)  # scratch grown
+        started = time.perf_counter()
+        pending = kernel.submit_forward(x, ids, w)
+        pending.wait()
+        wall = time.perf_counter() - started
+        seconds[T] = pending.run_seconds
+        assert 0 < seconds[T] <= wall
+    assert seconds[2048] > seconds[16]
