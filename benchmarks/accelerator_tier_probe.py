@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from kt_patch.executor import _GROUPED_MM_WORKS, AcceleratorTier, GpuExpertBudget, TierPlan
+from kt_patch.executor import _GROUPED_MM_WORKS, AcceleratorTier, GpuExpertBudget, TierPlan, layer_bytes
 from kt_patch.kernel import ExpertKernel, ExpertLora, LoraFactors
 
 
@@ -39,7 +39,7 @@ def main():
                torch.randn(E * r, I) * 0.01, torch.randn(H, E * r) * 0.01]
     lora = ExpertLora(LoraFactors(factors[0], factors[1], 2.0), LoraFactors(factors[2], factors[3], 2.0))
     device = torch.device("cuda")
-    layer_gib = sum(t.numel() * t.element_size() for t in kernel.packed_weights().values()) / 2**30
+    layer_gib = layer_bytes(kernel) / 2**30
     x = torch.randn(T, H, device=device).bfloat16()
     ids = torch.stack([torch.randperm(E, device=device)[:k] for _ in range(T)])
     w = torch.rand(T, k, device=device)

@@ -65,12 +65,26 @@ class TierPlan:
         return bool(self.experts)
 
 
+def layer_bytes(kernel: ExpertKernel) -> int:
+    """Bytes of one layer's packed experts (what a resident layer takes on the accelerator)."""
+    return sum(t.numel() * t.element_size() for t in kernel.packed_weights().values())
+
+
 class GpuExpertBudget:
     """Bytes of accelerator memory that resident experts may take, shared by the layers of a process."""
 
     def __init__(self, budget_gib):
         self.budget_gib = budget_gib
         self.left: int | None = None
+
+    def check(self, kernel: ExpertKernel) -> None:
+        """A budget given in GiB must hold the stream buffers of ``kernel``'s layer (checked when the model is
+        patched, before any step)."""
+        stream_bytes = _STREAM_BUFFERS * layer_bytes(kernel)
+        if self.budget_gib != "auto" and float(self.budget_gib) * 2**30 < stream_bytes:
+            raise ValueError(f"kt_patch option 'gpu_expert_budget' ({self.budget_gib} GiB) is below one layer's "
+                             f"stream buffers ({stream_bytes / 2**30:.3f} GiB: {_STREAM_BUFFERS} times the layer's "
+                             "experts); give at least that, 'auto', or executor='cpu'")
 
     def take(self, resident_bytes: int, stream_bytes: int, device: torch.device) -> bool:
         """Reserve ``resident_bytes`` for one layer's resident experts if the budget, less the stream buffers
@@ -81,10 +95,6 @@ class GpuExpertBudget:
                 self.left = int(free * 0.5)  # the other half for activations, optimizer state and LoRA
             else:
                 self.left = int(float(self.budget_gib) * 2**30)
-                if self.left < stream_bytes:
-                    raise ValueError(f"kt_patch option 'gpu_expert_budget' ({self.budget_gib} GiB) is below one "
-                                     f"layer's stream buffers ({stream_bytes / 2**30:.3f} GiB); give at least that, "
-                                     "'auto', or executor='cpu'")
         if resident_bytes > self.left - stream_bytes:
             return False
         self.left -= resident_bytes
@@ -308,10 +318,9 @@ class AcceleratorTier:
         self.fraction = accelerator_fraction
         self.spec = kernel.spec
         self.packed = kernel.packed_weights()
-        expert_bytes = sum(t[0].numel() * t.element_size() for t in self.packed.values())
         self.resident = None
-        layer_bytes = expert_bytes * kernel.num_experts
-        if budget.take(layer_bytes, _STREAM_BUFFERS * layer_bytes, device):
+        budget.check(kernel)
+        if budget.take(layer_bytes(kernel), _STREAM_BUFFERS * layer_bytes(kernel), device):
             self.resident = {name: kernel.unpack(self.packed[name].to(device), name) for name in _MATRICES}
         elif device.type == "cuda":
             _pin_in_place(kernel, self.packed.values())

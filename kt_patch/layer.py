@@ -133,6 +133,8 @@ class KtMoeLayer(nn.Module):
         self.checkpoint_policy = checkpoint_policy
         self.executor, self.accelerator_fraction = executor, accelerator_fraction
         self._gpu_budget = gpu_budget or GpuExpertBudget("auto")
+        if executor != "cpu":
+            self._gpu_budget.check(kernel)
         self.accelerator: AcceleratorTier | None = None  # made at the first forward, once the device is known
         self.expert_runs = 0
         if lora_experts is not None:

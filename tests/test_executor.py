@@ -11,7 +11,7 @@ import torch
 
 import tiny_models
 from kt_patch.autograd import expert_forward
-from kt_patch.executor import AcceleratorTier, GpuExpertBudget, _Cost
+from kt_patch.executor import AcceleratorTier, GpuExpertBudget, _Cost, layer_bytes
 from kt_patch.kernel import ExpertKernel, ExpertLora, LoraFactors
 from kt_patch.layer import KtMoeLayer
 from kt_patch.options import OptionError, resolve
@@ -30,8 +30,7 @@ def seed(*parts):
 def budget_of(kernel, layers):
     """A budget of ``layers`` times one layer's packed experts: a layer is resident from 4 (its own and the stream
     buffers: three layers' worth, see kt_patch.executor), streamed from 3, an error below."""
-    layer_bytes = sum(t.numel() * t.element_size() for t in kernel.packed_weights().values())
-    return GpuExpertBudget(layers * layer_bytes / 2**30)
+    return GpuExpertBudget(layers * layer_bytes(kernel) / 2**30)
 
 
 def run_layer(kernel, tier, x, ids, w, dy, lora_gu, lora_dn):
@@ -181,6 +180,11 @@ def test_bad_executor_options_are_clear_errors():
     kernel = ExpertKernel(*weights, threads=1)
     with pytest.raises(ValueError, match="'gpu_expert_budget' .* is below one layer's stream buffers"):
         AcceleratorTier(kernel, CPU, executor="hybrid", budget=GpuExpertBudget(1e-9), accelerator_fraction=0.5)
+    model = tiny_models.build("qwen3_moe", seed=2)  # found when the model is patched, not at its first step
+    with pytest.raises(ValueError, match="'gpu_expert_budget' .* is below one layer's stream buffers"):
+        patch_model(model, resolve({"threads": 1, "executor": "auto", "gpu_expert_budget": 1e-6}))
+    assert not any(isinstance(m, KtMoeLayer) for m in model.modules())  # nothing half-patched
+    patch_model(model, resolve({"threads": 1, "executor": "cpu", "gpu_expert_budget": 1e-6}))  # unused: no error
 
 
 def test_out_of_accelerator_memory_falls_back_to_the_cpu_kernel(monkeypatch, caplog):

@@ -7,6 +7,7 @@ import psutil
 import pytest
 import torch
 
+from kt_patch import executor
 from kt_patch.executor import AcceleratorTier, GpuExpertBudget
 from kt_patch.kernel import ExpertKernel
 from moe_reference import random_batch, random_layer, rel_l2
@@ -23,7 +24,7 @@ def test_split_on_cuda_equals_the_cpu_kernel_alone(resident, fraction):
     weights, lora_gu, lora_dn = random_layer(E, H, I, 8, 8, torch.bfloat16, RUN_SEED)
     x, ids, w, dy = random_batch(T, H, E - 4, k, torch.bfloat16, RUN_SEED + 1)
     kernel = ExpertKernel(*weights, threads=4)
-    layer_bytes = sum(t.numel() * t.element_size() for t in kernel.packed_weights().values())
+    layer_bytes = executor.layer_bytes(kernel)
     reference = run_layer(kernel, None, x, ids, w, dy, lora_gu, lora_dn)
     tier = AcceleratorTier(kernel, torch.device("cuda"), executor="hybrid",
                            budget=GpuExpertBudget((4.5 if resident else 3.5) * layer_bytes / 2**30),
