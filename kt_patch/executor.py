@@ -86,16 +86,18 @@ class GpuExpertBudget:
                              f"stream buffers ({stream_bytes / 2**30:.3f} GiB: {_STREAM_BUFFERS} times the layer's "
                              "experts); give at least that, 'auto', or executor='cpu'")
 
-    def take(self, resident_bytes: int, stream_bytes: int, device: torch.device) -> bool:
-        """Reserve ``resident_bytes`` for one layer's resident experts if the budget, less the stream buffers
-        (``stream_bytes``), allows it; False: that layer streams."""
+    def take(self, kernel: ExpertKernel, device: torch.device) -> bool:
+        """Reserve room for ``kernel``'s layer to be resident if the budget, less the stream buffers, allows it;
+        False: that layer streams."""
+        self.check(kernel)
+        resident_bytes = layer_bytes(kernel)
         if self.left is None:
             if self.budget_gib == "auto":
                 free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
                 self.left = int(free * 0.5)  # the other half for activations, optimizer state and LoRA
             else:
                 self.left = int(float(self.budget_gib) * 2**30)
-        if resident_bytes > self.left - stream_bytes:
+        if resident_bytes > self.left - _STREAM_BUFFERS * resident_bytes:
             return False
         self.left -= resident_bytes
         return True
@@ -298,8 +300,10 @@ _HOST_STAGING: dict[tuple, torch.Tensor] = {}  # (device, LoRA factor, its shape
 
 @dataclasses.dataclass
 class _Groups:
-    """The accelerator's slots grouped by expert: token and slot of each row, its group, the groups' ends."""
+    """The accelerator's slots grouped by expert: the expert of each group, token and slot of each row, its group,
+    the groups' ends (all on the device)."""
 
+    experts: torch.Tensor
     tokens: torch.Tensor
     slots: torch.Tensor
     group: torch.Tensor
@@ -319,14 +323,15 @@ class AcceleratorTier:
         self.spec = kernel.spec
         self.packed = kernel.packed_weights()
         self.resident = None
-        budget.check(kernel)
-        if budget.take(layer_bytes(kernel), _STREAM_BUFFERS * layer_bytes(kernel), device):
+        if budget.take(kernel, device):
             self.resident = {name: kernel.unpack(self.packed[name].to(device), name) for name in _MATRICES}
         elif device.type == "cuda":
             _pin_in_place(kernel, self.packed.values())
         self.prefetcher, self.copy_stream = None, None
         if device.type == "cuda":  # resident layers take part too: they start the fetch of the streamed layer after
-            self.prefetcher = _prefetchers.get(device) or _prefetchers.setdefault(device, _Prefetcher(device))
+            if device not in _prefetchers:
+                _prefetchers[device] = _Prefetcher(device)
+            self.prefetcher = _prefetchers[device]
             self.copy_stream = self.prefetcher.copy_stream if self.resident is None else None
         gu_bias = None if gate_up_bias is None else gate_up_bias.detach().float()
         gu_bias = _gate_then_up(gu_bias, 1) if gu_bias is not None and self.spec.interleaved else gu_bias
@@ -455,18 +460,17 @@ class AcceleratorTier:
         return tuple(range(self.kernel.num_experts)) if self.resident is not None else plan.experts
 
     def _groups(self, ids: torch.Tensor, plan: TierPlan) -> _Groups:
-        group_experts = self._group_experts(plan)
+        experts = torch.tensor(self._group_experts(plan), dtype=torch.long, device=self.device)
         position = torch.full((self.kernel.num_experts,), -1, dtype=torch.long, device=self.device)
-        position[torch.tensor(group_experts, dtype=torch.long, device=self.device)] = torch.arange(
-            len(group_experts), device=self.device)
+        position[experts] = torch.arange(experts.numel(), device=self.device)
         position = position.masked_fill(~plan.mask(self.device), -1)
         slot_position = position[ids]
         tokens, slots = torch.nonzero(slot_position >= 0, as_tuple=True)
         group = slot_position[tokens, slots]
         order = torch.argsort(group, stable=True)
         tokens, slots, group = tokens[order], slots[order], group[order]
-        ends = torch.cumsum(torch.bincount(group, minlength=len(group_experts)), 0).to(torch.int32)
-        return _Groups(tokens, slots, group, ends)
+        ends = torch.cumsum(torch.bincount(group, minlength=experts.numel()), 0).to(torch.int32)
+        return _Groups(experts, tokens, slots, group, ends)
 
     def _device_factors(self, lora: ExpertLora) -> dict[str, torch.Tensor]:
         """fp32 device copies of the factors, expert-major: A [E, r, in], B [E, out, r] (gate rows first). Copied
@@ -486,16 +490,15 @@ class AcceleratorTier:
         self._factors = (key, out)
         return out
 
-    def _lora_of_groups(self, lora: ExpertLora, plan: TierPlan) -> dict[str, torch.Tensor]:
+    def _lora_of_groups(self, lora: ExpertLora, groups: _Groups) -> dict[str, torch.Tensor]:
         """The groups' rows of :meth:`_device_factors`, as new leaves (for the backward)."""
         factors = self._device_factors(lora)
-        if self.resident is not None:
+        if self.resident is not None:  # every expert is a group
             return {key: t.detach() for key, t in factors.items()}
-        index = torch.tensor(plan.experts, dtype=torch.long, device=self.device)
-        return {key: t[index] for key, t in factors.items()}
+        return {key: t[groups.experts] for key, t in factors.items()}
 
     # ------------------------------------------------------------------------------------------------ compute
-    def _run(self, x, w, groups: _Groups, plan: TierPlan, weights, lora_groups, scalings) -> torch.Tensor:
+    def _run(self, x, w, groups: _Groups, weights, lora_groups, scalings) -> torch.Tensor:
         """``sum_j w[t,j] expert(x[t])`` over the accelerator's slots, differentiable in x, w and the LoRA groups:
         every product one grouped GEMM over the groups."""
         T, H = x.shape
@@ -509,9 +512,7 @@ class AcceleratorTier:
             low = _grouped_mm(rows, lora_groups["gate_up_A"].to(dtype).transpose(1, 2), ends)
             low = _grouped_mm(low, lora_groups["gate_up_B"].to(dtype).transpose(1, 2), ends) * scalings["gate_up"]
             gate, up = gate + low[:, :gate.shape[1]], up + low[:, gate.shape[1]:]
-        row_expert = None
-        if gate_bias is not None or down_bias is not None:
-            row_expert = torch.tensor(self._group_experts(plan), dtype=torch.long, device=self.device)[groups.group]
+        row_expert = groups.experts[groups.group] if gate_bias is not None or down_bias is not None else None
         if gate_bias is not None:
             row_bias = gate_bias[row_expert].to(dtype)
             gate, up = gate + row_bias[:, :gate.shape[1]], up + row_bias[:, gate.shape[1]:]
@@ -551,8 +552,8 @@ class AcceleratorTier:
                 y = self._recorded[-1].detach()
             else:
                 with torch.no_grad():
-                    y = self._run(x.to(self.device), w.to(self.device), groups, plan, weights,
-                                  self._lora_of_groups(lora, plan), {which: f.scaling for which, f in lora.items()})
+                    y = self._run(x.to(self.device), w.to(self.device), groups, weights,
+                                  self._lora_of_groups(lora, groups), {which: f.scaling for which, f in lora.items()})
         except torch.OutOfMemoryError:
             self._recorded = None
             self._warn_out_of_memory("forward")
@@ -602,11 +603,11 @@ class AcceleratorTier:
         """The accelerator's forward under autograd, from leaves: ``(plan, x, w, LoRA groups, y)``."""
         x_leaf = x.detach().to(self.device).requires_grad_(True)
         w_leaf = w.detach().to(self.device).requires_grad_(True)
-        lora_groups = {key: t.requires_grad_(True) for key, t in self._lora_of_groups(lora, plan).items()}
+        lora_groups = {key: t.requires_grad_(True) for key, t in self._lora_of_groups(lora, groups).items()}
         # A graph of its own, kept by this tier: a checkpoint's saved-tensors hooks (active in a recompute) must not
         # take its tensors, which the first forward never saved.
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep_tensor, _keep_tensor):
-            y = self._run(x_leaf, w_leaf, groups, plan, weights, lora_groups,
+            y = self._run(x_leaf, w_leaf, groups, weights, lora_groups,
                           {which: f.scaling for which, f in lora.items()})
         return plan, x_leaf, w_leaf, lora_groups, y
 
