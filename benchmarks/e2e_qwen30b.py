@@ -68,6 +68,9 @@ def main():
     ap.add_argument("--baselines", default=None, metavar="DIR",
                     help="folder with fsdp2_offload_gpu.py and hf_baseline_gpu.py: run them after kt_patch, each in "
                          "its own process on the same model, and print one table with ratios")
+    ap.add_argument("--profile", default=None, metavar="TRACE",
+                    help="profile one more step, not counted, with torch.profiler: a Chrome trace to this file "
+                         "(.json.gz) and the busiest operators on stderr")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.steps < 2:
@@ -115,9 +118,13 @@ def main():
         return {side: sum(t.busy_seconds[side] for t in tiers()) for side in ("cpu", "accelerator", "link")}
 
     step_s, expert_s, parts_s, losses, busy_s = [], [], [], [], [busy()]
-    for step in range(args.steps):
+    for step in range(args.steps + bool(args.profile)):
         ids = torch.randint(0, config.vocab_size, (1, args.qlen), device=device)
         sync()
+        profiler = None
+        if step == args.steps:
+            profiler = torch.profiler.profile(with_stack=False, record_shapes=False)
+            profiler.__enter__()
         _C.profile(True)
         marks = [time.perf_counter()]
         loss = model(input_ids=ids, labels=ids).loss
@@ -130,6 +137,14 @@ def main():
         optimizer.zero_grad(set_to_none=True)
         sync()
         marks.append(time.perf_counter())
+        if profiler is not None:
+            profiler.__exit__(None, None, None)
+            profiler.export_chrome_trace(args.profile)
+            for key in ("self_cpu_time_total", "self_device_time_total"):
+                print(profiler.key_averages().table(sort_by=key, row_limit=25), file=sys.stderr)
+            progress(f"profiled step: {marks[-1] - marks[0]:.2f} s (forward, backward, optimizer "
+                     f"{[round(b - a, 3) for a, b in zip(marks, marks[1:])]})")
+            break
         step_s.append(marks[-1] - marks[0])
         parts_s.append([round(b - a, 3) for a, b in zip(marks, marks[1:])])
         expert_s.append(sum(seconds for seconds, _ in _C.profile(True).values()))

@@ -61,8 +61,9 @@ class _ExpertFunction(torch.autograd.Function):
                  dn_A, dn_B):
         x_meta, w_meta = (x.device, x.dtype), (topk_weights.device, topk_weights.dtype)
         tiers = plan.tiers
+        on_cpu = tiers is None or not tiers.everything  # else the CPU kernel has no expert and is not called
         kept = plan.kept_for_recompute(kernel, x.shape[0])
-        if kept is None:
+        if kept is None and on_cpu:
             x_cpu = kernel.host_tokens(x)
             kernel_ids = topk_ids if tiers is None else tiers.cpu_ids(topk_ids)
             pending = kernel.submit_forward(x_cpu, kernel_ids, topk_weights, lora,
@@ -70,22 +71,25 @@ class _ExpertFunction(torch.autograd.Function):
         # the accelerator's experts run while the CPU kernel computes its own
         accelerated = None if tiers is None else plan.accelerator.forward(
             x, topk_ids, topk_weights, lora, tiers, for_backward=plan.phase is Phase.RECOMPUTE)
-        if kept is not None:
+        if not on_cpu:
+            y = kctx = None
+        elif kept is not None:
             y, kctx = kept
         else:
             y, kctx = pending.wait()
             if tiers is not None:
                 plan.accelerator.record_cpu_time(pending.run_seconds)
             plan.ran_kernel()
-        out = y.to(*x_meta)
+        out = accelerated.to(x_meta[1]) if y is None else y.to(*x_meta)
         if plan.region is not None and plan.phase is Phase.FIRST_FORWARD:
             plan.region.keep(kernel, y, kctx)
             if kctx is not None and out.data_ptr() == y.data_ptr():
                 out = out.clone()  # the output the region keeps must not be the tensor the model goes on with
             kctx = None  # owned by the region until the recompute takes it
-        if accelerated is not None:
+        if accelerated is not None and y is not None:
             out = (out.float() + accelerated).to(x_meta[1])
         ctx.kernel, ctx.kctx, ctx.tiers, ctx.accelerator, ctx.lora = kernel, kctx, tiers, plan.accelerator, lora
+        ctx.on_cpu = on_cpu
         token = _new_token(kctx if plan.phase is Phase.RECOMPUTE else None)
         ctx.save_for_backward(token, *((x, topk_ids, topk_weights) if tiers is not None else ()))
         ctx.x_meta, ctx.w_meta = x_meta, w_meta
@@ -108,25 +112,31 @@ class _ExpertFunction(torch.autograd.Function):
         kctx = ctx.kctx if ctx.kctx is not None else getattr(token, _CACHE_ATTRIBUTE, None)
         ctx.kctx = None
         setattr(token, _CACHE_ATTRIBUTE, None)
-        if kctx is None:
+        if kctx is None and ctx.on_cpu:
             raise RuntimeError(f"{ctx.kernel.name}: no expert activations for this backward: they were already "
                                "used by a backward (kt_patch expert nodes do not support retain_graph=True), or a "
                                "checkpoint recompute did not run this layer")
-        grads = kctx.new_lora_grads(zeroed=False)  # written whole by the kernel; AccumulateGrad adds them up
-        pending = ctx.kernel.submit_backward(kctx, dy.detach().to("cpu", kctx.dtype).contiguous(), grads,
-                                             accumulate=False)
+        if ctx.on_cpu:
+            grads = kctx.new_lora_grads(zeroed=False)  # written whole by the kernel; AccumulateGrad adds them up
+            pending = ctx.kernel.submit_backward(kctx, dy.detach().to("cpu", kctx.dtype).contiguous(), grads,
+                                                 accumulate=False)
         accelerated = None
         if ctx.tiers is not None:  # the accelerator's backward runs while the CPU kernel computes its own
             accelerated = ctx.accelerator.backward(*routed, ctx.lora, ctx.tiers, dy)
-        dx, dw = pending.wait()
-        dx, dw = dx.to(*ctx.x_meta), dw.to(*ctx.w_meta)
-        if ctx.tiers is not None:
-            ctx.accelerator.record_cpu_time(pending.run_seconds)
+        if ctx.on_cpu:
+            dx, dw = pending.wait()
+            dx, dw = dx.to(*ctx.x_meta), dw.to(*ctx.w_meta)
+            if ctx.tiers is not None:
+                ctx.accelerator.record_cpu_time(pending.run_seconds)
         if accelerated is not None:
-            dx_accelerator, dw_accelerator, add_lora_grads = accelerated
-            dx = (dx.float() + dx_accelerator.float()).to(ctx.x_meta[1])
-            dw = dw + dw_accelerator.to(dw)
-            add_lora_grads(grads)
+            dx_accelerator, dw_accelerator, lora_grads = accelerated
+            if ctx.on_cpu:
+                dx = (dx.float() + dx_accelerator.float()).to(ctx.x_meta[1])
+                dw = dw + dw_accelerator.to(dw)
+                lora_grads(grads)
+            else:
+                dx, dw = dx_accelerator.to(*ctx.x_meta), dw_accelerator.to(*ctx.w_meta)
+                grads = lora_grads()
         lora_out = []
         for key, dtype in zip(("gate_up_A", "gate_up_B", "down_A", "down_B"), ctx.lora_meta):
             lora_out.append(None if dtype is None else grads[key].to(dtype))

@@ -64,6 +64,11 @@ class TierPlan:
     def any(self) -> bool:
         return bool(self.experts)
 
+    @property
+    def everything(self) -> bool:
+        """The accelerator computes every expert: the CPU kernel has nothing to do."""
+        return len(self.experts) == self.num_experts
+
 
 def layer_bytes(kernel: ExpertKernel) -> int:
     """Bytes of one layer's packed experts (what a resident layer takes on the accelerator)."""
@@ -169,16 +174,33 @@ class _Timer:
         return self.start.elapsed_time(self.end) / 1e3
 
 
+class _OnHost:
+    """A host copy of a device tensor, made without waiting for it; :meth:`get` waits."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.ready = None
+        if tensor.device.type != "cuda":
+            self.value = tensor
+            return
+        self.value = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)
+        self.ready = torch.cuda.Event()
+        self.ready.record(torch.cuda.current_stream(tensor.device))
+
+    def get(self) -> torch.Tensor:
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.ready = None
+        return self.value
+
+
 @dataclasses.dataclass
 class _Window:
-    """What one layer measured between two of its planned steps: the forward's rows and streamed experts, and the
-    seconds of every pass of that step (forward, recompute, backward) on each side."""
+    """What one layer measured between two of its planned steps: the step's plan and routing (rows per expert),
+    and the seconds of every pass of that step (forward, recompute, backward) on each side."""
 
-    cpu_rows: int = 0
-    accelerator_rows: int = 0
-    cpu_experts: int = 0  # with rows
-    accelerator_experts: int = 0
-    streamed_experts: int = 0
+    plan: TierPlan | None = None
+    counts: _OnHost | None = None
+    streamed: bool = False
     cpu_seconds: float = 0.0
     accelerator: list = dataclasses.field(default_factory=list)  # _Timer
     link: list = dataclasses.field(default_factory=list)
@@ -192,7 +214,7 @@ class _Cost:
     the two terms apart (or where the fit makes one negative), ``unit_share`` of the time measured is put on the
     units and the rest on the rows."""
 
-    HISTORY = 8
+    HISTORY = 64  # samples: a few steps of every layer that shares the cost
 
     def __init__(self, unit_share: float):
         self.unit_share = unit_share
@@ -230,8 +252,10 @@ class _Rates:
     CPU by its experts that have rows and by rows, the accelerator by a fixed time and rows, the link by streamed
     experts."""
 
-    def __init__(self):
-        self.cpu, self.accelerator, self.link = _Cost(unit_share=0.5), _Cost(unit_share=1.0), _Cost(unit_share=1.0)
+    def __init__(self, cpu: _Cost | None = None, accelerator: _Cost | None = None, link: _Cost | None = None):
+        self.cpu = cpu or _Cost(unit_share=0.5)
+        self.accelerator = accelerator or _Cost(unit_share=1.0)
+        self.link = link or _Cost(unit_share=1.0)
         self.steps = 0
 
     @property
@@ -242,9 +266,31 @@ class _Rates:
         self.steps += 1
         if self.steps == 1:
             return  # the first step warms up (CUDA context, kernels loaded, allocator growing)
-        self.cpu.add(window.cpu_experts, window.cpu_rows, seconds["cpu"])
-        self.accelerator.add(int(window.accelerator_experts > 0), window.accelerator_rows, seconds["accelerator"])
-        self.link.add(window.streamed_experts, 0, seconds["link"])
+        counts, on = window.counts.get(), window.plan.mask(torch.device("cpu"))
+        accelerator_rows, accelerator_experts = int(counts[on].sum()), int((counts[on] > 0).sum())
+        self.cpu.add(int((counts > 0).sum()) - accelerator_experts, int(counts.sum()) - accelerator_rows,
+                     seconds["cpu"])
+        self.accelerator.add(int(accelerator_experts > 0), accelerator_rows, seconds["accelerator"])
+        self.link.add(len(window.plan.experts) if window.streamed else 0, 0, seconds["link"])
+
+
+class SharedRates:
+    """The step costs measured by the layers of one model. Layers of one shape share the CPU kernel's cost and, per
+    device and tier, the accelerator's and the link's: each fit then sees the different splits of many layers,
+    where one layer's splits change experts and rows together and cannot tell the two terms apart."""
+
+    def __init__(self):
+        self._costs: dict[tuple, _Cost] = {}
+
+    def _cost(self, key: tuple, unit_share: float) -> _Cost:
+        if key not in self._costs:
+            self._costs[key] = _Cost(unit_share)
+        return self._costs[key]
+
+    def for_layer(self, kernel: ExpertKernel, device: torch.device, tier: str) -> _Rates:
+        shape = (kernel.num_experts, kernel.hidden_size, kernel.intermediate_size, kernel.dtype, kernel.threads)
+        return _Rates(self._cost(("cpu", shape), 0.5), self._cost(("accelerator", device, tier, shape), 1.0),
+                      self._cost(("link", device, shape), 1.0))
 
 
 class _Prefetcher:
@@ -295,7 +341,6 @@ class _Prefetcher:
 
 
 _prefetchers: dict[torch.device, _Prefetcher] = {}
-_HOST_STAGING: dict[tuple, torch.Tensor] = {}  # (device, LoRA factor, its shape past the experts) -> pinned buffer
 
 
 @dataclasses.dataclass
@@ -315,7 +360,8 @@ class AcceleratorTier:
     how the split is tested without a GPU)."""
 
     def __init__(self, kernel: ExpertKernel, device: torch.device, *, executor: str, budget: GpuExpertBudget,
-                 accelerator_fraction: float | None, gate_up_bias=None, down_bias=None):
+                 accelerator_fraction: float | None, shared_rates: SharedRates | None = None, gate_up_bias=None,
+                 down_bias=None):
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         self.kernel, self.device, self.executor = kernel, device, executor
@@ -337,14 +383,14 @@ class AcceleratorTier:
         gu_bias = _gate_then_up(gu_bias, 1) if gu_bias is not None and self.spec.interleaved else gu_bias
         self.biases = (None if gu_bias is None else gu_bias.to(device),
                        None if down_bias is None else down_bias.detach().float().to(device))
-        self.rates = _Rates()
+        self.rates = (shared_rates or SharedRates()).for_layer(kernel, device, self.tier_name)
         # seconds each side worked on this layer, summed over its steps whose measurements are in (a step's are
         # read when the next one is planned): "cpu" (the kernel), "accelerator" (compute), "link" (streaming)
         self.busy_seconds = {"cpu": 0.0, "accelerator": 0.0, "link": 0.0}
         self._window = _Window()
         self.step_plan: TierPlan | None = None  # the plan of the step under way
         self._next_plan: TierPlan | None = None  # the next step's, once asked for (by a fetch ahead)
-        self._last_counts: torch.Tensor | None = None  # rows per expert in the last step's routing
+        self._last_counts: _OnHost | None = None  # rows per expert in the last step's routing
         self._recorded = None  # a recompute's forward under autograd, for the backward that follows it
         self._factors = None  # (versions of the LoRA factors, their device copies)
 
@@ -358,20 +404,14 @@ class AcceleratorTier:
         the step under way."""
         if not first_forward and self.step_plan is not None:
             return self.step_plan
-        counts = torch.bincount(ids.flatten(), minlength=self.kernel.num_experts).cpu()
+        counts = _OnHost(torch.bincount(ids.flatten(), minlength=self.kernel.num_experts))  # read at the next plan
         if self._last_counts is None:
             self._close_window()
-            plan = self._choose(counts)
+            plan = self._choose(counts.get())
         else:
             plan = self.upcoming_plan()
         self._next_plan, self._last_counts, self.step_plan = None, counts, plan
-        on = plan.mask(torch.device("cpu"))
-        window = self._window
-        window.accelerator_rows = int(counts[on].sum())
-        window.cpu_rows = int(counts.sum()) - window.accelerator_rows
-        window.accelerator_experts = int((counts[on] > 0).sum())
-        window.cpu_experts = int((counts > 0).sum()) - window.accelerator_experts
-        window.streamed_experts = len(plan.experts) if self.resident is None else 0
+        self._window.plan, self._window.counts, self._window.streamed = plan, counts, self.resident is None
         if self.prefetcher is not None:
             self.prefetcher.register(self)
         return plan
@@ -381,12 +421,12 @@ class AcceleratorTier:
         first step)."""
         if self._next_plan is None and self._last_counts is not None:
             self._close_window()
-            self._next_plan = self._choose(self._last_counts)
+            self._next_plan = self._choose(self._last_counts.get())
         return self._next_plan
 
     def _close_window(self) -> None:
         window = self._window
-        if not window.cpu_rows + window.accelerator_rows:
+        if window.plan is None:
             return  # no step planned yet
         seconds = {"cpu": window.cpu_seconds, "accelerator": sum(t.seconds() for t in window.accelerator),
                    "link": sum(t.seconds() for t in window.link)}
@@ -461,6 +501,11 @@ class AcceleratorTier:
 
     def _groups(self, ids: torch.Tensor, plan: TierPlan) -> _Groups:
         experts = torch.tensor(self._group_experts(plan), dtype=torch.long, device=self.device)
+        if plan.everything:  # every slot is the accelerator's and each expert its own group: sizes known, no sync
+            flat = ids.flatten()
+            order = torch.argsort(flat, stable=True)
+            ends = torch.cumsum(torch.bincount(flat, minlength=experts.numel()), 0).to(torch.int32)
+            return _Groups(experts, order // ids.shape[1], order % ids.shape[1], flat[order], ends)
         position = torch.full((self.kernel.num_experts,), -1, dtype=torch.long, device=self.device)
         position[experts] = torch.arange(experts.numel(), device=self.device)
         position = position.masked_fill(~plan.mask(self.device), -1)
@@ -542,7 +587,7 @@ class AcceleratorTier:
         checkpointed layer's recompute), so the computation is recorded for it instead of being redone there."""
         self._recorded = None
         try:
-            groups = self._groups(ids.to(self.device), plan)  # syncs: before waiting on any weights
+            groups = self._groups(ids.to(self.device), plan)  # a partial plan syncs: before waiting on weights
             weights = self._weights(plan)
             if self.prefetcher is not None:
                 self.prefetcher.fetch_next(self, backward=for_backward)
@@ -561,18 +606,32 @@ class AcceleratorTier:
         self._window.accelerator.append(timer.stop())
         return y
 
-    def _to_host(self, key: str, grad: torch.Tensor) -> torch.Tensor:
-        """``grad`` copied into host memory without waiting: into pinned buffers, one per factor, shared by the
-        layers of the device (a layer's backward adds them to its host gradients before the next one starts)."""
+    def _peft_layout(self, key: str, grad: torch.Tensor | None, experts: torch.Tensor, factor: torch.Tensor):
+        """The gradient of the groups' rows of one LoRA factor as the whole factor's, in PEFT's layout (zero for the
+        other experts), on the device: A [E*r, in] expert-major, B [out, r*E] expert-minor (gate, up rows
+        alternating where the family interleaves them)."""
+        E = self.kernel.num_experts
+        if grad is None:  # no row reached these factors
+            return torch.zeros(factor.shape, dtype=torch.float32, device=self.device)
+        everything = experts.numel() == E  # then the groups are the experts in order
+        if key.endswith("_A"):
+            full = grad if everything else grad.new_zeros(E, *grad.shape[1:]).index_copy_(0, experts, grad)
+            return full.reshape(factor.shape)
+        if key == "gate_up_B" and self.spec.interleaved:
+            half = grad.shape[1] // 2
+            grad = torch.stack((grad[:, :half], grad[:, half:]), dim=2).reshape(grad.shape)
+        full = grad.permute(1, 2, 0)  # [out, r, n]
+        if not everything:
+            full = grad.new_zeros(*full.shape[:2], E).index_copy_(2, experts, full)
+        return full.reshape(factor.shape)
+
+    def _to_host(self, grad: torch.Tensor) -> torch.Tensor:
+        """A new host tensor that ``grad`` is copied into without waiting (pinned memory from torch's caching host
+        allocator, which keeps a block until the copies that use it are done)."""
         if self.device.type != "cuda":
-            return grad.float().cpu()
-        key = (self.device, key, grad.shape[1:])
-        buffer = _HOST_STAGING.get(key)
-        if buffer is None or buffer.shape[0] < grad.shape[0]:
-            buffer = _HOST_STAGING[key] = torch.empty((self.kernel.num_experts, *grad.shape[1:]), pin_memory=True)
-        staged = buffer[:grad.shape[0]]
-        staged.copy_(grad, non_blocking=True)
-        return staged
+            return grad.float().contiguous()
+        host = torch.empty(grad.shape, dtype=torch.float32, pin_memory=True)
+        return host.copy_(grad, non_blocking=True)
 
     def _warn_out_of_memory(self, where: str) -> None:
         logger.warning("kt_patch: %s: out of accelerator memory in the %s; the CPU kernel computes this call's "
@@ -582,7 +641,7 @@ class AcceleratorTier:
 
     def _on_cpu(self, x, ids, w, lora: ExpertLora, plan: TierPlan, dy=None):
         """The accelerator's slots computed by the CPU kernel instead (out of accelerator memory): ``(y, dx, dw,
-        add_lora_grads)`` on the device, the last three with ``dy``."""
+        lora_grads)`` on the device, the last three with ``dy``."""
         x_cpu = self.kernel.host_tokens(x)
         ids = ids.cpu()
         own_ids = ids.masked_fill(~plan.mask(ids.device)[ids], -1)
@@ -592,12 +651,7 @@ class AcceleratorTier:
             return y, None, None, None
         lora_parts = ctx.new_lora_grads()
         dx, dw = self.kernel.backward(ctx, dy.detach().to("cpu", x_cpu.dtype).contiguous(), lora_parts)
-
-        def add_lora_grads(lora_grads: dict) -> None:
-            for key, grad in lora_parts.items():
-                lora_grads[key] += grad
-
-        return y, dx.to(self.device), dw.to(self.device), add_lora_grads
+        return y, dx.to(self.device), dw.to(self.device), lambda into=None: _add_into(into, lora_parts)
 
     def _record(self, x, w, lora, plan, groups, weights):
         """The accelerator's forward under autograd, from leaves: ``(plan, x, w, LoRA groups, y)``."""
@@ -612,9 +666,10 @@ class AcceleratorTier:
         return plan, x_leaf, w_leaf, lora_groups, y
 
     def backward(self, x, ids, w, lora: ExpertLora, plan: TierPlan, dy):
-        """dx and dw of the accelerator's slots, and a function that adds their LoRA gradients into fp32 host buffers
-        (PEFT layout; called once the CPU kernel has written them). Unless the recompute recorded the forward, the
-        weights are fetched again and the forward recomputed under autograd."""
+        """dx and dw of the accelerator's slots, and ``lora_grads(into=None)``: their LoRA gradients (fp32, PEFT
+        layout, on the host) added into the buffers ``into`` (once the CPU kernel has written them), or returned
+        as new tensors. Unless the recompute recorded the forward, the weights are fetched again and the forward
+        recomputed under autograd."""
         recorded, self._recorded = self._recorded, None
         try:
             if recorded is None or recorded[1].shape != x.shape or recorded[0] != plan:
@@ -634,29 +689,31 @@ class AcceleratorTier:
             return self._on_cpu(x, ids, w, lora, plan, dy)[1:]
         dx = torch.zeros_like(x_leaf) if grads[0] is None else grads[0]
         dw = torch.zeros_like(w_leaf) if grads[1] is None else grads[1]
-        lora_parts = {key: self._to_host(key, grad) for key, grad in zip(lora_groups, grads[2:]) if grad is not None}
+        factors = {f"{which}_{name}": getattr(f, name) for which, f in lora.items() for name in "AB"}
+        experts = torch.tensor(self._group_experts(plan), dtype=torch.long, device=self.device)
+        lora_parts = {key: self._to_host(self._peft_layout(key, grad, experts, factors[key]))
+                      for key, grad in zip(lora_groups, grads[2:])}
         copied = None
         if self.device.type == "cuda":
             copied = torch.cuda.Event()
             copied.record(torch.cuda.current_stream(self.device))
         self._window.accelerator.append(timer.stop())
-        group_experts = torch.tensor(self._group_experts(plan), dtype=torch.long)
 
-        def add_lora_grads(lora_grads: dict) -> None:
+        def lora_grads(into: dict | None = None) -> dict:
             if copied is not None:
                 copied.synchronize()
-            E = self.kernel.num_experts
-            for key, grad in lora_parts.items():
-                target = lora_grads[key]
-                if key.endswith("_A"):
-                    target.view(E, grad.shape[1], -1)[group_experts] += grad
-                    continue
-                if key == "gate_up_B" and self.spec.interleaved:  # back to PEFT's alternating gate, up rows
-                    half = grad.shape[1] // 2
-                    grad = torch.stack((grad[:, :half], grad[:, half:]), dim=2).reshape(grad.shape)
-                target.view(target.shape[0], grad.shape[2], E)[:, :, group_experts] += grad.permute(1, 2, 0)
+            return _add_into(into, lora_parts)
 
-        return dx, dw, add_lora_grads
+        return dx, dw, lora_grads
+
+
+def _add_into(into: dict | None, grads: dict) -> dict:
+    """``grads`` added into the same keys of ``into``, or ``grads`` where there is no ``into``."""
+    if into is None:
+        return grads
+    for key, grad in grads.items():
+        into[key] += grad
+    return into
 
 
 def _runs(experts: tuple[int, ...]):

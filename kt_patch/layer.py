@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .autograd import expert_forward
-from .executor import AcceleratorTier, GpuExpertBudget
+from .executor import AcceleratorTier, GpuExpertBudget, SharedRates
 from .expert_lora import active_expert_lora, unwrapped_experts
 from .kernel import NO_LORA, ExpertKernel, ExpertLora
 from .options import CHECKPOINT_POLICIES
@@ -119,7 +119,8 @@ class KtMoeLayer(nn.Module):
 
     def __init__(self, block: nn.Module, family: MoeFamily, kernel: ExpertKernel, *, checkpoint_policy: str,
                  executor: str = "cpu", gpu_budget: GpuExpertBudget | None = None,
-                 accelerator_fraction: float | None = None, lora_experts: LoraExperts | None = None):
+                 shared_rates: SharedRates | None = None, accelerator_fraction: float | None = None,
+                 lora_experts: LoraExperts | None = None):
         super().__init__()
         for name, child in block._modules.items():
             self.add_module(name, child)
@@ -133,6 +134,7 @@ class KtMoeLayer(nn.Module):
         self.checkpoint_policy = checkpoint_policy
         self.executor, self.accelerator_fraction = executor, accelerator_fraction
         self._gpu_budget = gpu_budget or GpuExpertBudget("auto")
+        self._shared_rates = shared_rates
         if executor != "cpu":
             self._gpu_budget.check(kernel)
         self.accelerator: AcceleratorTier | None = None  # made at the first forward, once the device is known
@@ -202,7 +204,8 @@ class KtMoeLayer(nn.Module):
                               (getattr(experts, name) for name in self.family.expert_biases)))
             self.accelerator = AcceleratorTier(
                 self.kernel, device, executor="accelerator" if self.executor == "accelerator" else "hybrid",
-                budget=self._gpu_budget, accelerator_fraction=self.accelerator_fraction, **biases)
+                budget=self._gpu_budget, accelerator_fraction=self.accelerator_fraction,
+                shared_rates=self._shared_rates, **biases)
             logger.debug("kt_patch: %s: routed experts split per call between %s (%s) and the CPU kernel",
                          self.kernel.name, device, self.accelerator.tier_name)
         return self.accelerator

@@ -9,7 +9,7 @@ import logging
 from torch import nn
 
 from . import registry, shared_weights
-from .executor import GpuExpertBudget
+from .executor import GpuExpertBudget, SharedRates
 from .kernel import ACTIVATIONS, ExpertKernel
 from .layer import KtMoeLayer, LoraExperts
 from .options import Options
@@ -77,7 +77,7 @@ def _replace_blocks(model, blocks, options: Options) -> PatchSummary:
     from transformers.utils.logging import tqdm
 
     swapped = []
-    gpu_budget = GpuExpertBudget(options.gpu_expert_budget)  # the model's layers share it
+    gpu_budget, shared_rates = GpuExpertBudget(options.gpu_expert_budget), SharedRates()  # the model's layers share them
     summary = PatchSummary(sorted({family.name for _, _, family in blocks}), 0, 0, 0, "", options.threads,
                            _split_description(options))
     try:
@@ -93,7 +93,7 @@ def _replace_blocks(model, blocks, options: Options) -> PatchSummary:
                                       **shared_weights.kernel_arguments(name, options),
                                       **registry.kernel_arguments(experts, family))
                 layer = KtMoeLayer(block, family, kernel, checkpoint_policy=options.checkpoint_policy,
-                                   executor=options.executor, gpu_budget=gpu_budget,
+                                   executor=options.executor, gpu_budget=gpu_budget, shared_rates=shared_rates,
                                    accelerator_fraction=options.accelerator_fraction,
                                    lora_experts=_lora_experts(block, family, kernel, options))
             frozen = [p for p in experts.parameters() if p.requires_grad]

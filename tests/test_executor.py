@@ -11,7 +11,7 @@ import torch
 
 import tiny_models
 from kt_patch.autograd import expert_forward
-from kt_patch.executor import AcceleratorTier, GpuExpertBudget, _Cost, layer_bytes
+from kt_patch.executor import AcceleratorTier, GpuExpertBudget, SharedRates, _Cost, layer_bytes
 from kt_patch.kernel import ExpertKernel, ExpertLora, LoraFactors
 from kt_patch.layer import KtMoeLayer
 from kt_patch.options import OptionError, resolve
@@ -44,7 +44,7 @@ def run_layer(kernel, tier, x, ids, w, dy, lora_gu, lora_dn):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("fraction,resident", [(0.0, False), (0.3, False), (0.3, True), (1.0, False)])
+@pytest.mark.parametrize("fraction,resident", [(0.0, False), (0.3, False), (0.3, True), (1.0, False), (1.0, True)])
 @pytest.mark.parametrize("gpt_oss", [False, True], ids=["swiglu", "gpt_oss"])
 def test_split_equals_the_cpu_kernel_alone(dtype, fraction, resident, gpt_oss):
     """Forced splits, resident or streamed, plain and GPT-OSS (interleaved gate/up LoRA, biases, clamped SwiGLU):
@@ -104,6 +104,25 @@ def test_plan_puts_the_busiest_experts_on_the_accelerator_and_balances_by_rates(
     balanced.plan(ids, first_forward=True)
     rates.cpu.per_unit, rates.cpu.per_row, rates.link.per_unit = 10.0, 0.1, 1.0
     assert set(balanced.upcoming_plan().experts) == {0, 1, 2, 5, 7}
+
+
+def test_layers_of_one_shape_share_their_step_costs():
+    """The CPU kernel's cost is shared by the layers of one shape, the accelerator's also by tier (resident or
+    streamed): each fit then sees many layers' splits."""
+    def kernel(H):
+        weights, _, _ = random_layer(6, H, 16, 4, 4, torch.float32, seed("share", H))
+        return ExpertKernel(*weights, threads=1)
+
+    shared = SharedRates()
+    a, b, other = kernel(32), kernel(32), kernel(48)
+    tier = lambda k, layers: AcceleratorTier(k, CPU, executor="hybrid", budget=budget_of(k, layers),  # noqa: E731
+                                             accelerator_fraction=None, shared_rates=shared)
+    streamed_a, streamed_b, resident_b, streamed_other = tier(a, 3.5), tier(b, 3.5), tier(b, 4.5), tier(other, 3.5)
+    assert streamed_a.rates.cpu is streamed_b.rates.cpu is resident_b.rates.cpu
+    assert streamed_a.rates.accelerator is streamed_b.rates.accelerator is not resident_b.rates.accelerator
+    assert streamed_a.rates.link is streamed_b.rates.link
+    assert streamed_other.rates.cpu is not streamed_a.rates.cpu
+    assert streamed_a.rates is not streamed_b.rates  # each layer skips its own first (warm-up) step
 
 
 def test_step_costs_are_fitted_per_unit_and_per_row():
