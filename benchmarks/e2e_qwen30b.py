@@ -16,6 +16,7 @@ change the kernel's speed.
 import argparse
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -71,12 +72,19 @@ def main():
     ap.add_argument("--profile", default=None, metavar="TRACE",
                     help="profile one more step, not counted, with torch.profiler: a Chrome trace to this file "
                          "(.json.gz) and the busiest operators on stderr")
+    ap.add_argument("--planner-log", default=None, metavar="FILE", help="kt_patch's debug log (each layer's split "
+                    "per step and the step costs it was chosen from) to this file")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.steps < 2:
         ap.error("--steps must be at least 2 (the first step is warm-up)")
     kt_patch.enable(executor=args.executor, gpu_expert_budget=args.gpu_expert_budget,
                     accelerator_fraction=args.accelerator_fraction)
+    if args.planner_log:
+        handler = logging.FileHandler(args.planner_log, mode="w")
+        handler.setLevel(logging.DEBUG)
+        logging.getLogger("kt_patch").addHandler(handler)
+        logging.getLogger("kt_patch").setLevel(logging.DEBUG)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -160,7 +168,7 @@ def main():
         "trainable": sum(p.numel() for p in trainable), "build_s": round(build_s, 1),
         "step_s": [round(s, 3) for s in step_s], "forward_backward_optimizer_s": parts_s, "cpu_expert_s": [round(s, 3) for s in expert_s],
         "tok_s": round(args.qlen / mean(step_s), 1),
-        "step_over_cpu_expert": round(mean(step_s) / mean(expert_s), 3),
+        "step_over_cpu_expert": round(mean(step_s) / mean(expert_s), 3) if mean(expert_s) else None,
         # a step's tier times are read when the next step is planned: step i's arrive with step i + 1
         "tier_busy_s": [{side: round(b[side] - a[side], 3) for side in a} for a, b in zip(busy_s[2:], busy_s[3:])],
         "loss": [round(v, 4) for v in losses],

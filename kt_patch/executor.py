@@ -45,15 +45,22 @@ class TierPlan:
 
     experts: tuple[int, ...]
     num_experts: int
-    _masks: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    # tensors made once per device (a tensor made from host values waits for the device's queue to empty)
+    _on_device: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def mask(self, device: torch.device) -> torch.Tensor:
         """[E] bool on ``device``: True for the accelerator's experts."""
-        if device not in self._masks:
+        if ("mask", device) not in self._on_device:
             mask = torch.zeros(self.num_experts, dtype=torch.bool)
             mask[list(self.experts)] = True
-            self._masks[device] = mask.to(device)
-        return self._masks[device]
+            self._on_device["mask", device] = mask.to(device)
+        return self._on_device["mask", device]
+
+    def index(self, device: torch.device) -> torch.Tensor:
+        """[n] long on ``device``: the accelerator's experts."""
+        if ("index", device) not in self._on_device:
+            self._on_device["index", device] = torch.tensor(self.experts, dtype=torch.long, device=device)
+        return self._on_device["index", device]
 
     def cpu_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """The routing the CPU kernel gets (on the host): the accelerator's slots as -1 (skipped)."""
@@ -121,6 +128,15 @@ def _pin_in_place(kernel: ExpertKernel, tensors) -> None:
         addresses.append(tensor.data_ptr())
     kernel._pinned = True
     weakref.finalize(kernel, lambda: [cudart.cudaHostUnregister(address) for address in addresses])
+
+
+def _move_to_pinned(parameter: torch.Tensor) -> None:
+    """Put a host parameter's values in pinned memory (the optimizer and PEFT keep the same parameter object), so
+    that copying it to the accelerator neither blocks the host nor waits for the device's queue to empty."""
+    if getattr(parameter, "_kt_pinned_at", None) != parameter.data_ptr():
+        with torch.no_grad():
+            parameter.data = parameter.data.pin_memory()
+        parameter._kt_pinned_at = parameter.data_ptr()
 
 
 def _keep_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -369,6 +385,7 @@ class AcceleratorTier:
         self.spec = kernel.spec
         self.packed = kernel.packed_weights()
         self.resident = None
+        self._all_experts = TierPlan(tuple(range(kernel.num_experts)), kernel.num_experts)
         if budget.take(kernel, device):
             self.resident = {name: kernel.unpack(self.packed[name].to(device), name) for name in _MATRICES}
         elif device.type == "cuda":
@@ -441,6 +458,12 @@ class AcceleratorTier:
             return TierPlan(tuple(range(E)), E)
         order = torch.sort(counts, descending=True, stable=True).indices
         chosen = round(self.fraction * E) if self.fraction is not None else self._balanced_count(counts[order])
+        if logger.isEnabledFor(logging.DEBUG):
+            rates = {side: None if not cost.known else f"{cost.per_unit * 1e3:.3f} ms + {cost.per_row * 1e6:.3f} us/row"
+                     for side, cost in (("cpu", self.rates.cpu), ("accelerator", self.rates.accelerator),
+                                        ("link", self.rates.link))}
+            logger.debug("kt_patch: %s (%s): %d of %d experts on the accelerator; step costs per unit %s",
+                         self.kernel.name, self.tier_name, chosen, E, rates)
         return TierPlan(tuple(sorted(order[:chosen].tolist())), E)
 
     def _balanced_count(self, sorted_counts: torch.Tensor) -> int:
@@ -494,13 +517,13 @@ class AcceleratorTier:
             tensor.record_stream(stream)  # made on the copy stream, used and freed on this one
         return weights
 
-    def _group_experts(self, plan: TierPlan) -> tuple[int, ...]:
-        """The expert of each group: a resident layer groups all its experts (those of the CPU empty), which spares
-        gathering their weights; a streamed one only the fetched ones."""
-        return tuple(range(self.kernel.num_experts)) if self.resident is not None else plan.experts
+    def _group_experts(self, plan: TierPlan) -> torch.Tensor:
+        """The expert of each group (on the device): a resident layer groups all its experts (those of the CPU
+        empty), which spares gathering their weights; a streamed one only the fetched ones."""
+        return self._all_experts.index(self.device) if self.resident is not None else plan.index(self.device)
 
     def _groups(self, ids: torch.Tensor, plan: TierPlan) -> _Groups:
-        experts = torch.tensor(self._group_experts(plan), dtype=torch.long, device=self.device)
+        experts = self._group_experts(plan)
         if plan.everything:  # every slot is the accelerator's and each expert its own group: sizes known, no sync
             flat = ids.flatten()
             order = torch.argsort(flat, stable=True)
@@ -521,6 +544,9 @@ class AcceleratorTier:
         """fp32 device copies of the factors, expert-major: A [E, r, in], B [E, out, r] (gate rows first). Copied
         again only when a factor changed (an optimizer step bumps its version), so a step's forward, recompute and
         backward share one copy."""
+        if self.device.type == "cuda":
+            for factor in (t for _, f in lora.items() for t in (f.A, f.B)):
+                _move_to_pinned(factor)
         key = tuple((id(t), t._version) for _, f in lora.items() for t in (f.A, f.B))
         if self._factors is not None and self._factors[0] == key:
             return self._factors[1]
@@ -690,7 +716,7 @@ class AcceleratorTier:
         dx = torch.zeros_like(x_leaf) if grads[0] is None else grads[0]
         dw = torch.zeros_like(w_leaf) if grads[1] is None else grads[1]
         factors = {f"{which}_{name}": getattr(f, name) for which, f in lora.items() for name in "AB"}
-        experts = torch.tensor(self._group_experts(plan), dtype=torch.long, device=self.device)
+        experts = self._group_experts(plan)
         lora_parts = {key: self._to_host(self._peft_layout(key, grad, experts, factors[key]))
                       for key, grad in zip(lora_groups, grads[2:])}
         copied = None
