@@ -46,7 +46,8 @@ def test_split_on_cuda_equals_the_cpu_kernel_alone(resident, fraction):
 def test_streamed_model_on_cuda_trains_as_stock_and_fetches_ahead(monkeypatch):
     """A whole model with every MoE layer streamed (a budget of 3.5 layers' packed experts: the stream buffers, no
     room for a resident layer) under non-reentrant checkpointing, with a split that changes between steps: the same
-    losses as stock on the GPU (fp32, 1e-4), and the next layer's weights are fetched ahead and used."""
+    losses as stock on the GPU (fp32, 1e-4), the next layer's weights are fetched ahead and used, and the expert-LoRA
+    factors are in pinned host memory."""
     import tiny_models
     from peft import get_peft_model
 
@@ -87,6 +88,9 @@ def test_streamed_model_on_cuda_trains_as_stock_and_fetches_ahead(monkeypatch):
             optimizer.step()
             optimizer.zero_grad()
             losses.append(loss.item())
+        if patched:  # host factors in pinned memory: their copies to the GPU do not block
+            factors = [p for name, p in model.named_parameters() if ".experts." in name and "lora_" in name]
+            assert factors and all(p.device.type == "cpu" and p.is_pinned() for p in factors)
         return losses
 
     stock = train(patched=False)
