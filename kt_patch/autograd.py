@@ -80,7 +80,7 @@ class _ExpertFunction(torch.autograd.Function):
             if tiers is not None:
                 plan.accelerator.record_cpu_time(pending.run_seconds)
             plan.ran_kernel()
-        out = accelerated.to(x_meta[1]) if y is None else y.to(*x_meta)
+        out = accelerated.to(x_meta[1]) if y is None else y.to(*x_meta, non_blocking=True)
         if plan.region is not None and plan.phase is Phase.FIRST_FORWARD:
             plan.region.keep(kernel, y, kctx)
             if kctx is not None and out.data_ptr() == y.data_ptr():
@@ -118,14 +118,14 @@ class _ExpertFunction(torch.autograd.Function):
                                "checkpoint recompute did not run this layer")
         if ctx.on_cpu:
             grads = kctx.new_lora_grads(zeroed=False)  # written whole by the kernel; AccumulateGrad adds them up
-            pending = ctx.kernel.submit_backward(kctx, dy.detach().to("cpu", kctx.dtype).contiguous(), grads,
+            pending = ctx.kernel.submit_backward(kctx, ctx.kernel.host_tokens(dy, kctx.dtype), grads,
                                                  accumulate=False)
         accelerated = None
         if ctx.tiers is not None:  # the accelerator's backward runs while the CPU kernel computes its own
             accelerated = ctx.accelerator.backward(*routed, ctx.lora, ctx.tiers, dy)
         if ctx.on_cpu:
             dx, dw = pending.wait()
-            dx, dw = dx.to(*ctx.x_meta), dw.to(*ctx.w_meta)
+            dx, dw = dx.to(*ctx.x_meta, non_blocking=True), dw.to(*ctx.w_meta, non_blocking=True)
             if ctx.tiers is not None:
                 ctx.accelerator.record_cpu_time(pending.run_seconds)
         if accelerated is not None:

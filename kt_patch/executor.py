@@ -676,7 +676,7 @@ class AcceleratorTier:
         if dy is None:
             return y, None, None, None
         lora_parts = ctx.new_lora_grads()
-        dx, dw = self.kernel.backward(ctx, dy.detach().to("cpu", x_cpu.dtype).contiguous(), lora_parts)
+        dx, dw = self.kernel.backward(ctx, self.kernel.host_tokens(dy, x_cpu.dtype), lora_parts)
         return y, dx.to(self.device), dw.to(self.device), lambda into=None: _add_into(into, lora_parts)
 
     def _record(self, x, w, lora, plan, groups, weights):

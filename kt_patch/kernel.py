@@ -204,10 +204,13 @@ class ExpertKernel:
         return ExpertKernel(gate_up_proj.detach().to("cpu", self.dtype), down_proj.detach().to("cpu", self.dtype),
                             gate_up_bias=gate_up_bias, down_bias=down_bias, **spec)
 
-    def host_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``tokens`` as this kernel takes them: a contiguous CPU tensor, in its own dtype if bfloat16 or float32,
-        else in the kernel's (fp16 activations, say)."""
-        dtype = tokens.dtype if tokens.dtype in _DTYPES else self.dtype
+    def host_tokens(self, tokens: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``tokens`` as this kernel takes them: a contiguous CPU tensor, in ``dtype``, else in their own dtype if
+        bfloat16 or float32, else in the kernel's (fp16 activations, say). From an accelerator they land in pinned
+        memory (a faster copy), and so do the kernel's outputs for them, which then go back without blocking."""
+        dtype = dtype or (tokens.dtype if tokens.dtype in _DTYPES else self.dtype)
+        if tokens.device.type == "cuda":
+            return torch.empty(tokens.shape, dtype=dtype, pin_memory=True).copy_(tokens.detach())
         return tokens.detach().to("cpu", dtype).contiguous()
 
     @property
@@ -317,7 +320,7 @@ class ExpertKernel:
             raise ValueError(f"{self.name}: topk_weights must be floating point, got {topk_weights.dtype}")
         ids = topk_ids.to("cpu", torch.int64).contiguous()
         weights = topk_weights.detach().to("cpu", torch.float32).contiguous()
-        y = torch.empty_like(x)
+        y = _empty_host_like(x)
         keep = (x, ids, weights, y, lora)
         handle = self._layer.submit_forward(T, ids.shape[1], x.data_ptr(), _DTYPES[x.dtype], ids.data_ptr(),
                                             weights.data_ptr(), y.data_ptr(), bool(save_for_backward),
@@ -354,7 +357,7 @@ class ExpertKernel:
                     raise ValueError(f"{self.name}: lora_grads[{key!r}] must be a contiguous fp32 CPU tensor of "
                                      f"shape {tuple(ref.shape)}")
                 pointers.append(grad.data_ptr())
-        dx = torch.empty_like(dy)
+        dx = _empty_host_like(dy)
         dw = torch.empty(ctx.tokens, ctx.top_k, dtype=torch.float32)
         handle = self._layer.submit_backward(ctx.handle, dy.data_ptr(), dx.data_ptr(), dw.data_ptr(), *pointers,
                                              accumulate=bool(accumulate), keep=(ctx, dy, dx, dw, lora_grads))
@@ -362,6 +365,11 @@ class ExpertKernel:
 
     def backward(self, ctx, dy, lora_grads=None, accumulate=True):
         return self.submit_backward(ctx, dy, lora_grads, accumulate).wait()
+
+
+def _empty_host_like(tensor: torch.Tensor) -> torch.Tensor:
+    """An output buffer for a kernel input: pinned like it, so that it goes to an accelerator without blocking."""
+    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_pinned())
 
 
 class _Context:
