@@ -266,17 +266,27 @@ class _Cost:
 class _Rates:
     """What one step costs each side of a layer, from the steps measured (each summed over the step's passes): the
     CPU by its experts that have rows and by rows, the accelerator by a fixed time and rows, the link by streamed
-    experts."""
+    experts. The fits are shared by alike layers; :meth:`calibration` scales them to what this layer measured at its
+    last split, so that a fit off in level for this layer still moves its split toward balance."""
 
     def __init__(self, cpu: _Cost | None = None, accelerator: _Cost | None = None, link: _Cost | None = None):
         self.cpu = cpu or _Cost(unit_share=0.5)
         self.accelerator = accelerator or _Cost(unit_share=1.0)
         self.link = link or _Cost(unit_share=1.0)
         self.steps = 0
+        self.last: dict[str, tuple[int, int, float]] = {}  # side -> (units, rows, seconds) of its last step worked
 
     @property
     def known(self) -> bool:
         return self.cpu.known and self.accelerator.known
+
+    def calibration(self, side: str) -> float:
+        """This layer's last measured seconds on ``side`` over what the shared fit predicts for that split, within
+        [1/4, 4] (1 where either is zero)."""
+        units, rows, seconds = self.last.get(side, (0, 0, 0.0))
+        cost = getattr(self, side)
+        predicted = cost.seconds(units, rows) if cost.known else 0.0
+        return min(max(seconds / predicted, 0.25), 4.0) if units and seconds > 0 and predicted > 0 else 1.0
 
     def add(self, seconds: dict[str, float], window: _Window) -> None:
         self.steps += 1
@@ -284,10 +294,14 @@ class _Rates:
             return  # the first step warms up (CUDA context, kernels loaded, allocator growing)
         counts, on = window.counts.get(), window.plan.mask(torch.device("cpu"))
         accelerator_rows, accelerator_experts = int(counts[on].sum()), int((counts[on] > 0).sum())
-        self.cpu.add(int((counts > 0).sum()) - accelerator_experts, int(counts.sum()) - accelerator_rows,
-                     seconds["cpu"])
-        self.accelerator.add(int(accelerator_experts > 0), accelerator_rows, seconds["accelerator"])
-        self.link.add(len(window.plan.experts) if window.streamed else 0, 0, seconds["link"])
+        samples = {
+            "cpu": (int((counts > 0).sum()) - accelerator_experts, int(counts.sum()) - accelerator_rows, seconds["cpu"]),
+            "accelerator": (int(accelerator_experts > 0), accelerator_rows, seconds["accelerator"]),
+            "link": (len(window.plan.experts) if window.streamed else 0, 0, seconds["link"])}
+        for side, (units, rows, spent) in samples.items():
+            if units and spent > 0:  # the side worked in that step
+                getattr(self, side).add(units, rows, spent)
+                self.last[side] = (units, rows, spent)
 
 
 class SharedRates:
@@ -476,8 +490,9 @@ class AcceleratorTier:
         experts = torch.cat((zero, torch.cumsum((sorted_counts > 0).double(), 0)))  # ...and those with rows
         n = torch.arange(rows.numel(), dtype=torch.float64)
         link = rates.link.seconds(n, 0 * n) if self.resident is None and rates.link.known else 0 * n
-        cost = torch.maximum(rates.cpu.seconds(experts[-1] - experts, rows[-1] - rows),
-                             torch.maximum(rates.accelerator.seconds((n > 0).double(), rows), link))
+        cpu = rates.cpu.seconds(experts[-1] - experts, rows[-1] - rows) * rates.calibration("cpu")
+        accelerator = rates.accelerator.seconds((n > 0).double(), rows) * rates.calibration("accelerator")
+        cost = torch.maximum(cpu, torch.maximum(accelerator, link * rates.calibration("link")))
         return int(torch.argmin(cost))
 
     def record_cpu_time(self, seconds: float) -> None:

@@ -104,6 +104,18 @@ def test_plan_puts_the_busiest_experts_on_the_accelerator_and_balances_by_rates(
     balanced.plan(ids, first_forward=True)
     rates.cpu.per_unit, rates.cpu.per_row, rates.link.per_unit = 10.0, 0.1, 1.0
     assert set(balanced.upcoming_plan().experts) == {0, 1, 2, 5, 7}
+    # the shared fits scaled to what this layer measured at its last split: measured as predicted, equal rates put
+    # the 5 (4 rows) or the 5 and the 2 (7) on the accelerator, as above; a CPU measured at 3x its prediction
+    # leaves it 2 rows (3 experts, 8 rows, on the accelerator)
+    balanced.plan(ids, first_forward=True)
+    for cost, per_row in ((rates.cpu, 1.0), (rates.accelerator, 1.0), (rates.link, 0.0)):
+        cost.per_unit, cost.per_row = 0.0, per_row
+    rates.last = {"cpu": (3, 5, 5.0), "accelerator": (1, 5, 5.0)}
+    assert balanced.upcoming_plan().experts in ((5,), (2, 5))
+    balanced.plan(ids, first_forward=True)
+    rates.last = {"cpu": (3, 5, 15.0), "accelerator": (1, 5, 5.0)}
+    experts = balanced.upcoming_plan().experts
+    assert len(experts) == 3 and {2, 5} < set(experts)
 
 
 def test_layers_of_one_shape_share_their_step_costs():
