@@ -85,6 +85,7 @@ def main():
         handler.setLevel(logging.DEBUG)
         logging.getLogger("kt_patch").addHandler(handler)
         logging.getLogger("kt_patch").setLevel(logging.DEBUG)
+        record_planner_inputs(args.planner_log + ".jsonl")
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -193,6 +194,27 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+
+
+def record_planner_inputs(path: str) -> None:
+    """Each balanced split's inputs and result, one JSON line each (to replay the planner off the machine)."""
+    from kt_patch.executor import AcceleratorTier
+
+    balanced_count = AcceleratorTier._balanced_count
+    out = open(path, "w")
+
+    def recorded(tier, sorted_counts):
+        chosen = balanced_count(tier, sorted_counts)
+        rates = tier.rates
+        out.write(json.dumps({
+            "layer": tier.kernel.name, "tier": tier.tier_name, "chosen": chosen, "counts": sorted_counts.tolist(),
+            "last": rates.last, **{side: [getattr(rates, side).per_unit, getattr(rates, side).per_row,
+                                          rates.calibration(side)]
+                                   for side in ("cpu", "accelerator", "link") if getattr(rates, side).known}}) + "\n")
+        out.flush()
+        return chosen
+
+    AcceleratorTier._balanced_count = recorded
 
 
 def run_baselines(args) -> dict:

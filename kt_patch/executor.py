@@ -13,12 +13,13 @@ the previous layer's during a backward, so the link works while both sides compu
 for its backward, which fetches the weights again and recomputes the accelerator's experts under autograd; a
 checkpointed layer's recompute, whose backward follows at once, records its computation for it.
 
-The plan of a step is chosen before the step's routing is known, from the layer's routing in its previous step (which
-changes slowly), so that it can be fetched ahead; the first step plans from its own routing. Any plan is correct: it
-only decides who computes what. The busiest experts go to the accelerator (most rows per byte streamed): a forced
-``accelerator_fraction`` of them, or as many as balance the two sides' measured times per step (:class:`_Cost`):
-the CPU's by experts and rows, the accelerator's by a fixed part and rows, the link's by streamed experts (it
-overlaps the accelerator's compute), each summed over the step's forward, recompute and backward.
+A streamed layer's plan is chosen before the step's routing is known, so that it can be fetched ahead: from the rows
+each expert had in the layer's past steps (averaged, recent steps weighing more); a resident layer, and any layer's
+first step, plans from the routing at hand. Any plan is correct: it only decides who computes what. The busiest
+experts go to the accelerator (most rows per byte streamed): a forced ``accelerator_fraction`` of them, or as many as
+balance the two sides' measured times per step (:class:`_Cost`): the CPU's by experts and rows, the accelerator's by
+a fixed part and rows, the link's by streamed experts (it overlaps the accelerator's compute), each summed over the
+step's forward, recompute and backward.
 """
 from __future__ import annotations
 
@@ -422,6 +423,7 @@ class AcceleratorTier:
         self.step_plan: TierPlan | None = None  # the plan of the step under way
         self._next_plan: TierPlan | None = None  # the next step's, once asked for (by a fetch ahead)
         self._last_counts: _OnHost | None = None  # rows per expert in the last step's routing
+        self._popularity: torch.Tensor | None = None  # rows per expert averaged over the past steps (streamed)
         self._recorded = None  # a recompute's forward under autograd, for the backward that follows it
         self._factors = None  # (versions of the LoRA factors, their device copies)
 
@@ -435,8 +437,9 @@ class AcceleratorTier:
         the step under way."""
         if not first_forward and self.step_plan is not None:
             return self.step_plan
-        counts = _OnHost(torch.bincount(ids.flatten(), minlength=self.kernel.num_experts))  # read at the next plan
-        if self._last_counts is None:
+        counts = _OnHost(torch.bincount(ids.flatten(), minlength=self.kernel.num_experts))
+        if self._last_counts is None or self.resident is not None:
+            # a resident layer has nothing to fetch ahead: it plans from the routing at hand (as any layer's first step)
             self._close_window()
             plan = self._choose(counts.get())
         else:
@@ -448,11 +451,15 @@ class AcceleratorTier:
         return plan
 
     def upcoming_plan(self) -> TierPlan | None:
-        """The next step's plan, from this step's routing and the rates measured over this step (None before the
-        first step)."""
+        """A streamed layer's next plan, chosen before its routing is known so that it can be fetched ahead: from how
+        busy each expert has been (rows per expert averaged over the past steps, each step's weight halving the
+        next; the busiest experts of one step need not be the next step's) and the rates measured over this step.
+        None before the first step."""
         if self._next_plan is None and self._last_counts is not None:
             self._close_window()
-            self._next_plan = self._choose(self._last_counts.get())
+            counts = self._last_counts.get().double()
+            self._popularity = counts if self._popularity is None else (self._popularity + counts) / 2
+            self._next_plan = self._choose(self._popularity)
         return self._next_plan
 
     def _close_window(self) -> None:

@@ -78,10 +78,19 @@ def test_plan_puts_the_busiest_experts_on_the_accelerator_and_balances_by_rates(
     ids = torch.tensor([[5, 2], [5, 2], [5, 1], [5, 7], [2, 0]])
     tier = AcceleratorTier(kernel, CPU, executor="hybrid", budget=budget_of(kernel, 3.5), accelerator_fraction=0.25)
     assert tier.plan(ids, first_forward=True).experts == (2, 5)
-    # the next step is planned from this step's routing (so that it can be fetched ahead), whatever its own
+    # a streamed layer's next step is planned from its past routing (so that it can be fetched ahead), whatever its
+    # own: rows per expert averaged, the last step weighing half
     assert tier.upcoming_plan().experts == (2, 5)
-    assert tier.plan(torch.tensor([[0, 1], [0, 1], [0, 3]]), first_forward=True).experts == (2, 5)
-    assert tier.upcoming_plan().experts == (0, 1)
+    other = torch.tensor([[0, 1], [0, 1], [0, 3]])
+    assert tier.plan(other, first_forward=True).experts == (2, 5)
+    assert tier.upcoming_plan().experts == (0, 5)  # 0 and 5 both 2 rows on average, 1 and 2 1.5
+    assert tier.plan(other, first_forward=True).experts == (0, 5)
+    assert tier.upcoming_plan().experts == (0, 1)  # 0: 2.5 rows, 1: 1.75, 5: 1
+    # a resident layer plans from the routing at hand
+    resident = AcceleratorTier(kernel, CPU, executor="hybrid", budget=budget_of(kernel, 4.5),
+                               accelerator_fraction=0.25)
+    assert resident.plan(ids, first_forward=True).experts == (2, 5)
+    assert resident.plan(other, first_forward=True).experts == (0, 1)
     balanced = AcceleratorTier(kernel, CPU, executor="hybrid", budget=budget_of(kernel, 3.5),
                                accelerator_fraction=None)
     rates = balanced.rates
