@@ -183,6 +183,7 @@ def expert_forward(kernel: ExpertKernel, x: torch.Tensor, topk_ids: torch.Tensor
     phase, region = current_phase(kernel.name, policy)
     tiers = None
     if accelerator is not None:
+        accelerator.pin_factors(lora)
         tiers = accelerator.plan(topk_ids, first_forward=phase is not Phase.RECOMPUTE)
         tiers = tiers if tiers.any else None
     plan = _Plan(phase, region, policy, on_kernel_run, accelerator, tiers)

@@ -502,6 +502,13 @@ class AcceleratorTier:
         cost = torch.maximum(cpu, torch.maximum(accelerator, link * rates.calibration("link")))
         return int(torch.argmin(cost))
 
+    def pin_factors(self, lora: ExpertLora) -> None:
+        """Keep ``lora``'s host factors in pinned memory, so that their copies to the device do not block. Called
+        before the CPU kernel is given them: moving a factor's values replaces its storage."""
+        if self.device.type == "cuda":
+            for factor in (t for _, f in lora.items() for t in (f.A, f.B)):
+                _move_to_pinned(factor)
+
     def record_cpu_time(self, seconds: float) -> None:
         """The CPU kernel's seconds on this layer's share in one pass of the step."""
         self._window.cpu_seconds += seconds
@@ -566,9 +573,6 @@ class AcceleratorTier:
         """fp32 device copies of the factors, expert-major: A [E, r, in], B [E, out, r] (gate rows first). Copied
         again only when a factor changed (an optimizer step bumps its version), so a step's forward, recompute and
         backward share one copy."""
-        if self.device.type == "cuda":
-            for factor in (t for _, f in lora.items() for t in (f.A, f.B)):
-                _move_to_pinned(factor)
         key = tuple((id(t), t._version) for _, f in lora.items() for t in (f.A, f.B))
         if self._factors is not None and self._factors[0] == key:
             return self._factors[1]

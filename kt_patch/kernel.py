@@ -321,7 +321,7 @@ class ExpertKernel:
         ids = topk_ids.to("cpu", torch.int64).contiguous()
         weights = topk_weights.detach().to("cpu", torch.float32).contiguous()
         y = _empty_host_like(x)
-        keep = (x, ids, weights, y, lora)
+        keep = (x, ids, weights, y, _factor_storage(lora))
         handle = self._layer.submit_forward(T, ids.shape[1], x.data_ptr(), _DTYPES[x.dtype], ids.data_ptr(),
                                             weights.data_ptr(), y.data_ptr(), bool(save_for_backward),
                                             self._lora_arg(lora.gate_up), self._lora_arg(lora.down), keep)
@@ -367,6 +367,12 @@ class ExpertKernel:
         return self.submit_backward(ctx, dy, lora_grads, accumulate).wait()
 
 
+def _factor_storage(lora: ExpertLora) -> tuple:
+    """Views of the LoRA factors' current memory, which a job reads through raw pointers: kept alive with the job
+    even if a parameter's values are moved meanwhile (``param.data = ...`` frees the old memory)."""
+    return tuple(t.detach() for _, factors in lora.items() for t in (factors.A, factors.B))
+
+
 def _empty_host_like(tensor: torch.Tensor) -> torch.Tensor:
     """An output buffer for a kernel input: pinned like it, so that it goes to an accelerator without blocking."""
     return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_pinned())
@@ -377,6 +383,7 @@ class _Context:
 
     def __init__(self, handle, dtype, lora: ExpertLora):
         self.handle, self.dtype, self.lora = handle, dtype, lora
+        self._factors = _factor_storage(lora)  # the memory the kernel read them from, for the backward
         self.tokens, self.top_k = handle.tokens, handle.top_k
 
     def new_lora_grads(self, zeroed: bool = True) -> dict:
