@@ -165,9 +165,11 @@ def main():
     mean = lambda values: sum(values[counted]) / len(values[counted])  # noqa: E731
     result = {
         "layers": args.layers, "qlen": args.qlen, "executor": args.executor,
-        "gpu_expert_budget": args.gpu_expert_budget, "accelerator_fraction": args.accelerator_fraction, "experts_lora": args.experts_lora, "gc": args.gc,
+        "gpu_expert_budget": args.gpu_expert_budget, "accelerator_fraction": args.accelerator_fraction,
+        "experts_lora": args.experts_lora, "gc": args.gc,
         "trainable": sum(p.numel() for p in trainable), "build_s": round(build_s, 1),
-        "step_s": [round(s, 3) for s in step_s], "forward_backward_optimizer_s": parts_s, "cpu_expert_s": [round(s, 3) for s in expert_s],
+        "step_s": [round(s, 3) for s in step_s], "forward_backward_optimizer_s": parts_s,
+        "cpu_expert_s": [round(s, 3) for s in expert_s],
         "tok_s": round(args.qlen / mean(step_s), 1),
         "step_over_cpu_expert": round(mean(step_s) / mean(expert_s), 3) if mean(expert_s) else None,
         # a step's tier times are read when the next step is planned: step i's arrive with step i + 1

@@ -295,8 +295,9 @@ class _Rates:
             return  # the first step warms up (CUDA context, kernels loaded, allocator growing)
         counts, on = window.counts.get(), window.plan.mask(torch.device("cpu"))
         accelerator_rows, accelerator_experts = int(counts[on].sum()), int((counts[on] > 0).sum())
+        cpu_experts, cpu_rows = int((counts > 0).sum()) - accelerator_experts, int(counts.sum()) - accelerator_rows
         samples = {
-            "cpu": (int((counts > 0).sum()) - accelerator_experts, int(counts.sum()) - accelerator_rows, seconds["cpu"]),
+            "cpu": (cpu_experts, cpu_rows, seconds["cpu"]),
             "accelerator": (int(accelerator_experts > 0), accelerator_rows, seconds["accelerator"]),
             "link": (len(window.plan.experts) if window.streamed else 0, 0, seconds["link"])}
         for side, (units, rows, spent) in samples.items():

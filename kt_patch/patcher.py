@@ -77,7 +77,8 @@ def _replace_blocks(model, blocks, options: Options) -> PatchSummary:
     from transformers.utils.logging import tqdm
 
     swapped = []
-    gpu_budget, shared_rates = GpuExpertBudget(options.gpu_expert_budget), SharedRates()  # the model's layers share them
+    # the model's layers share one budget and their measured rates
+    gpu_budget, shared_rates = GpuExpertBudget(options.gpu_expert_budget), SharedRates()
     summary = PatchSummary(sorted({family.name for _, _, family in blocks}), 0, 0, 0, "", options.threads,
                            _split_description(options))
     try:
