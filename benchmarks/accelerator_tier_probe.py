@@ -50,6 +50,7 @@ def main():
     for resident in (False, True):
         tier = AcceleratorTier(kernel, device, executor="accelerator", accelerator_fraction=None,
                                budget=GpuExpertBudget((4.5 if resident else 3.5) * layer_gib))
+        tier.pin_factors(lora)  # as a model's forward does
         name = tier.tier_name
         if not resident:
             timed(f"{name}: fetch {layer_gib:.2f} GiB", lambda: tier.fetch(plan)[1].synchronize())
