@@ -33,11 +33,12 @@ def budget_of(kernel, layers):
     return GpuExpertBudget(layers * layer_bytes(kernel) / 2**30)
 
 
-def run_layer(kernel, tier, x, ids, w, dy, lora_gu, lora_dn):
+def run_layer(kernel, tier, x, ids, w, dy, lora_gu, lora_dn, kernel_runs=None):
     params = [torch.nn.Parameter(t.clone()) for t in (*lora_gu[:2], *lora_dn[:2])]
     lora = ExpertLora(LoraFactors(params[0], params[1], lora_gu[2]), LoraFactors(params[2], params[3], lora_dn[2]))
     xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    y = expert_forward(kernel, xr, ids, wr, lora, accelerator=tier)
+    on_kernel_run = None if kernel_runs is None else (lambda: kernel_runs.append(1))
+    y = expert_forward(kernel, xr, ids, wr, lora, accelerator=tier, on_kernel_run=on_kernel_run)
     y.backward(dy)
     names = ("gate_up_A", "gate_up_B", "down_A", "down_B")
     return {"y": y.detach(), "dx": xr.grad, "dw": wr.grad, **{n: p.grad for n, p in zip(names, params)}}
@@ -67,9 +68,11 @@ def test_split_equals_the_cpu_kernel_alone(dtype, fraction, resident, gpt_oss):
                            accelerator_fraction=fraction, **biases)
     assert tier.tier_name == ("resident" if resident else "streamed")
     reference = run_layer(kernel, None, x, ids, w, dy, lora_gu, lora_dn)
-    got = run_layer(kernel, tier, x, ids, w, dy, lora_gu, lora_dn)
+    kernel_runs = []
+    got = run_layer(kernel, tier, x, ids, w, dy, lora_gu, lora_dn, kernel_runs)
     errors = {name: rel_l2(got[name], reference[name]) for name in reference}
     assert max(errors.values()) <= TOL[dtype], f"run seed {RUN_SEED}: {errors}"
+    assert len(kernel_runs) == (0 if fraction == 1.0 else 1)  # every expert on the accelerator: the kernel left out
 
 
 def test_plan_puts_the_busiest_experts_on_the_accelerator_and_balances_by_rates():
