@@ -206,15 +206,15 @@ def record_planner_inputs(path: str) -> None:
     out = open(path, "w")
 
     def recorded(tier, sorted_counts):
-        chosen = balanced_count(tier, sorted_counts)
+        chosen, forecast = balanced_count(tier, sorted_counts)
         rates = tier.rates
         out.write(json.dumps({
             "layer": tier.kernel.name, "tier": tier.tier_name, "chosen": chosen, "counts": sorted_counts.tolist(),
-            "last": rates.last, **{side: [getattr(rates, side).per_unit, getattr(rates, side).per_row,
-                                          rates.calibration(side)]
-                                   for side in ("cpu", "accelerator", "link") if getattr(rates, side).known}}) + "\n")
+            "forecast": forecast, **{side: [getattr(rates, side).per_unit, getattr(rates, side).per_row,
+                                            rates.scale[side]]
+                                     for side in ("cpu", "accelerator", "link") if getattr(rates, side).known}}) + "\n")
         out.flush()
-        return chosen
+        return chosen, forecast
 
     AcceleratorTier._balanced_count = recorded
 

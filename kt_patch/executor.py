@@ -46,6 +46,8 @@ class TierPlan:
 
     experts: tuple[int, ...]
     num_experts: int
+    # side -> the seconds the shared fits predicted for this split when the planner chose it (None: not chosen by them)
+    forecast: dict | None = dataclasses.field(default=None, compare=False, repr=False)
     # tensors made once per device (a tensor made from host values waits for the device's queue to empty)
     _on_device: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
@@ -267,27 +269,20 @@ class _Cost:
 class _Rates:
     """What one step costs each side of a layer, from the steps measured (each summed over the step's passes): the
     CPU by its experts that have rows and by rows, the accelerator by a fixed time and rows, the link by streamed
-    experts. The fits are shared by alike layers; :meth:`calibration` scales them to what this layer measured at its
-    last split, so that a fit off in level for this layer still moves its split toward balance."""
+    experts. The fits are shared by alike layers; ``scale`` corrects them for this layer by what it measured against
+    what they forecast for its last planned split (rows per expert forecast from past routing included), so that a
+    forecast off for this layer still moves its split toward balance."""
 
     def __init__(self, cpu: _Cost | None = None, accelerator: _Cost | None = None, link: _Cost | None = None):
         self.cpu = cpu or _Cost(unit_share=0.5)
         self.accelerator = accelerator or _Cost(unit_share=1.0)
         self.link = link or _Cost(unit_share=1.0)
         self.steps = 0
-        self.last: dict[str, tuple[int, int, float]] = {}  # side -> (units, rows, seconds) of its last step worked
+        self.scale = {"cpu": 1.0, "accelerator": 1.0, "link": 1.0}  # measured over forecast, within [1/4, 4]
 
     @property
     def known(self) -> bool:
         return self.cpu.known and self.accelerator.known
-
-    def calibration(self, side: str) -> float:
-        """This layer's last measured seconds on ``side`` over what the shared fit predicts for that split, within
-        [1/4, 4] (1 where either is zero)."""
-        units, rows, seconds = self.last.get(side, (0, 0, 0.0))
-        cost = getattr(self, side)
-        predicted = cost.seconds(units, rows) if cost.known else 0.0
-        return min(max(seconds / predicted, 0.25), 4.0) if units and seconds > 0 and predicted > 0 else 1.0
 
     def add(self, seconds: dict[str, float], window: _Window) -> None:
         self.steps += 1
@@ -300,10 +295,12 @@ class _Rates:
             "cpu": (cpu_experts, cpu_rows, seconds["cpu"]),
             "accelerator": (int(accelerator_experts > 0), accelerator_rows, seconds["accelerator"]),
             "link": (len(window.plan.experts) if window.streamed else 0, 0, seconds["link"])}
+        forecast = window.plan.forecast or {}
         for side, (units, rows, spent) in samples.items():
             if units and spent > 0:  # the side worked in that step
                 getattr(self, side).add(units, rows, spent)
-                self.last[side] = (units, rows, spent)
+                if forecast.get(side, 0.0) > 0:
+                    self.scale[side] = min(max(spent / forecast[side], 0.25), 4.0)
 
 
 class SharedRates:
@@ -479,29 +476,33 @@ class AcceleratorTier:
         if self.executor == "accelerator":
             return TierPlan(tuple(range(E)), E)
         order = torch.sort(counts, descending=True, stable=True).indices
-        chosen = round(self.fraction * E) if self.fraction is not None else self._balanced_count(counts[order])
+        chosen, forecast = (round(self.fraction * E), None) if self.fraction is not None else \
+            self._balanced_count(counts[order])
         if logger.isEnabledFor(logging.DEBUG):
             rates = {side: None if not cost.known else f"{cost.per_unit * 1e3:.3f} ms + {cost.per_row * 1e6:.3f} us/row"
+                     f" x {self.rates.scale[side]:.2f}"
                      for side, cost in (("cpu", self.rates.cpu), ("accelerator", self.rates.accelerator),
                                         ("link", self.rates.link))}
             logger.debug("kt_patch: %s (%s): %d of %d experts on the accelerator; step costs per unit %s",
                          self.kernel.name, self.tier_name, chosen, E, rates)
-        return TierPlan(tuple(sorted(order[:chosen].tolist())), E)
+        return TierPlan(tuple(sorted(order[:chosen].tolist())), E, forecast)
 
-    def _balanced_count(self, sorted_counts: torch.Tensor) -> int:
-        """How many of the busiest experts go to the accelerator so that both sides finish together."""
+    def _balanced_count(self, sorted_counts: torch.Tensor) -> tuple[int, dict | None]:
+        """How many of the busiest experts go to the accelerator so that both sides finish together, and the seconds
+        the fits forecast for each side at that split."""
         rates = self.rates
         if not rates.known:
-            return (sorted_counts.numel() + 1) // 2  # no measurement yet: half, to measure both sides
+            return (sorted_counts.numel() + 1) // 2, None  # no measurement yet: half, to measure both sides
         zero = torch.zeros(1, dtype=torch.float64)
         rows = torch.cat((zero, torch.cumsum(sorted_counts.double(), 0)))  # the n busiest experts' rows
         experts = torch.cat((zero, torch.cumsum((sorted_counts > 0).double(), 0)))  # ...and those with rows
         n = torch.arange(rows.numel(), dtype=torch.float64)
-        link = rates.link.seconds(n, 0 * n) if self.resident is None and rates.link.known else 0 * n
-        cpu = rates.cpu.seconds(experts[-1] - experts, rows[-1] - rows) * rates.calibration("cpu")
-        accelerator = rates.accelerator.seconds((n > 0).double(), rows) * rates.calibration("accelerator")
-        cost = torch.maximum(cpu, torch.maximum(accelerator, link * rates.calibration("link")))
-        return int(torch.argmin(cost))
+        fits = {"cpu": rates.cpu.seconds(experts[-1] - experts, rows[-1] - rows),
+                "accelerator": rates.accelerator.seconds((n > 0).double(), rows),
+                "link": rates.link.seconds(n, 0 * n) if self.resident is None and rates.link.known else 0 * n}
+        cost = torch.stack([fit * rates.scale[side] for side, fit in fits.items()]).amax(0)
+        chosen = int(torch.argmin(cost))
+        return chosen, {side: float(fit[chosen]) for side, fit in fits.items()}
 
     def pin_factors(self, lora: ExpertLora) -> None:
         """Keep ``lora``'s host factors in pinned memory, so that their copies to the device do not block. Called

@@ -6,6 +6,8 @@ fresh random draws (seeded from the test id plus a per-run offset, printed on fa
 """
 import random
 
+import types
+
 import pytest
 import torch
 
@@ -116,17 +118,23 @@ def test_plan_puts_the_busiest_experts_on_the_accelerator_and_balances_by_rates(
     balanced.plan(ids, first_forward=True)
     rates.cpu.per_unit, rates.cpu.per_row, rates.link.per_unit = 10.0, 0.1, 1.0
     assert set(balanced.upcoming_plan().experts) == {0, 1, 2, 5, 7}
-    # the shared fits scaled to what this layer measured at its last split: measured as predicted, equal rates put
-    # the 5 (4 rows) or the 5 and the 2 (7) on the accelerator, as above; a CPU measured at 3x its prediction
-    # leaves it 2 rows (3 experts, 8 rows, on the accelerator)
+    # each layer scales the shared fits by what it measured against what they forecast for the split it ran: with
+    # equal rates the 5 (4 rows) or the 5 and the 2 (7) go to the accelerator, as above; a CPU measured at 3x its
+    # forecast then keeps 2 rows (3 experts, 8 rows, on the accelerator)
     balanced.plan(ids, first_forward=True)
     for cost, per_row in ((rates.cpu, 1.0), (rates.accelerator, 1.0), (rates.link, 0.0)):
         cost.per_unit, cost.per_row = 0.0, per_row
-    rates.last = {"cpu": (3, 5, 5.0), "accelerator": (1, 5, 5.0)}
-    assert balanced.upcoming_plan().experts in ((5,), (2, 5))
-    balanced.plan(ids, first_forward=True)
-    rates.last = {"cpu": (3, 5, 15.0), "accelerator": (1, 5, 5.0)}
-    experts = balanced.upcoming_plan().experts
+    rates.scale = {"cpu": 1.0, "accelerator": 1.0, "link": 1.0}
+    plan = balanced.upcoming_plan()
+    assert plan.experts in ((5,), (2, 5)) and plan.forecast["cpu"] > 0
+    assert balanced.plan(ids, first_forward=True) is plan  # the step that runs it measures...
+    balanced._window.cpu_seconds = 3 * plan.forecast["cpu"]
+    balanced._window.accelerator = [types.SimpleNamespace(seconds=lambda: plan.forecast["accelerator"])]
+    balanced._close_window()
+    assert rates.scale["cpu"] == pytest.approx(3.0) and rates.scale["accelerator"] == pytest.approx(1.0)
+    for cost, per_row in ((rates.cpu, 1.0), (rates.accelerator, 1.0), (rates.link, 0.0)):  # the fits as they were
+        cost.per_unit, cost.per_row = 0.0, per_row
+    experts = balanced.upcoming_plan().experts  # ...and the next one is planned from it
     assert len(experts) == 3 and {2, 5} < set(experts)
 
 
