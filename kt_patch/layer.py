@@ -26,6 +26,8 @@ from .registry import EXPERT_WEIGHTS, MoeFamily
 
 _export = threading.local()
 logger = logging.getLogger("kt_patch")
+# device types the accelerator tiers run on; the CPU device runs the same torch code (how the tiers are tested)
+_TIER_DEVICE_TYPES = ("cuda",)
 
 
 @contextlib.contextmanager
@@ -195,9 +197,14 @@ class KtMoeLayer(nn.Module):
 
     def _accelerator_for(self, device: torch.device) -> AcceleratorTier | None:
         """The accelerator tier of this layer on ``device``, or None where the CPU kernel computes every expert
-        (executor ``cpu``, or ``auto`` with the model on the CPU)."""
-        if self.executor == "cpu" or (self.executor == "auto" and device.type == "cpu"):
+        (executor ``cpu``, or ``auto`` with the model on the CPU or a device the tiers do not run on)."""
+        if self.executor == "cpu" or (self.executor == "auto" and device.type not in _TIER_DEVICE_TYPES):
             return None
+        # refused here, where the device is first known for sure (inside .to() would leave the model half moved)
+        if device.type not in (*_TIER_DEVICE_TYPES, "cpu"):
+            raise ValueError(f"kt_patch option 'executor' is {self.executor!r}, but the model is on {device}: the "
+                             f"accelerator tiers run on {', '.join(_TIER_DEVICE_TYPES)} devices (and on the CPU "
+                             "device, to test them); use executor='auto' or 'cpu' there")
         if self.accelerator is None or self.accelerator.device != device:
             experts = unwrapped_experts(self._modules[self.family.experts])
             biases = dict(zip(("gate_up_bias", "down_bias"),

@@ -236,6 +236,19 @@ def test_bad_executor_options_are_clear_errors():
         patch_model(model, resolve({"threads": 1, "executor": "auto", "gpu_expert_budget": 1e-6}))
     assert not any(isinstance(m, KtMoeLayer) for m in model.modules())  # nothing half-patched
     patch_model(model, resolve({"threads": 1, "executor": "cpu", "gpu_expert_budget": 1e-6}))  # unused: no error
+    # a device the accelerator tiers do not run on: an error naming the option at the layer's first forward, before
+    # any expert runs; executor='auto' leaves every expert to the CPU kernel there
+    for executor in ("accelerator", "hybrid", "auto"):
+        model = tiny_models.build("qwen3_moe", seed=2)
+        patch_model(model, resolve({"threads": 1, "executor": executor}))
+        layer = next(m for m in model.modules() if isinstance(m, KtMoeLayer)).to("meta")
+        tokens = torch.empty(3, model.config.hidden_size, device="meta")
+        if executor == "auto":
+            assert layer._accelerator_for(tokens.device) is None
+            continue
+        with pytest.raises(ValueError, match=f"'executor' is '{executor}', but the model is on meta"):
+            layer(tokens)
+        assert layer.expert_runs == 0
 
 
 def test_out_of_accelerator_memory_falls_back_to_the_cpu_kernel(monkeypatch, caplog):
