@@ -398,7 +398,7 @@ class AcceleratorTier:
         self.spec = kernel.spec
         self.packed = kernel.packed_weights()
         self.resident = None
-        self._all_experts = TierPlan(tuple(range(kernel.num_experts)), kernel.num_experts)
+        self._all_experts = TierPlan(tuple(range(kernel.num_experts)), kernel.num_experts)  # its tensors made once
         if budget.take(kernel, device):
             self.resident = {name: kernel.unpack(self.packed[name].to(device), name) for name in _MATRICES}
         elif device.type == "cuda":
@@ -436,7 +436,10 @@ class AcceleratorTier:
         if not first_forward and self.step_plan is not None:
             return self.step_plan
         counts = _OnHost(torch.bincount(ids.flatten(), minlength=self.kernel.num_experts))
-        if self._last_counts is None or self.resident is not None:
+        if self.executor == "accelerator":  # every expert, whatever the routing: no wait for it
+            self._close_window()
+            plan = self._all_experts
+        elif self._last_counts is None or self.resident is not None:
             # a resident layer has nothing to fetch ahead: it plans from the routing at hand (as any layer's first step)
             self._close_window()
             plan = self._choose(counts.get())
@@ -474,7 +477,7 @@ class AcceleratorTier:
     def _choose(self, counts: torch.Tensor) -> TierPlan:
         E = self.kernel.num_experts
         if self.executor == "accelerator":
-            return TierPlan(tuple(range(E)), E)
+            return self._all_experts
         order = torch.sort(counts, descending=True, stable=True).indices
         chosen, forecast = (round(self.fraction * E), None) if self.fraction is not None else \
             self._balanced_count(counts[order])
@@ -485,6 +488,8 @@ class AcceleratorTier:
                                         ("link", self.rates.link))}
             logger.debug("kt_patch: %s (%s): %d of %d experts on the accelerator; step costs per unit %s",
                          self.kernel.name, self.tier_name, chosen, E, rates)
+        if chosen == E:  # shares the device tensors of the plan with every expert (made once)
+            return TierPlan(self._all_experts.experts, E, forecast, self._all_experts._on_device)
         return TierPlan(tuple(sorted(order[:chosen].tolist())), E, forecast)
 
     def _balanced_count(self, sorted_counts: torch.Tensor) -> tuple[int, dict | None]:
