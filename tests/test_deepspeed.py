@@ -4,8 +4,8 @@ save_checkpoint / load_checkpoint, the refused features; launched by torchrun, t
 accelerate launch.
 
 One worker run covers several specs (DeepSpeed engines one after the other in one process), so the whole file
-costs four launches. The first DeepSpeed run on a machine JIT-builds its shm comm op (about 35 s, cached in
-~/.cache/torch_extensions); the configs use a client torch AdamW, so no optimizer op is built.
+costs four launches. The first DeepSpeed run in an environment JIT-builds its shm comm op (about 35 s, cached in
+<venv>/torch_extensions); the configs use a client torch AdamW, so no optimizer op is built.
 """
 import json
 import os
@@ -46,6 +46,9 @@ def free_port():
 def run_worker(launcher, checkpoint, out, specs):
     env = {k: v for k, v in os.environ.items() if not k.startswith("KT_")}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    # DeepSpeed JIT-builds its shm comm op under a lock file; one build killed midway leaves the lock and every later
+    # build waits on it forever, so the op is built per environment rather than in the user's shared cache
+    env["TORCH_EXTENSIONS_DIR"] = os.path.join(sys.prefix, "torch_extensions")
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # the deepspeed launcher's
     proc = subprocess.run([sys.executable, "-m", *launcher, WORKER, checkpoint, str(out), ",".join(specs)], env=env,
                           capture_output=True, text=True, timeout=400)
