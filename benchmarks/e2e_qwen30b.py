@@ -123,8 +123,8 @@ def main():
 
     tiers = lambda: [m.accelerator for m in model.modules() if getattr(m, "accelerator", None) is not None]  # noqa
 
-    def busy():  # seconds each side worked, over the steps whose measurements are in (all but the last)
-        return {side: sum(t.busy_seconds[side] for t in tiers()) for side in ("cpu", "accelerator", "link")}
+    def busy():  # seconds each side worked (and "rest": non-expert), over the steps whose measurements are in
+        return {side: sum(t.busy_seconds[side] for t in tiers()) for side in ("cpu", "accelerator", "link", "rest")}
 
     step_s, expert_s, parts_s, losses, busy_s = [], [], [], [], [busy()]
     for step in range(args.steps + bool(args.profile)):
@@ -210,7 +210,7 @@ def record_planner_inputs(path: str) -> None:
         rates = tier.rates
         out.write(json.dumps({
             "layer": tier.kernel.name, "tier": tier.tier_name, "chosen": chosen, "counts": sorted_counts.tolist(),
-            "forecast": forecast, **{side: [getattr(rates, side).per_unit, getattr(rates, side).per_row,
+            "forecast": forecast, "rest": rates.rest, **{side: [getattr(rates, side).per_unit, getattr(rates, side).per_row,
                                             rates.scale[side]]
                                      for side in ("cpu", "accelerator", "link") if getattr(rates, side).known}}) + "\n")
         out.flush()

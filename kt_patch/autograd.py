@@ -61,6 +61,8 @@ class _ExpertFunction(torch.autograd.Function):
                  dn_A, dn_B):
         x_meta, w_meta = (x.device, x.dtype), (topk_weights.device, topk_weights.dtype)
         tiers = plan.tiers
+        if plan.accelerator is not None:
+            plan.accelerator.begin_experts(backward=plan.phase is Phase.RECOMPUTE)
         on_cpu = tiers is None or not tiers.everything  # else the CPU kernel has no expert and is not called
         kept = plan.kept_for_recompute(kernel, x.shape[0])
         if kept is None and on_cpu:
@@ -94,6 +96,8 @@ class _ExpertFunction(torch.autograd.Function):
         ctx.save_for_backward(token, *((x, topk_ids, topk_weights) if tiers is not None else ()))
         ctx.x_meta, ctx.w_meta = x_meta, w_meta
         ctx.lora_meta = [None if t is None else t.dtype for t in (gu_A, gu_B, dn_A, dn_B)]
+        if plan.accelerator is not None:
+            plan.accelerator.end_experts(backward=plan.phase is Phase.RECOMPUTE)
         return out
 
     @staticmethod
@@ -116,6 +120,8 @@ class _ExpertFunction(torch.autograd.Function):
             raise RuntimeError(f"{ctx.kernel.name}: no expert activations for this backward: they were already "
                                "used by a backward (kt_patch expert nodes do not support retain_graph=True), or a "
                                "checkpoint recompute did not run this layer")
+        if ctx.accelerator is not None:
+            ctx.accelerator.begin_experts(backward=True)
         if ctx.on_cpu:
             grads = kctx.new_lora_grads(zeroed=False)  # written whole by the kernel; AccumulateGrad adds them up
             pending = ctx.kernel.submit_backward(kctx, ctx.kernel.host_tokens(dy, kctx.dtype), grads,
@@ -140,6 +146,8 @@ class _ExpertFunction(torch.autograd.Function):
         lora_out = []
         for key, dtype in zip(("gate_up_A", "gate_up_B", "down_A", "down_B"), ctx.lora_meta):
             lora_out.append(None if dtype is None else grads[key].to(dtype))
+        if ctx.accelerator is not None:
+            ctx.accelerator.end_experts(backward=True)
         return (None, None, None, dx, None, dw, *lora_out)
 
 

@@ -17,9 +17,12 @@ A streamed layer's plan is chosen before the step's routing is known, so that it
 each expert had in the layer's past steps (averaged, recent steps weighing more); a resident layer, and any layer's
 first step, plans from the routing at hand. Any plan is correct: it only decides who computes what. The busiest
 experts go to the accelerator (most rows per byte streamed): a forced ``accelerator_fraction`` of them, or as many as
-balance the two sides' measured times per step (:class:`_Cost`): the CPU's by experts and rows, the accelerator's by
-a fixed part and rows, the link's by streamed experts (it overlaps the accelerator's compute), each summed over the
-step's forward, recompute and backward.
+make the layer's step shortest by the sides' measured times per step (:class:`_Cost`): the CPU's by experts and rows,
+the accelerator's by a fixed part and rows, the link's by streamed experts, each summed over the step's forward,
+recompute and backward. The two sides of a layer are on its critical path, after the layer's non-expert part (the
+next layer waits for their sum), while the link overlaps all of it (a layer is fetched while the one before it
+computes): a layer's step costs ``max(rest + max(cpu, accelerator), link)``, with ``rest`` its non-expert time measured
+on the device's queue between the expert parts of consecutive layers (:class:`_Gaps`).
 """
 from __future__ import annotations
 
@@ -223,6 +226,30 @@ class _Window:
     cpu_seconds: float = 0.0
     accelerator: list = dataclasses.field(default_factory=list)  # _Timer
     link: list = dataclasses.field(default_factory=list)
+    rest: list = dataclasses.field(default_factory=list)  # the non-expert work before each of the layer's passes
+
+
+class _Gaps:
+    """The time a device's queue spends between the expert parts of its MoE layers (attention, norms, the router:
+    a layer's non-expert work), each gap given to the layer whose expert part ends it. A gap from a backward to a
+    forward spans the step's end (loss, optimizer, data) and is given to no layer."""
+
+    def __init__(self):
+        self._open: tuple[_Timer, bool] | None = None  # (since the last expert part ended, that part was a backward)
+
+    def close(self, backward: bool) -> _Timer | None:
+        """An expert part starts: the gap since the last one ended, if it is a layer's."""
+        opened, self._open = self._open, None
+        if opened is None or (opened[1] and not backward):
+            return None
+        return opened[0].stop()
+
+    def open(self, timer: _Timer, backward: bool) -> None:
+        """An expert part ended (``timer`` started there)."""
+        self._open = (timer, backward)
+
+
+_gaps: dict[torch.device, _Gaps] = {}
 
 
 class _Cost:
@@ -279,6 +306,7 @@ class _Rates:
         self.link = link or _Cost(unit_share=1.0)
         self.steps = 0
         self.scale = {"cpu": 1.0, "accelerator": 1.0, "link": 1.0}  # measured over forecast, within [1/4, 4]
+        self.rest = 0.0  # the layer's own non-expert seconds per step, averaged (the last step weighing half)
 
     @property
     def known(self) -> bool:
@@ -288,6 +316,8 @@ class _Rates:
         self.steps += 1
         if self.steps == 1:
             return  # the first step warms up (CUDA context, kernels loaded, allocator growing)
+        if seconds["rest"] > 0:  # else no expert part ran after another's in the step
+            self.rest = seconds["rest"] if self.rest == 0 else (self.rest + seconds["rest"]) / 2
         counts, on = window.counts.get(), window.plan.mask(torch.device("cpu"))
         accelerator_rows, accelerator_experts = int(counts[on].sum()), int((counts[on] > 0).sum())
         cpu_experts, cpu_rows = int((counts > 0).sum()) - accelerator_experts, int(counts.sum()) - accelerator_rows
@@ -415,8 +445,10 @@ class AcceleratorTier:
                        None if down_bias is None else down_bias.detach().float().to(device))
         self.rates = (shared_rates or SharedRates()).for_layer(kernel, device, self.tier_name)
         # seconds each side worked on this layer, summed over its steps whose measurements are in (a step's are
-        # read when the next one is planned): "cpu" (the kernel), "accelerator" (compute), "link" (streaming)
-        self.busy_seconds = {"cpu": 0.0, "accelerator": 0.0, "link": 0.0}
+        # read when the next one is planned): "cpu" (the kernel), "accelerator" (compute), "link" (streaming), and
+        # "rest": the device's queue on the layer's non-expert work
+        self.busy_seconds = {"cpu": 0.0, "accelerator": 0.0, "link": 0.0, "rest": 0.0}
+        self._gaps = _gaps.setdefault(device, _Gaps())
         self._window = _Window()
         self.step_plan: TierPlan | None = None  # the plan of the step under way
         self._next_plan: TierPlan | None = None  # the next step's, once asked for (by a fetch ahead)
@@ -468,9 +500,9 @@ class AcceleratorTier:
         if window.plan is None:
             return  # no step planned yet
         seconds = {"cpu": window.cpu_seconds, "accelerator": sum(t.seconds() for t in window.accelerator),
-                   "link": sum(t.seconds() for t in window.link)}
-        for side, value in seconds.items():
-            self.busy_seconds[side] += value
+                   "link": sum(t.seconds() for t in window.link), "rest": sum(t.seconds() for t in window.rest)}
+        for side in self.busy_seconds:
+            self.busy_seconds[side] += seconds[side]
         self.rates.add(seconds, window)
         self._window = _Window()
 
@@ -486,15 +518,16 @@ class AcceleratorTier:
                      f" x {self.rates.scale[side]:.2f}"
                      for side, cost in (("cpu", self.rates.cpu), ("accelerator", self.rates.accelerator),
                                         ("link", self.rates.link))}
-            logger.debug("kt_patch: %s (%s): %d of %d experts on the accelerator; step costs per unit %s",
-                         self.kernel.name, self.tier_name, chosen, E, rates)
+            logger.debug("kt_patch: %s (%s): %d of %d experts on the accelerator; step costs per unit %s, "
+                         "non-expert %.3f ms", self.kernel.name, self.tier_name, chosen, E, rates,
+                         self.rates.rest * 1e3)
         if chosen == E:  # shares the device tensors of the plan with every expert (made once)
             return TierPlan(self._all_experts.experts, E, forecast, self._all_experts._on_device)
         return TierPlan(tuple(sorted(order[:chosen].tolist())), E, forecast)
 
     def _balanced_count(self, sorted_counts: torch.Tensor) -> tuple[int, dict | None]:
-        """How many of the busiest experts go to the accelerator so that both sides finish together, and the seconds
-        the fits forecast for each side at that split."""
+        """How many of the busiest experts go to the accelerator for the layer's shortest step (the module's
+        docstring), and the seconds the fits forecast for each side at that split."""
         rates = self.rates
         if not rates.known:
             return (sorted_counts.numel() + 1) // 2, None  # no measurement yet: half, to measure both sides
@@ -505,7 +538,8 @@ class AcceleratorTier:
         fits = {"cpu": rates.cpu.seconds(experts[-1] - experts, rows[-1] - rows),
                 "accelerator": rates.accelerator.seconds((n > 0).double(), rows),
                 "link": rates.link.seconds(n, 0 * n) if self.resident is None and rates.link.known else 0 * n}
-        cost = torch.stack([fit * rates.scale[side] for side, fit in fits.items()]).amax(0)
+        cpu, accelerator, link = (fit * rates.scale[side] for side, fit in fits.items())
+        cost = torch.maximum(rates.rest + torch.maximum(cpu, accelerator), link)
         chosen = int(torch.argmin(cost))
         return chosen, {side: float(fit[chosen]) for side, fit in fits.items()}
 
@@ -515,6 +549,17 @@ class AcceleratorTier:
         if self.device.type == "cuda":
             for factor in (t for _, f in lora.items() for t in (f.A, f.B)):
                 _move_to_pinned(factor)
+
+    def begin_experts(self, backward: bool) -> None:
+        """This layer's expert part of a pass starts (``backward``: a recompute or a backward): the gap since the
+        device's last expert part ended is this layer's non-expert time."""
+        gap = self._gaps.close(backward)
+        if gap is not None:
+            self._window.rest.append(gap)
+
+    def end_experts(self, backward: bool) -> None:
+        """This layer's expert part of a pass ended (its output, or dx, is queued)."""
+        self._gaps.open(self._compute_timer(), backward)
 
     def record_cpu_time(self, seconds: float) -> None:
         """The CPU kernel's seconds on this layer's share in one pass of the step."""

@@ -136,6 +136,17 @@ def test_plan_puts_the_busiest_experts_on_the_accelerator_and_balances_by_rates(
         cost.per_unit, cost.per_row = 0.0, per_row
     experts = balanced.upcoming_plan().experts  # ...and the next one is planned from it
     assert len(experts) == 3 and {2, 5} < set(experts)
+    # the two sides wait for the layer's non-expert part, the link overlaps it: with the CPU at 1 per row, the
+    # accelerator at 1/2 and the link at 3 per expert, one expert (6 on the CPU against 2 and 3) makes the
+    # shortest step; after 4 s of non-expert time two do (4 + 3.5 against 6: the link hides under the rest)
+    balanced.plan(ids, first_forward=True)
+    rates.cpu.per_unit, rates.cpu.per_row, rates.accelerator.per_unit, rates.accelerator.per_row = 0.0, 1.0, 0.0, 0.5
+    rates.link.per_unit, rates.link.per_row = 3.0, 0.0
+    rates.scale = {"cpu": 1.0, "accelerator": 1.0, "link": 1.0}
+    assert balanced.upcoming_plan().experts == (5,)
+    balanced.plan(ids, first_forward=True)
+    rates.rest = 4.0
+    assert balanced.upcoming_plan().experts == (2, 5)
 
 
 def test_layers_of_one_shape_share_their_step_costs():
@@ -155,6 +166,30 @@ def test_layers_of_one_shape_share_their_step_costs():
     assert streamed_a.rates.link is streamed_b.rates.link
     assert streamed_other.rates.cpu is not streamed_a.rates.cpu
     assert streamed_a.rates is not streamed_b.rates  # each layer skips its own first (warm-up) step
+
+
+def test_each_layer_measures_its_non_expert_time():
+    """The time between the expert parts of consecutive layers is the later layer's non-expert time (its attention,
+    here slowed down in the forward of layer 1); the step's end (loss, optimizer) is no layer's."""
+    import time
+
+    torch.manual_seed(0)
+    model = tiny_models.build("qwen3_moe", seed=3)
+    patch_model(model, resolve({"threads": 2, "executor": "hybrid"}))
+    layers = model.model.layers
+    layers[1].self_attn.register_forward_pre_hook(lambda *_: time.sleep(0.2))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    data = torch.Generator().manual_seed(seed("rest"))
+    for _ in range(3):
+        ids = torch.randint(3, tiny_models.COMMON["vocab_size"], (2, 12), generator=data)
+        model(input_ids=ids, labels=ids).loss.backward()
+        time.sleep(0.3)  # the step's end
+        optimizer.step()
+        optimizer.zero_grad()
+    first, second = (layer.mlp.accelerator for layer in layers)
+    assert first.rates.steps == second.rates.steps == 2  # windows closed: the first step's (warm-up) and the next
+    assert 0.2 <= second.busy_seconds["rest"] / 2 < 0.35
+    assert first.busy_seconds["rest"] / 2 < 0.1 and first.rates.rest < 0.1 <= 0.2 <= second.rates.rest
 
 
 def test_step_costs_are_fitted_per_unit_and_per_row():
