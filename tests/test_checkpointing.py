@@ -7,11 +7,13 @@ without checkpointing; the layer's ``expert_runs`` counter shows how often the C
 """
 import functools
 import gc
+import inspect
 
 import psutil
 import pytest
 import torch
 import torch.utils.checkpoint
+import transformers
 
 import kt_patch
 import tiny_models
@@ -314,6 +316,35 @@ def test_llamafactory_checkpoint_function_trains_as_unpatched(use_reentrant):
     assert any(".experts." in n for n in grads["stock"]) == (lora == "parameters")
     for name, grad in grads["stock"].items():
         assert rel(grads["patched"][name], grad) <= 1e-4, name
+
+
+@pytest.mark.skipif("offload" not in inspect.signature(
+    transformers.PreTrainedModel.activation_checkpointing_enable).parameters,
+    reason="this transformers has no every_n_layers / offload for activation checkpointing")
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_every_nth_layer_checkpointed_and_offloaded_gives_the_gradients_of_no_checkpointing(monkeypatch,
+                                                                                            use_reentrant):
+    """transformers' ``activation_checkpointing_enable(every_n_layers=2, offload=True)``: the second layer keeps its
+    activations, the first is checkpointed with its inputs saved in host memory by ``save_on_cpu`` hooks around the
+    checkpoint (pinned only where an accelerator allocates pinned memory: without one, transformers' own call fails)."""
+    import transformers.modeling_utils
+
+    on_cpu = transformers.modeling_utils.save_on_cpu
+    monkeypatch.setattr(transformers.modeling_utils, "save_on_cpu",
+                        lambda pin_memory, device_type: on_cpu(torch.cuda.is_available() and pin_memory, device_type))
+    model = patched_peft_model("qwen3_moe")
+    layers = moe_layers(model)
+    ids = torch.randint(3, 128, (2, 13), generator=torch.Generator().manual_seed(10))
+    reference, _ = lora_grads(model, ids)
+    model.get_base_model().activation_checkpointing_enable({"use_reentrant": use_reentrant}, every_n_layers=2,
+                                                           offload=True)
+    for policy in POLICIES:
+        set_policy(model, policy)
+        grads, caches = lora_grads(model, ids)
+        assert sorted(grads) == sorted(reference)
+        assert all(rel(grads[n], g) <= 1e-5 for n, g in reference.items()), policy
+        assert [layer.expert_runs for layer in layers] == [1 if policy == "retain" else 2, 1], policy
+        assert live_contexts() == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
