@@ -210,9 +210,9 @@ def record_planner_inputs(path: str) -> None:
         rates = tier.rates
         out.write(json.dumps({
             "layer": tier.kernel.name, "tier": tier.tier_name, "chosen": chosen, "counts": sorted_counts.tolist(),
-            "forecast": forecast, "rest": rates.rest, **{side: [getattr(rates, side).per_unit, getattr(rates, side).per_row,
-                                            rates.scale[side]]
-                                     for side in ("cpu", "accelerator", "link") if getattr(rates, side).known}}) + "\n")
+            "forecast": forecast, "rest": rates.rest,
+            **{side: [getattr(rates, side).per_unit, getattr(rates, side).per_row, rates.scale[side]]
+               for side in ("cpu", "accelerator", "link") if getattr(rates, side).known}}) + "\n")
         out.flush()
         return chosen, forecast
 
