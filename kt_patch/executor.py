@@ -152,6 +152,13 @@ def _keep_tensor(tensor: torch.Tensor) -> torch.Tensor:
 _GROUPED_MM_WORKS: dict = {}
 
 
+def _rows_per_expert(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] long: how often each expert occurs in ``ids``, counted on their device without waiting for it
+    (``torch.bincount`` on a GPU reads the ids' minimum and maximum back to the host)."""
+    flat = ids.flatten().long()
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def _grouped_mm(rows: torch.Tensor, matrices: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """``rows[ends[g-1]:ends[g]] @ matrices[g]`` for every group g (empty groups allowed), stacked: torch's grouped
     GEMM where it takes these operands (its kernels want 16-byte aligned strides, and a dtype the device
@@ -230,23 +237,34 @@ class _Window:
 
 
 class _Gaps:
-    """The time a device's queue spends between the expert parts of its MoE layers (attention, norms, the router:
-    a layer's non-expert work), each gap given to the layer whose expert part ends it. A gap from a backward to a
-    forward spans the step's end (loss, optimizer, data) and is given to no layer."""
+    """The time a device's queue spends between the expert parts of its MoE layers: a layer's non-expert work
+    (attention, norms, the router), given to the layer whose expert part ends the gap when that part follows the one
+    that opened it in the same pass: a later layer in a forward, the same or an earlier one in a backward (a
+    recompute included). Other gaps span something else (the head and the loss between a forward and its backward,
+    the step's end, the batches of an evaluation) and are no layer's. Layers are ordered by their tiers' making (at
+    their first forward)."""
 
     def __init__(self):
-        self._open: tuple[_Timer, bool] | None = None  # (since the last expert part ended, that part was a backward)
+        self._open: tuple[_Timer, bool, int] | None = None  # since the last expert part ended: (timer, backward, layer)
+        self._layers = 0
 
-    def close(self, backward: bool) -> _Timer | None:
-        """An expert part starts: the gap since the last one ended, if it is a layer's."""
+    def position(self) -> int:
+        """A new layer's place in the forward order."""
+        self._layers += 1
+        return self._layers - 1
+
+    def close(self, backward: bool, position: int) -> _Timer | None:
+        """An expert part starts: the gap since the last one ended, if it is this layer's."""
         opened, self._open = self._open, None
-        if opened is None or (opened[1] and not backward):
+        if opened is None:
             return None
-        return opened[0].stop()
+        timer, opened_in_backward, opened_at = opened
+        follows = position <= opened_at if backward else position > opened_at
+        return timer.stop() if follows and opened_in_backward == backward else None
 
-    def open(self, timer: _Timer, backward: bool) -> None:
+    def open(self, timer: _Timer, backward: bool, position: int) -> None:
         """An expert part ended (``timer`` started there)."""
-        self._open = (timer, backward)
+        self._open = (timer, backward, position)
 
 
 _gaps: dict[torch.device, _Gaps] = {}
@@ -260,11 +278,12 @@ class _Cost:
     the two terms apart (or where the fit makes one negative), ``unit_share`` of the time measured is put on the
     units and the rest on the rows."""
 
-    HISTORY = 64  # samples: a few steps of every layer that shares the cost
+    STEPS = 4  # the fit sees this many past steps of every layer that shares the cost
 
     def __init__(self, unit_share: float):
         self.unit_share = unit_share
         self.samples: list[tuple[int, int, float]] = []  # (units, rows, seconds)
+        self.layers = 1  # that share it
         self.per_unit = self.per_row = None
 
     @property
@@ -274,7 +293,7 @@ class _Cost:
     def add(self, units: int, rows: int, seconds: float) -> None:
         if not units or seconds <= 0:
             return
-        self.samples = [*self.samples[1 - self.HISTORY:], (units, rows, seconds)]
+        self.samples = [*self.samples[1 - self.STEPS * self.layers:], (units, rows, seconds)]
         X = torch.tensor([[u, r] for u, r, _ in self.samples], dtype=torch.float64)
         y = torch.tensor([t for _, _, t in self.samples], dtype=torch.float64)
         fit = None
@@ -344,6 +363,8 @@ class SharedRates:
     def _cost(self, key: tuple, unit_share: float) -> _Cost:
         if key not in self._costs:
             self._costs[key] = _Cost(unit_share)
+        else:
+            self._costs[key].layers += 1
         return self._costs[key]
 
     def for_layer(self, kernel: ExpertKernel, device: torch.device, tier: str) -> _Rates:
@@ -449,6 +470,7 @@ class AcceleratorTier:
         # "rest": the device's queue on the layer's non-expert work
         self.busy_seconds = {"cpu": 0.0, "accelerator": 0.0, "link": 0.0, "rest": 0.0}
         self._gaps = _gaps.setdefault(device, _Gaps())
+        self._position = self._gaps.position()
         self._window = _Window()
         self.step_plan: TierPlan | None = None  # the plan of the step under way
         self._next_plan: TierPlan | None = None  # the next step's, once asked for (by a fetch ahead)
@@ -467,7 +489,7 @@ class AcceleratorTier:
         the step under way."""
         if not first_forward and self.step_plan is not None:
             return self.step_plan
-        counts = _OnHost(torch.bincount(ids.flatten(), minlength=self.kernel.num_experts))
+        counts = _OnHost(_rows_per_expert(ids, self.kernel.num_experts))
         if self.executor == "accelerator":  # every expert, whatever the routing: no wait for it
             self._close_window()
             plan = self._all_experts
@@ -553,13 +575,13 @@ class AcceleratorTier:
     def begin_experts(self, backward: bool) -> None:
         """This layer's expert part of a pass starts (``backward``: a recompute or a backward): the gap since the
         device's last expert part ended is this layer's non-expert time."""
-        gap = self._gaps.close(backward)
+        gap = self._gaps.close(backward, self._position)
         if gap is not None:
             self._window.rest.append(gap)
 
     def end_experts(self, backward: bool) -> None:
         """This layer's expert part of a pass ended (its output, or dx, is queued)."""
-        self._gaps.open(self._compute_timer(), backward)
+        self._gaps.open(self._compute_timer(), backward, self._position)
 
     def record_cpu_time(self, seconds: float) -> None:
         """The CPU kernel's seconds on this layer's share in one pass of the step."""
@@ -608,7 +630,7 @@ class AcceleratorTier:
         if plan.everything:  # every slot is the accelerator's and each expert its own group: sizes known, no sync
             flat = ids.flatten()
             order = torch.argsort(flat, stable=True)
-            ends = torch.cumsum(torch.bincount(flat, minlength=experts.numel()), 0).to(torch.int32)
+            ends = torch.cumsum(_rows_per_expert(flat, experts.numel()), 0).to(torch.int32)
             return _Groups(experts, order // ids.shape[1], order % ids.shape[1], flat[order], ends)
         position = torch.full((self.kernel.num_experts,), -1, dtype=torch.long, device=self.device)
         position[experts] = torch.arange(experts.numel(), device=self.device)
@@ -618,7 +640,7 @@ class AcceleratorTier:
         group = slot_position[tokens, slots]
         order = torch.argsort(group, stable=True)
         tokens, slots, group = tokens[order], slots[order], group[order]
-        ends = torch.cumsum(torch.bincount(group, minlength=experts.numel()), 0).to(torch.int32)
+        ends = torch.cumsum(_rows_per_expert(group, experts.numel()), 0).to(torch.int32)
         return _Groups(experts, tokens, slots, group, ends)
 
     def _device_factors(self, lora: ExpertLora) -> dict[str, torch.Tensor]:

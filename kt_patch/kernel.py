@@ -321,11 +321,12 @@ class ExpertKernel:
         ids = topk_ids.to("cpu", torch.int64).contiguous()
         weights = topk_weights.detach().to("cpu", torch.float32).contiguous()
         y = _empty_host_like(x)
-        keep = (x, ids, weights, y, _factor_storage(lora))
+        factors = _factor_storage(lora)  # the memory whose pointers the job (and the backward) reads
+        keep = (x, ids, weights, y, factors)
         handle = self._layer.submit_forward(T, ids.shape[1], x.data_ptr(), _DTYPES[x.dtype], ids.data_ptr(),
                                             weights.data_ptr(), y.data_ptr(), bool(save_for_backward),
                                             self._lora_arg(lora.gate_up), self._lora_arg(lora.down), keep)
-        return _Pending(handle, lambda ctx: (y, _Context(ctx, x.dtype, lora) if ctx is not None else None))
+        return _Pending(handle, lambda ctx: (y, _Context(ctx, x.dtype, lora, factors) if ctx is not None else None))
 
     def forward(self, x, topk_ids, topk_weights, lora: ExpertLora = NO_LORA, save_for_backward: bool = False):
         return self.submit_forward(x, topk_ids, topk_weights, lora, save_for_backward).wait()
@@ -358,7 +359,7 @@ class ExpertKernel:
                                      f"shape {tuple(ref.shape)}")
                 pointers.append(grad.data_ptr())
         dx = _empty_host_like(dy)
-        dw = torch.empty(ctx.tokens, ctx.top_k, dtype=torch.float32)
+        dw = torch.empty(ctx.tokens, ctx.top_k, dtype=torch.float32, pin_memory=dy.is_pinned())
         handle = self._layer.submit_backward(ctx.handle, dy.data_ptr(), dx.data_ptr(), dw.data_ptr(), *pointers,
                                              accumulate=bool(accumulate), keep=(ctx, dy, dx, dw, lora_grads))
         return _Pending(handle, lambda _: (dx, dw))
@@ -381,9 +382,9 @@ def _empty_host_like(tensor: torch.Tensor) -> torch.Tensor:
 class _Context:
     """What a forward kept for its backward (activations live in C++ until this object is freed)."""
 
-    def __init__(self, handle, dtype, lora: ExpertLora):
+    def __init__(self, handle, dtype, lora: ExpertLora, factors: tuple):
         self.handle, self.dtype, self.lora = handle, dtype, lora
-        self._factors = _factor_storage(lora)  # the memory the kernel read them from, for the backward
+        self._factors = factors  # the memory the forward read them from (_factor_storage at submit): the backward's
         self.tokens, self.top_k = handle.tokens, handle.top_k
 
     def new_lora_grads(self, zeroed: bool = True) -> dict:

@@ -170,7 +170,8 @@ def test_layers_of_one_shape_share_their_step_costs():
 
 def test_each_layer_measures_its_non_expert_time():
     """The time between the expert parts of consecutive layers is the later layer's non-expert time (its attention,
-    here slowed down in the forward of layer 1); the step's end (loss, optimizer) is no layer's."""
+    here slowed down in the forward of layer 1); the time between the forward and the backward (the head, the loss)
+    and the step's end (the optimizer) are no layer's."""
     import time
 
     torch.manual_seed(0)
@@ -182,7 +183,9 @@ def test_each_layer_measures_its_non_expert_time():
     data = torch.Generator().manual_seed(seed("rest"))
     for _ in range(3):
         ids = torch.randint(3, tiny_models.COMMON["vocab_size"], (2, 12), generator=data)
-        model(input_ids=ids, labels=ids).loss.backward()
+        loss = model(input_ids=ids, labels=ids).loss
+        time.sleep(0.3)  # between the forward and the backward
+        loss.backward()
         time.sleep(0.3)  # the step's end
         optimizer.step()
         optimizer.zero_grad()
