@@ -43,6 +43,30 @@ def test_split_on_cuda_equals_the_cpu_kernel_alone(resident, fraction):
         assert torch.cuda.max_memory_allocated() - base < 2.5 * layer_bytes
 
 
+@pytest.mark.parametrize("resident", [False, True], ids=["streamed", "resident"])
+def test_every_expert_on_the_gpu_queues_a_step_without_waiting_for_it(resident):
+    """executor='accelerator': a layer's forward and backward after the first step never wait for the GPU (torch's
+    sync debug mode raises on an op that reads device memory back, such as bincount, item or a pageable copy); the
+    CPU kernel is not called."""
+    E, H, I, T, k = 32, 256, 128, 300, 4
+    weights, lora_gu, lora_dn = random_layer(E, H, I, 8, 8, torch.bfloat16, RUN_SEED + 2)
+    kernel = ExpertKernel(*weights, threads=2)
+    layer_bytes = executor.layer_bytes(kernel)
+    tier = AcceleratorTier(kernel, torch.device("cuda"), executor="accelerator",
+                           budget=GpuExpertBudget((4.5 if resident else 3.5) * layer_bytes / 2**30),
+                           accelerator_fraction=None)
+    runs = []
+    for step in range(3):
+        x, ids, w, dy = (t.cuda() for t in random_batch(T, H, E, k, torch.bfloat16, RUN_SEED + 3 + step))
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if step == 2 else "default")
+        try:
+            run_layer(kernel, tier, x, ids, w, dy, lora_gu, lora_dn, kernel_runs=runs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert not runs
+
+
 def test_streamed_model_on_cuda_trains_as_stock_and_fetches_ahead(monkeypatch):
     """A whole model with every MoE layer streamed (a budget of 3.5 layers' packed experts: the stream buffers, no
     room for a resident layer) under non-reentrant checkpointing, with a split that changes between steps: the same
