@@ -105,10 +105,12 @@ def main():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)  # host memory; patched when built
     build_s = time.perf_counter() - start
     progress(f"built and patched in {build_s:.1f} s: {model.kt_patch_summary}")
-    model.to(device)  # everything but the routed experts
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"] + (
         ["gate_proj", "up_proj", "down_proj"] if args.experts_lora else [])
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    # everything but the routed experts (and their LoRA factors unless executor='accelerator'), after the adapter
+    # is added, as Trainer and accelerate move a model
+    model.to(device)
     if args.gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -95,7 +95,7 @@ class _ExpertFunction(torch.autograd.Function):
         token = _new_token(kctx if plan.phase is Phase.RECOMPUTE else None)
         ctx.save_for_backward(token, *((x, topk_ids, topk_weights) if tiers is not None else ()))
         ctx.x_meta, ctx.w_meta = x_meta, w_meta
-        ctx.lora_meta = [None if t is None else t.dtype for t in (gu_A, gu_B, dn_A, dn_B)]
+        ctx.lora_meta = [None if t is None else (t.device, t.dtype) for t in (gu_A, gu_B, dn_A, dn_B)]
         if plan.accelerator is not None:
             plan.accelerator.end_experts(backward=plan.phase is Phase.RECOMPUTE)
         return out
@@ -144,8 +144,8 @@ class _ExpertFunction(torch.autograd.Function):
                 dx, dw = dx_accelerator.to(*ctx.x_meta), dw_accelerator.to(*ctx.w_meta)
                 grads = lora_grads()
         lora_out = []
-        for key, dtype in zip(("gate_up_A", "gate_up_B", "down_A", "down_B"), ctx.lora_meta):
-            lora_out.append(None if dtype is None else grads[key].to(dtype))
+        for key, meta in zip(("gate_up_A", "gate_up_B", "down_A", "down_B"), ctx.lora_meta):
+            lora_out.append(None if meta is None else grads[key].to(*meta))
         if ctx.accelerator is not None:
             ctx.accelerator.end_experts(backward=True)
         return (None, None, None, dx, None, dw, *lora_out)

@@ -570,7 +570,8 @@ class AcceleratorTier:
         before the CPU kernel is given them: moving a factor's values replaces its storage."""
         if self.device.type == "cuda":
             for factor in (t for _, f in lora.items() for t in (f.A, f.B)):
-                _move_to_pinned(factor)
+                if factor.device.type == "cpu":
+                    _move_to_pinned(factor)
 
     def begin_experts(self, backward: bool) -> None:
         """This layer's expert part of a pass starts (``backward``: a recompute or a backward): the gap since the
@@ -751,10 +752,11 @@ class AcceleratorTier:
             full = grad.new_zeros(*full.shape[:2], E).index_copy_(2, experts, full)
         return full.reshape(factor.shape)
 
-    def _to_host(self, grad: torch.Tensor) -> torch.Tensor:
-        """A new host tensor that ``grad`` is copied into without waiting (pinned memory from torch's caching host
-        allocator, which keeps a block until the copies that use it are done)."""
-        if self.device.type != "cuda":
+    def _to_factor(self, grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        """``grad`` (fp32, on the device) where ``factor`` is: as it is on the device, else in a new host tensor it is
+        copied into without waiting (pinned memory from torch's caching host allocator, which keeps a block until
+        the copies that use it are done)."""
+        if factor.device == self.device or self.device.type != "cuda":
             return grad.float().contiguous()
         host = torch.empty(grad.shape, dtype=torch.float32, pin_memory=True)
         return host.copy_(grad, non_blocking=True)
@@ -771,6 +773,7 @@ class AcceleratorTier:
         x_cpu = self.kernel.host_tokens(x)
         ids = ids.cpu()
         own_ids = ids.masked_fill(~plan.mask(ids.device)[ids], -1)
+        lora = lora.on_host()  # the factors may be on the device (executor='accelerator')
         y, ctx = self.kernel.forward(x_cpu, own_ids, w, lora, save_for_backward=dy is not None)
         y = y.to(self.device, torch.float32)
         if dy is None:
@@ -817,10 +820,10 @@ class AcceleratorTier:
         dw = torch.zeros_like(w_leaf) if grads[1] is None else grads[1]
         factors = {f"{which}_{name}": getattr(f, name) for which, f in lora.items() for name in "AB"}
         experts = self._group_experts(plan)
-        lora_parts = {key: self._to_host(self._peft_layout(key, grad, experts, factors[key]))
+        lora_parts = {key: self._to_factor(self._peft_layout(key, grad, experts, factors[key]), factors[key])
                       for key, grad in zip(lora_groups, grads[2:])}
         copied = None
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and any(part.device.type == "cpu" for part in lora_parts.values()):
             copied = torch.cuda.Event()
             copied.record(torch.cuda.current_stream(self.device))
         self._window.accelerator.append(timer.stop())

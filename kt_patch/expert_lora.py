@@ -44,6 +44,13 @@ def check_expert_wrappers(experts_slot: nn.Module, family: str) -> None:
                              "only LoRA (lora.ParamWrapper) is")
 
 
+def lora_factor_modules(experts_slot: nn.Module):
+    """The modules that hold PEFT's LoRA factors on the routed experts (every adapter's)."""
+    for wrapper in param_wrappers(experts_slot):
+        yield wrapper.lora_A
+        yield wrapper.lora_B
+
+
 def active_expert_lora(experts_slot: nn.Module) -> ExpertLora:
     """The factors of the active adapter on the routed experts (none where PEFT has none or has them disabled)."""
     found = {}
@@ -56,12 +63,8 @@ def active_expert_lora(experts_slot: nn.Module) -> ExpertLora:
                                       "activate one at a time")
         if adapters:
             name = adapters[0]
-            factors = LoraFactors(wrapper.lora_A[name].weight, wrapper.lora_B[name].weight,
-                                  float(wrapper.scaling[name]))
-            if factors.A.device.type != "cpu" or factors.B.device.type != "cpu":
-                raise RuntimeError("kt_patch: expert LoRA factors must stay in host memory for the CPU kernel; "
-                                   f"something moved them to {factors.A.device}")
-            found[wrapper.parameter_name] = factors
+            found[wrapper.parameter_name] = LoraFactors(wrapper.lora_A[name].weight, wrapper.lora_B[name].weight,
+                                                        float(wrapper.scaling[name]))
     if not found:
         return NO_LORA
     return ExpertLora(gate_up=found.get("gate_up_proj"), down=found.get("down_proj"))

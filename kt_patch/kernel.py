@@ -61,7 +61,8 @@ class LoraFactors:
     """The factors of one PEFT ``ParamWrapper`` on fused experts, read in place by the kernel.
 
     ``A`` [E*r, in] (expert-major rows), ``B`` [out, E*r] (rank-major columns: column ``j*E + e``), contiguous
-    bfloat16 or float32 CPU tensors of one dtype; ``scaling`` as PEFT computes it (``lora_alpha / r``, or rsLoRA's).
+    bfloat16 or float32 tensors of one dtype, in host memory where the kernel reads them; ``scaling`` as PEFT
+    computes it (``lora_alpha / r``, or rsLoRA's).
     """
 
     A: torch.Tensor
@@ -79,6 +80,13 @@ class ExpertLora:
     def items(self):
         """``(projection, factors)`` for each projection that has LoRA, gate_up first."""
         return [(name, f) for name, f in (("gate_up", self.gate_up), ("down", self.down)) if f is not None]
+
+    def on_host(self) -> "ExpertLora":
+        """These factors in host memory, as the kernel reads them: themselves, or copies of factors on a device."""
+        if all(t.device.type == "cpu" for _, f in self.items() for t in (f.A, f.B)):
+            return self
+        copy = {name: LoraFactors(f.A.detach().cpu(), f.B.detach().cpu(), f.scaling) for name, f in self.items()}
+        return ExpertLora(**copy)
 
 
 NO_LORA = ExpertLora()

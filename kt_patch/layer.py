@@ -19,7 +19,7 @@ from torch import nn
 
 from .autograd import expert_forward
 from .executor import AcceleratorTier, GpuExpertBudget, SharedRates
-from .expert_lora import active_expert_lora, unwrapped_experts
+from .expert_lora import active_expert_lora, lora_factor_modules, unwrapped_experts
 from .kernel import NO_LORA, ExpertKernel, ExpertLora
 from .options import CHECKPOINT_POLICIES
 from .registry import EXPERT_WEIGHTS, MoeFamily
@@ -175,7 +175,9 @@ class KtMoeLayer(nn.Module):
             side.wait_stream(torch.cuda.current_stream(tokens.device))
         with torch.cuda.stream(side):  # no-op for None
             dense = self._dense_experts(tokens)
-        output = expert_forward(self.kernel, tokens, expert_ids, routing_weights, self.expert_lora(),
+        lora = self.expert_lora()
+        self._check_factor_devices(lora, tokens.device)
+        output = expert_forward(self.kernel, tokens, expert_ids, routing_weights, lora,
                                 policy=self.checkpoint_policy, on_kernel_run=self._count_expert_run,
                                 accelerator=self._accelerator_for(tokens.device))
         if side is not None:
@@ -247,13 +249,28 @@ class KtMoeLayer(nn.Module):
         experts = self._modules[self.family.experts]
         return active_expert_lora(experts) if hasattr(experts, "base_layer") else NO_LORA
 
+    def _check_factor_devices(self, lora: ExpertLora, device: torch.device) -> None:
+        allowed = ("cpu", str(device)) if self.executor == "accelerator" else ("cpu",)
+        for _, factors in lora.items():
+            for factor in (factors.A, factors.B):
+                if str(factor.device) not in allowed:
+                    raise RuntimeError(
+                        f"kt_patch: {self.kernel.name}: expert LoRA factors must be in host memory for the CPU kernel"
+                        + (f" or, with executor='accelerator', on the model's device ({device})"
+                           if self.executor == "accelerator" else "") + f"; something moved them to {factor.device}")
+
     def _apply(self, fn, recurse=True):
-        # Routed experts (their placeholders and PEFT's expert-LoRA factors, which the kernel reads) stay in host
-        # memory whatever .to()/.cuda()/.half() or accelerate do with the rest of the model.
+        # Routed experts (their placeholders, which the kernel stands behind) stay in host memory whatever
+        # .to()/.cuda()/.half() or accelerate do with the rest of the model, and so do PEFT's expert-LoRA factors,
+        # which the kernel reads; but with executor='accelerator' no kernel reads them: they go with the model,
+        # where the optimizer steps them on the device and no copy of them or of their gradients crosses the link.
         if recurse:
             for name, child in self._modules.items():
                 if name != self.family.experts and child is not None:
                     child._apply(fn)
+            if self.executor == "accelerator":
+                for factors in lora_factor_modules(self._modules[self.family.experts]):
+                    factors._apply(fn)
         return super()._apply(fn, recurse=False)
 
     def extra_repr(self) -> str:

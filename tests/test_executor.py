@@ -266,6 +266,31 @@ def test_whole_model_trains_as_unpatched(mode, policy, executor):
     assert max(abs(a - b) / abs(a) for a, b in zip(stock, split)) <= 1e-4, (stock, split)
 
 
+def test_expert_lora_factors_go_with_the_model_only_when_no_kernel_reads_them():
+    """With executor='accelerator' the CPU kernel never reads the expert-LoRA factors: .to() moves them with the model
+    (here to the meta device); with the kernel in use they stay in host memory. A factor moved elsewhere anyway is a
+    clear error at the forward."""
+    from peft import get_peft_model
+
+    ids = torch.randint(3, tiny_models.COMMON["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(5))
+    for executor in ("accelerator", "hybrid"):
+        model = tiny_models.build("qwen3_moe", seed=4)
+        patch_model(model, resolve({"threads": 2, "executor": executor}))
+        model = get_peft_model(model, tiny_models.lora_config("qwen3_moe"))
+        names = [name for name, _ in model.named_parameters() if ".experts." in name and "lora_" in name]
+        assert names and all(model.get_parameter(name).device.type == "cpu" for name in names)
+        model(input_ids=ids)
+        holder, _, attribute = names[0].rpartition(".")
+        setattr(model.get_submodule(holder), attribute, torch.nn.Parameter(torch.empty(0, device="meta")))
+        with pytest.raises(RuntimeError, match="expert LoRA factors must be in host memory for the CPU kernel" +
+                           (r" or, with executor='accelerator', on the model's device \(cpu\)"
+                            if executor == "accelerator" else "; something moved them to meta")):
+            model(input_ids=ids)
+        model.to("meta")
+        assert all(model.get_parameter(name).device.type == ("meta" if executor == "accelerator" else "cpu")
+                   for name in names[1:])
+
+
 def test_bad_executor_options_are_clear_errors():
     for bad, message in (({"executor": "gpu"}, "'executor' must be one of auto, cpu, accelerator, hybrid"),
                          ({"accelerator_fraction": 1.5}, "'accelerator_fraction' must be a number in \\[0, 1\\]"),

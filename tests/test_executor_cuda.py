@@ -67,11 +67,13 @@ def test_every_expert_on_the_gpu_queues_a_step_without_waiting_for_it(resident):
     assert not runs
 
 
-def test_streamed_model_on_cuda_trains_as_stock_and_fetches_ahead(monkeypatch):
+@pytest.mark.parametrize("executor", ["hybrid", "accelerator"])
+def test_streamed_model_on_cuda_trains_as_stock_and_fetches_ahead(monkeypatch, executor):
     """A whole model with every MoE layer streamed (a budget of 3.5 layers' packed experts: the stream buffers, no
-    room for a resident layer) under non-reentrant checkpointing, with a split that changes between steps: the same
-    losses as stock on the GPU (fp32, 1e-4), the next layer's weights are fetched ahead and used, and the expert-LoRA
-    factors are in pinned host memory."""
+    room for a resident layer) under non-reentrant checkpointing, with a split that changes between steps (hybrid)
+    or every expert on the GPU: the same losses as stock on the GPU (fp32, 1e-4), the next layer's weights are
+    fetched ahead and used; the expert-LoRA factors are in pinned host memory (hybrid) or, with no CPU kernel
+    reading them, on the GPU with the model, where the optimizer steps them."""
     import tiny_models
     from peft import get_peft_model
 
@@ -91,7 +93,7 @@ def test_streamed_model_on_cuda_trains_as_stock_and_fetches_ahead(monkeypatch):
         if patched:
             c = model.config
             layer_bytes = 3 * c.num_experts * c.hidden_size * c.moe_intermediate_size * 4
-            patch_model(model, resolve({"threads": 2, "executor": "hybrid",
+            patch_model(model, resolve({"threads": 2, "executor": executor,
                                         "gpu_expert_budget": 3.5 * layer_bytes / 2**30}))
         config = tiny_models.lora_config("qwen3_moe")
         config.init_lora_weights = False
@@ -112,9 +114,15 @@ def test_streamed_model_on_cuda_trains_as_stock_and_fetches_ahead(monkeypatch):
             optimizer.step()
             optimizer.zero_grad()
             losses.append(loss.item())
-        if patched:  # host factors in pinned memory: their copies to the GPU do not block
+        if patched:
             factors = [p for name, p in model.named_parameters() if ".experts." in name and "lora_" in name]
-            assert factors and all(p.device.type == "cpu" and p.is_pinned() for p in factors)
+            layers = [layer for layer in model.modules() if isinstance(layer, KtMoeLayer)]
+            if executor == "hybrid":  # host factors in pinned memory: their copies to the GPU do not block
+                assert factors and all(p.device.type == "cpu" and p.is_pinned() for p in factors)
+            else:
+                assert factors and all(p.device.type == "cuda" for p in factors)
+                assert all(optimizer.state[p]["exp_avg"].device.type == "cuda" for p in factors)
+                assert all(layer.expert_runs == 0 for layer in layers)
         return losses
 
     stock = train(patched=False)
