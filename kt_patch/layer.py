@@ -28,6 +28,7 @@ _export = threading.local()
 logger = logging.getLogger("kt_patch")
 # device types the accelerator tiers run on; the CPU device runs the same torch code (how the tiers are tested)
 _TIER_DEVICE_TYPES = ("cuda",)
+_hinted_factors_on_host = threading.Event()  # the hint is logged once per process
 
 
 @contextlib.contextmanager
@@ -253,6 +254,14 @@ class KtMoeLayer(nn.Module):
         allowed = ("cpu", str(device)) if self.executor == "accelerator" else ("cpu",)
         for _, factors in lora.items():
             for factor in (factors.A, factors.B):
+                if factor.device.type == "cpu" and self.executor == "accelerator" and device.type != "cpu" \
+                        and not _hinted_factors_on_host.is_set():
+                    _hinted_factors_on_host.set()
+                    logger.warning("kt_patch: with executor='accelerator' the expert-LoRA factors are in host memory "
+                                   "(the adapter was added after the model moved to %s): each step copies them to "
+                                   "the device and their gradients back, and the optimizer steps them on the host; "
+                                   "move the model again (model.to(%r)) before making the optimizer to keep them on "
+                                   "the device", device, str(device))
                 if str(factor.device) not in allowed:
                     raise RuntimeError(
                         f"kt_patch: {self.kernel.name}: expert LoRA factors must be in host memory for the CPU kernel"
