@@ -49,7 +49,8 @@ class TierPlan:
 
     experts: tuple[int, ...]
     num_experts: int
-    # side -> the seconds the shared fits predicted for this split when the planner chose it (None: not chosen by them)
+    # side -> the (units, rows) the planner costed this split by, rows forecast from past routing (None: not chosen by
+    # the fits)
     forecast: dict | None = dataclasses.field(default=None, compare=False, repr=False)
     # tensors made once per device (a tensor made from host values waits for the device's queue to empty)
     _on_device: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
@@ -316,8 +317,9 @@ class _Rates:
     """What one step costs each side of a layer, from the steps measured (each summed over the step's passes): the
     CPU by its experts that have rows and by rows, the accelerator by a fixed time and rows, the link by streamed
     experts. The fits are shared by alike layers; ``scale`` corrects them for this layer by what it measured against
-    what they forecast for its last planned split (rows per expert forecast from past routing included), so that a
-    forecast off for this layer still moves its split toward balance."""
+    what they (as they are when the measurement comes in) predict for what its last planned split was costed by
+    (rows per expert forecast from past routing included), so that a forecast off for this layer still moves its
+    split toward balance."""
 
     def __init__(self, cpu: _Cost | None = None, accelerator: _Cost | None = None, link: _Cost | None = None):
         self.cpu = cpu or _Cost(unit_share=0.5)
@@ -347,9 +349,11 @@ class _Rates:
         forecast = window.plan.forecast or {}
         for side, (units, rows, spent) in samples.items():
             if units and spent > 0:  # the side worked in that step
-                getattr(self, side).add(units, rows, spent)
-                if forecast.get(side, 0.0) > 0:
-                    self.scale[side] = min(max(spent / forecast[side], 0.25), 4.0)
+                cost = getattr(self, side)
+                predicted = cost.seconds(*forecast[side]) if side in forecast and cost.known else 0.0
+                if predicted > 0:
+                    self.scale[side] = min(max(spent / predicted, 0.25), 4.0)
+                cost.add(units, rows, spent)
 
 
 class SharedRates:
@@ -549,21 +553,23 @@ class AcceleratorTier:
 
     def _balanced_count(self, sorted_counts: torch.Tensor) -> tuple[int, dict | None]:
         """How many of the busiest experts go to the accelerator for the layer's shortest step (the module's
-        docstring), and the seconds the fits forecast for each side at that split."""
+        docstring), and the units and rows each side was costed by at that split (:attr:`TierPlan.forecast`)."""
         rates = self.rates
         if not rates.known:
             return (sorted_counts.numel() + 1) // 2, None  # no measurement yet: half, to measure both sides
         zero = torch.zeros(1, dtype=torch.float64)
         rows = torch.cat((zero, torch.cumsum(sorted_counts.double(), 0)))  # the n busiest experts' rows
-        experts = torch.cat((zero, torch.cumsum((sorted_counts > 0).double(), 0)))  # ...and those with rows
+        # ...and those with rows (an average of past steps' rows: half a row or more)
+        experts = torch.cat((zero, torch.cumsum((sorted_counts >= 0.5).double(), 0)))
         n = torch.arange(rows.numel(), dtype=torch.float64)
-        fits = {"cpu": rates.cpu.seconds(experts[-1] - experts, rows[-1] - rows),
-                "accelerator": rates.accelerator.seconds((n > 0).double(), rows),
-                "link": rates.link.seconds(n, 0 * n) if self.resident is None and rates.link.known else 0 * n}
-        cpu, accelerator, link = (fit * rates.scale[side] for side, fit in fits.items())
+        inputs = {"cpu": (experts[-1] - experts, rows[-1] - rows), "accelerator": ((n > 0).double(), rows),
+                  "link": (n, 0 * n)}
+        streams = self.resident is None and rates.link.known
+        cpu, accelerator, link = (getattr(rates, side).seconds(*inputs[side]) * rates.scale[side]
+                                  if side != "link" or streams else 0 * n for side in inputs)
         cost = torch.maximum(rates.rest + torch.maximum(cpu, accelerator), link)
         chosen = int(torch.argmin(cost))
-        return chosen, {side: float(fit[chosen]) for side, fit in fits.items()}
+        return chosen, {side: (float(units[chosen]), float(rows[chosen])) for side, (units, rows) in inputs.items()}
 
     def pin_factors(self, lora: ExpertLora) -> None:
         """Keep ``lora``'s host factors in pinned memory, so that their copies to the device do not block. Called

@@ -126,10 +126,11 @@ def test_plan_puts_the_busiest_experts_on_the_accelerator_and_balances_by_rates(
         cost.per_unit, cost.per_row = 0.0, per_row
     rates.scale = {"cpu": 1.0, "accelerator": 1.0, "link": 1.0}
     plan = balanced.upcoming_plan()
-    assert plan.experts in ((5,), (2, 5)) and plan.forecast["cpu"] > 0
+    forecast = {side: getattr(rates, side).seconds(*plan.forecast[side]) for side in ("cpu", "accelerator")}
+    assert plan.experts in ((5,), (2, 5)) and forecast["cpu"] > 0
     assert balanced.plan(ids, first_forward=True) is plan  # the step that runs it measures...
-    balanced._window.cpu_seconds = 3 * plan.forecast["cpu"]
-    balanced._window.accelerator = [types.SimpleNamespace(seconds=lambda: plan.forecast["accelerator"])]
+    balanced._window.cpu_seconds = 3 * forecast["cpu"]
+    balanced._window.accelerator = [types.SimpleNamespace(seconds=lambda: forecast["accelerator"])]
     balanced._close_window()
     assert rates.scale["cpu"] == pytest.approx(3.0) and rates.scale["accelerator"] == pytest.approx(1.0)
     for cost, per_row in ((rates.cpu, 1.0), (rates.accelerator, 1.0), (rates.link, 0.0)):  # the fits as they were
