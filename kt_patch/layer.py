@@ -250,6 +250,18 @@ class KtMoeLayer(nn.Module):
         experts = self._modules[self.family.experts]
         return active_expert_lora(experts) if hasattr(experts, "base_layer") else NO_LORA
 
+    def place_expert_lora(self) -> None:
+        """With executor='accelerator', put PEFT's expert-LoRA factors where this layer's own parameters are (PEFT
+        makes them beside the experts' weight placeholders, in host memory). Called once PEFT has injected an
+        adapter: before any optimizer can hold state for them."""
+        if self.executor != "accelerator":
+            return
+        experts = self.family.experts + "."
+        device = next((p.device for name, p in self.named_parameters() if not name.startswith(experts)), None)
+        if device is not None and device.type != "cpu":
+            for factors in lora_factor_modules(self._modules[self.family.experts]):
+                factors.to(device)
+
     def _check_factor_devices(self, lora: ExpertLora, device: torch.device) -> None:
         allowed = ("cpu", str(device)) if self.executor == "accelerator" else ("cpu",)
         for _, factors in lora.items():
@@ -258,10 +270,10 @@ class KtMoeLayer(nn.Module):
                         and not _hinted_factors_on_host.is_set():
                     _hinted_factors_on_host.set()
                     logger.warning("kt_patch: with executor='accelerator' the expert-LoRA factors are in host memory "
-                                   "(the adapter was added after the model moved to %s): each step copies them to "
-                                   "the device and their gradients back, and the optimizer steps them on the host; "
-                                   "move the model again (model.to(%r)) before making the optimizer to keep them on "
-                                   "the device", device, str(device))
+                                   "while the model is on %s: each step copies them to the device and their "
+                                   "gradients back, and the optimizer steps them on the host; move the model again "
+                                   "(model.to(%r)) before making the optimizer to keep them on the device",
+                                   device, str(device))
                 if str(factor.device) not in allowed:
                     raise RuntimeError(
                         f"kt_patch: {self.kernel.name}: expert LoRA factors must be in host memory for the CPU kernel"

@@ -11,6 +11,7 @@ import types
 import pytest
 import torch
 
+import kt_patch
 import tiny_models
 from kt_patch.autograd import expert_forward
 from kt_patch.executor import AcceleratorTier, GpuExpertBudget, SharedRates, _Cost, layer_bytes
@@ -269,8 +270,8 @@ def test_whole_model_trains_as_unpatched(mode, policy, executor):
 
 def test_expert_lora_factors_go_with_the_model_only_when_no_kernel_reads_them():
     """With executor='accelerator' the CPU kernel never reads the expert-LoRA factors: .to() moves them with the model
-    (here to the meta device); with the kernel in use they stay in host memory. A factor moved elsewhere anyway is a
-    clear error at the forward."""
+    (here to the meta device), and an adapter added to a moved model puts them on its device; with the kernel in use
+    they stay in host memory. A factor moved elsewhere anyway is a clear error at the forward."""
     from peft import get_peft_model
 
     ids = torch.randint(3, tiny_models.COMMON["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(5))
@@ -290,6 +291,15 @@ def test_expert_lora_factors_go_with_the_model_only_when_no_kernel_reads_them():
         model.to("meta")
         assert all(model.get_parameter(name).device.type == ("meta" if executor == "accelerator" else "cpu")
                    for name in names[1:])
+        kt_patch.enable(threads=2, executor=executor)  # its PEFT hook places the factors of a new adapter
+        try:
+            moved = tiny_models.build("qwen3_moe", seed=4)
+            assert moved.kt_patch_summary.layers == 2
+            moved = get_peft_model(moved.to("meta"), tiny_models.lora_config("qwen3_moe"))
+        finally:
+            kt_patch.disable()
+        assert all(moved.get_parameter(name).device.type == ("meta" if executor == "accelerator" else "cpu")
+                   for name in names)
 
 
 def test_bad_executor_options_are_clear_errors():

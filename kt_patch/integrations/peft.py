@@ -93,6 +93,7 @@ def _inject_adapter(wrapped, instance, args, kwargs):
             raise ValueError(f"kt_patch: LoRA on routed experts needs peft >= {PEFT_FOR_EXPERT_LORA} (installed: "
                              f"{peft.__version__}); upgrade peft, or leave the experts out of the LoRA targets")
         check_expert_wrappers(experts_slot, layer.family.name)
+        layer.place_expert_lora()
     return result
 
 
