@@ -652,10 +652,12 @@ class AcceleratorTier:
 
     def _device_factors(self, lora: ExpertLora) -> dict[str, torch.Tensor]:
         """fp32 device copies of the factors, expert-major: A [E, r, in], B [E, out, r] (gate rows first). Copied
-        again only when a factor changed (an optimizer step bumps its version), so a step's forward, recompute and
-        backward share one copy."""
+        from host memory again only when a factor changed (an optimizer step bumps its version), so a step's
+        forward, recompute and backward share one copy; factors already on the device are laid out anew at every
+        call (cheap there, and right after an optimizer that writes ``.data`` without bumping the version)."""
+        on_device = all(t.device == self.device for _, f in lora.items() for t in (f.A, f.B))
         key = tuple((id(t), t._version) for _, f in lora.items() for t in (f.A, f.B))
-        if self._factors is not None and self._factors[0] == key:
+        if not on_device and self._factors is not None and self._factors[0] == key:
             return self._factors[1]
         E, out = self.kernel.num_experts, {}
         for which, factors in lora.items():
@@ -665,7 +667,7 @@ class AcceleratorTier:
             B = B.view(B.shape[0], rank, E).permute(2, 0, 1)
             B = _gate_then_up(B, 1) if which == "gate_up" and self.spec.interleaved else B
             out[f"{which}_A"], out[f"{which}_B"] = A, B.contiguous()  # the grouped GEMM's layout
-        self._factors = (key, out)
+        self._factors = None if on_device else (key, out)
         return out
 
     def _lora_of_groups(self, lora: ExpertLora, groups: _Groups) -> dict[str, torch.Tensor]:

@@ -250,17 +250,20 @@ class KtMoeLayer(nn.Module):
         experts = self._modules[self.family.experts]
         return active_expert_lora(experts) if hasattr(experts, "base_layer") else NO_LORA
 
-    def place_expert_lora(self) -> None:
-        """With executor='accelerator', put PEFT's expert-LoRA factors where this layer's own parameters are (PEFT
-        makes them beside the experts' weight placeholders, in host memory). Called once PEFT has injected an
-        adapter: before any optimizer can hold state for them."""
+    def place_expert_lora(self, adapter_name: str) -> None:
+        """With executor='accelerator', move adapter ``adapter_name``'s expert-LoRA factors from host memory to the
+        device of this layer's own parameters (PEFT makes them beside the experts' weight placeholders, and loads
+        them there). Called once PEFT has injected or loaded the adapter: before any optimizer holds state for them.
+        Factors not yet made (on the meta device) wait for the adapter's loading."""
         if self.executor != "accelerator":
             return
         experts = self.family.experts + "."
         device = next((p.device for name, p in self.named_parameters() if not name.startswith(experts)), None)
-        if device is not None and device.type != "cpu":
-            for factors in lora_factor_modules(self._modules[self.family.experts]):
-                factors.to(device)
+        if device is None or device.type in ("cpu", "meta"):
+            return
+        for factors in lora_factor_modules(self._modules[self.family.experts]):
+            if adapter_name in factors and all(p.device.type == "cpu" for p in factors[adapter_name].parameters()):
+                factors[adapter_name].to(device)
 
     def _check_factor_devices(self, lora: ExpertLora, device: torch.device) -> None:
         allowed = ("cpu", str(device)) if self.executor == "accelerator" else ("cpu",)

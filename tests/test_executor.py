@@ -130,7 +130,8 @@ def test_plan_puts_the_busiest_experts_on_the_accelerator_and_balances_by_rates(
     forecast = {side: getattr(rates, side).seconds(*plan.forecast[side]) for side in ("cpu", "accelerator")}
     assert plan.experts in ((5,), (2, 5)) and forecast["cpu"] > 0
     assert balanced.plan(ids, first_forward=True) is plan  # the step that runs it measures...
-    balanced._window.cpu_seconds = 3 * forecast["cpu"]
+    rates.cpu.per_row = 2.0  # other layers have moved the shared fit since the plan: the scale is against it now
+    balanced._window.cpu_seconds = 6 * forecast["cpu"]
     balanced._window.accelerator = [types.SimpleNamespace(seconds=lambda: forecast["accelerator"])]
     balanced._close_window()
     assert rates.scale["cpu"] == pytest.approx(3.0) and rates.scale["accelerator"] == pytest.approx(1.0)
@@ -270,8 +271,9 @@ def test_whole_model_trains_as_unpatched(mode, policy, executor):
 
 def test_expert_lora_factors_go_with_the_model_only_when_no_kernel_reads_them():
     """With executor='accelerator' the CPU kernel never reads the expert-LoRA factors: .to() moves them with the model
-    (here to the meta device), and an adapter added to a moved model puts them on its device; with the kernel in use
-    they stay in host memory. A factor moved elsewhere anyway is a clear error at the forward."""
+    (here to the meta device); with the kernel in use they stay in host memory. A factor moved elsewhere anyway is a
+    clear error at the forward. (An adapter added to a model on a GPU gets them there: test_executor_cuda.py; one
+    whose layers are on the meta device, as accelerate's offloading leaves them, has no values to put them beside.)"""
     from peft import get_peft_model
 
     ids = torch.randint(3, tiny_models.COMMON["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(5))
@@ -298,8 +300,7 @@ def test_expert_lora_factors_go_with_the_model_only_when_no_kernel_reads_them():
             moved = get_peft_model(moved.to("meta"), tiny_models.lora_config("qwen3_moe"))
         finally:
             kt_patch.disable()
-        assert all(moved.get_parameter(name).device.type == ("meta" if executor == "accelerator" else "cpu")
-                   for name in names)
+        assert all(moved.get_parameter(name).device.type == "cpu" for name in names)
 
 
 def test_bad_executor_options_are_clear_errors():

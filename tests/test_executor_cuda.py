@@ -67,6 +67,32 @@ def test_every_expert_on_the_gpu_queues_a_step_without_waiting_for_it(resident):
     assert not runs
 
 
+def test_an_adapter_added_on_the_gpu_keeps_its_expert_factors_there(tmp_path):
+    """executor='accelerator': an adapter injected into a model already on the GPU, or loaded into it (also with
+    low_cpu_mem_usage, which makes the factors on the meta device first), has its expert-LoRA factors on the GPU,
+    with the values saved."""
+    import kt_patch
+    import tiny_models
+    from peft import PeftModel, get_peft_model
+
+    kt_patch.enable(threads=2, executor="accelerator")
+    try:
+        config = tiny_models.lora_config("qwen3_moe")
+        config.init_lora_weights = False
+        trained = get_peft_model(tiny_models.build("qwen3_moe", seed=2).cuda(), config)
+        names = [name for name, _ in trained.named_parameters() if ".experts." in name and "lora_" in name]
+        assert names and all(trained.get_parameter(name).device.type == "cuda" for name in names)
+        trained.save_pretrained(str(tmp_path))
+        for low_cpu_mem_usage in (False, True):
+            loaded = PeftModel.from_pretrained(tiny_models.build("qwen3_moe", seed=2).cuda(), str(tmp_path),
+                                               low_cpu_mem_usage=low_cpu_mem_usage)
+            for name in names:
+                assert loaded.get_parameter(name).device.type == "cuda", (low_cpu_mem_usage, name)
+                assert torch.equal(loaded.get_parameter(name), trained.get_parameter(name)), (low_cpu_mem_usage, name)
+    finally:
+        kt_patch.disable()
+
+
 @pytest.mark.parametrize("executor", ["hybrid", "accelerator"])
 def test_streamed_model_on_cuda_trains_as_stock_and_fetches_ahead(monkeypatch, executor):
     """A whole model with every MoE layer streamed (a budget of 3.5 layers' packed experts: the stream buffers, no

@@ -93,7 +93,7 @@ def _inject_adapter(wrapped, instance, args, kwargs):
             raise ValueError(f"kt_patch: LoRA on routed experts needs peft >= {PEFT_FOR_EXPERT_LORA} (installed: "
                              f"{peft.__version__}); upgrade peft, or leave the experts out of the LoRA targets")
         check_expert_wrappers(experts_slot, layer.family.name)
-        layer.place_expert_lora()
+        layer.place_expert_lora(adapter_name)
     return result
 
 
@@ -116,7 +116,10 @@ def _set_adapter_state_dict(wrapped, instance, args, kwargs):
             for key, target in wrapper.adapter_state_dict_load_map(arguments.arguments["adapter_name"]).items():
                 state_dict[f"{prefix}.{key}"] = wrapper.get_parameter(target)
         arguments.arguments["peft_model_state_dict"] = state_dict
-    return wrapped(*arguments.args, **arguments.kwargs)
+    result = wrapped(*arguments.args, **arguments.kwargs)
+    for layer in _kt_layers(model):  # loading may have (re)made the factors beside the host placeholders
+        layer.place_expert_lora(arguments.arguments["adapter_name"])
+    return result
 
 
 def _save_adapter(wrapped, instance, args, kwargs):
