@@ -85,6 +85,7 @@ class ExpertLora:
         """These factors in host memory, as the kernel reads them: themselves, or copies of factors on a device."""
         if all(t.device.type == "cpu" for _, f in self.items() for t in (f.A, f.B)):
             return self
+
         def host(t: torch.Tensor) -> torch.Tensor:  # in a dtype the kernel takes (fp16 factors: fp32)
             return t.detach().to("cpu", t.dtype if t.dtype in _DTYPES else torch.float32).contiguous()
 

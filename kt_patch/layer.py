@@ -266,22 +266,21 @@ class KtMoeLayer(nn.Module):
                 factors[adapter_name].to(device)
 
     def _check_factor_devices(self, lora: ExpertLora, device: torch.device) -> None:
-        allowed = ("cpu", str(device)) if self.executor == "accelerator" else ("cpu",)
-        for _, factors in lora.items():
-            for factor in (factors.A, factors.B):
-                if factor.device.type == "cpu" and self.executor == "accelerator" and device.type != "cpu" \
-                        and not _hinted_factors_on_host.is_set():
-                    _hinted_factors_on_host.set()
-                    logger.warning("kt_patch: with executor='accelerator' the expert-LoRA factors are in host memory "
-                                   "while the model is on %s: each step copies them to the device and their "
-                                   "gradients back, and the optimizer steps them on the host; move the model again "
-                                   "(model.to(%r)) before making the optimizer to keep them on the device",
-                                   device, str(device))
-                if str(factor.device) not in allowed:
-                    raise RuntimeError(
-                        f"kt_patch: {self.kernel.name}: expert LoRA factors must be in host memory for the CPU kernel"
-                        + (f" or, with executor='accelerator', on the model's device ({device})"
-                           if self.executor == "accelerator" else "") + f"; something moved them to {factor.device}")
+        devices = {t.device for _, factors in lora.items() for t in (factors.A, factors.B)}
+        on_device_allowed = self.executor == "accelerator"
+        for factor_device in devices:
+            if factor_device.type != "cpu" and not (on_device_allowed and factor_device == device):
+                raise RuntimeError(
+                    f"kt_patch: {self.kernel.name}: expert LoRA factors must be in host memory for the CPU kernel"
+                    + (f" or, with executor='accelerator', on the model's device ({device})" if on_device_allowed
+                       else "") + f"; something moved them to {factor_device}")
+        if on_device_allowed and device.type != "cpu" and torch.device("cpu") in devices \
+                and not _hinted_factors_on_host.is_set():
+            _hinted_factors_on_host.set()
+            logger.warning("kt_patch: with executor='accelerator' the expert-LoRA factors are in host memory while the "
+                           "model is on %s: each step copies them to the device and their gradients back, and the "
+                           "optimizer steps them on the host; move the model again (model.to(%r)) before making the "
+                           "optimizer to keep them on the device", device, str(device))
 
     def _apply(self, fn, recurse=True):
         # Routed experts (their placeholders, which the kernel stands behind) stay in host memory whatever
