@@ -66,16 +66,15 @@ def set_policy(model, policy):
 def set_checkpointing(model, mode):
     """Checkpoint every decoder layer the way ``mode`` says (``None``: no checkpointing)."""
     base = model.get_base_model()
-    base.activation_checkpointing_disable()
+    # transformers renamed gradient_checkpointing_* to activation_checkpointing_* (the old names warn, then go)
+    disable = getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
+    enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+    disable()
     if mode is None:
         return
     reentrant = mode.endswith("_reentrant") and not mode.endswith("non_reentrant")
-    if mode == "hf_non_reentrant":
-        base.activation_checkpointing_enable()
-        return
-    if mode == "hf_reentrant":
-        with pytest.warns(FutureWarning):
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    if mode in ("hf_non_reentrant", "hf_reentrant"):
+        enable({"use_reentrant": reentrant})
         return
     if mode.startswith("torch_"):
         def checkpoint(function, *args):  # looks torch.utils.checkpoint.checkpoint up at every call, as users do
