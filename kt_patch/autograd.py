@@ -68,7 +68,7 @@ class _ExpertFunction(torch.autograd.Function):
         if kept is None and on_cpu:
             x_cpu = kernel.host_tokens(x)
             kernel_ids = topk_ids if tiers is None else tiers.cpu_ids(topk_ids)
-            pending = kernel.submit_forward(x_cpu, kernel_ids, topk_weights, lora,
+            pending = kernel.submit_forward(x_cpu, kernel_ids, topk_weights, plan.host_lora(lora),
                                             save_for_backward=plan.keeps_cache(any(ctx.needs_input_grad)))
         # the accelerator's experts run while the CPU kernel computes its own
         accelerated = None if tiers is None else plan.accelerator.forward(
@@ -80,7 +80,7 @@ class _ExpertFunction(torch.autograd.Function):
         else:
             y, kctx = pending.wait()
             if tiers is not None:
-                plan.accelerator.record_cpu_time(pending.run_seconds)
+                plan.accelerator.record_cpu_time(pending.run_seconds, backward=plan.phase is Phase.RECOMPUTE)
             plan.ran_kernel()
         out = accelerated.to(x_meta[1]) if y is None else y.to(*x_meta, non_blocking=True)
         if plan.region is not None and plan.phase is Phase.FIRST_FORWARD:
@@ -123,7 +123,9 @@ class _ExpertFunction(torch.autograd.Function):
         if ctx.accelerator is not None:
             ctx.accelerator.begin_experts(backward=True)
         if ctx.on_cpu:
-            grads = kctx.new_lora_grads(zeroed=False)  # written whole by the kernel; AccumulateGrad adds them up
+            # written whole by the kernel; AccumulateGrad adds them up (pinned where they go on to a device)
+            grads = kctx.new_lora_grads(zeroed=False, pinned=any(
+                meta is not None and meta[0].type == "cuda" for meta in ctx.lora_meta))
             pending = ctx.kernel.submit_backward(kctx, ctx.kernel.host_tokens(dy, kctx.dtype), grads,
                                                  accumulate=False)
         accelerated = None
@@ -133,7 +135,7 @@ class _ExpertFunction(torch.autograd.Function):
             dx, dw = pending.wait()
             dx, dw = dx.to(*ctx.x_meta, non_blocking=True), dw.to(*ctx.w_meta, non_blocking=True)
             if ctx.tiers is not None:
-                ctx.accelerator.record_cpu_time(pending.run_seconds)
+                ctx.accelerator.record_cpu_time(pending.run_seconds, backward=True)
         if accelerated is not None:
             dx_accelerator, dw_accelerator, lora_grads = accelerated
             if ctx.on_cpu:
@@ -145,7 +147,7 @@ class _ExpertFunction(torch.autograd.Function):
                 grads = lora_grads()
         lora_out = []
         for key, meta in zip(("gate_up_A", "gate_up_B", "down_A", "down_B"), ctx.lora_meta):
-            lora_out.append(None if meta is None else grads[key].to(*meta))
+            lora_out.append(None if meta is None else grads[key].to(*meta, non_blocking=meta[0].type == "cuda"))
         if ctx.accelerator is not None:
             ctx.accelerator.end_experts(backward=True)
         return (None, None, None, dx, None, dw, *lora_out)
@@ -171,6 +173,10 @@ class _Plan:
         if self.phase is Phase.RECOMPUTE and self.region is not None:
             return self.region.take_kept(kernel, tokens)
         return None
+
+    def host_lora(self, lora: ExpertLora) -> ExpertLora:
+        """The factors as the CPU kernel reads them (host copies of factors on a device)."""
+        return lora.on_host() if self.accelerator is None else self.accelerator.host_lora(lora)
 
     def ran_kernel(self) -> None:
         if self._on_kernel_run is not None:

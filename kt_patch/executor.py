@@ -38,6 +38,10 @@ from .kernel import ExpertKernel, ExpertLora, _gate_then_up
 
 logger = logging.getLogger("kt_patch")
 _MATRICES = ("gate", "up", "down")
+_SIDES = ("cpu", "accelerator", "link", "rest")
+# a split that gives the CPU kernel experts must promise this share of the layer's step over the accelerator alone:
+# the CPU's part also costs host copies of the tokens and of dy and a wait for them, which the fits do not see
+_CPU_SPLIT_GAIN = 0.05
 # a streamed layer holds at most: its own weights (recorded for a backward), the next layer's fetched ahead, and one
 # layer's packed rows on their way to being unpacked
 _STREAM_BUFFERS = 3
@@ -223,6 +227,29 @@ class _OnHost:
         return self.value
 
 
+class _StepStart:
+    """Where a step begins on a device's queue: an event recorded when the step's first MoE layer is planned, so
+    after the optimizer's update of the expert-LoRA factors; and a stream for their host copies, which wait for that
+    event only (not for the layers queued since, nor for weights being fetched)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.event: torch.cuda.Event | None = None
+        self.stream = torch.cuda.Stream(device)
+        self._planned: set[int] = set()  # positions of the layers planned since the event
+
+    def planned(self, position: int) -> None:
+        """A layer at ``position`` plans a new step: a layer planned again starts the next step."""
+        if self.event is None or position in self._planned:
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(self.device))
+            self._planned = set()
+        self._planned.add(position)
+
+
+_step_starts: dict[torch.device, _StepStart] = {}
+
+
 @dataclasses.dataclass
 class _Window:
     """What one layer measured between two of its planned steps: the step's plan and routing (rows per expert),
@@ -231,10 +258,19 @@ class _Window:
     plan: TierPlan | None = None
     counts: _OnHost | None = None
     streamed: bool = False
-    cpu_seconds: float = 0.0
-    accelerator: list = dataclasses.field(default_factory=list)  # _Timer
-    link: list = dataclasses.field(default_factory=list)
-    rest: list = dataclasses.field(default_factory=list)  # the non-expert work before each of the layer's passes
+    # per side, (pass, seconds or _Timer) of each measurement, the pass being 0 for a forward and 1 for a recompute or
+    # a backward; "rest" is the non-expert work before each of the layer's expert parts
+    parts: dict = dataclasses.field(default_factory=lambda: {side: [] for side in _SIDES})
+
+    def seconds(self) -> dict[str, tuple[float, float]]:
+        """Per side, the seconds of the forward pass and of the backward pass."""
+        out = {}
+        for side, parts in self.parts.items():
+            split = [0.0, 0.0]
+            for backward, part in parts:
+                split[backward] += part if isinstance(part, float) else part.seconds()
+            out[side] = (split[0], split[1])
+        return out
 
 
 class _Gaps:
@@ -328,15 +364,24 @@ class _Rates:
         self.steps = 0
         self.scale = {"cpu": 1.0, "accelerator": 1.0, "link": 1.0}  # measured over forecast, within [1/4, 4]
         self.rest = 0.0  # the layer's own non-expert seconds per step, averaged (the last step weighing half)
+        # each side's share of its step time in the backward pass (a recompute included), averaged likewise: the
+        # CPU's backward costs about twice its forward, the link fetches once per pass
+        self.backward_share = dict.fromkeys(_SIDES, 0.5)
 
     @property
     def known(self) -> bool:
         return self.cpu.known and self.accelerator.known
 
-    def add(self, seconds: dict[str, float], window: _Window) -> None:
+    def add(self, passes: dict[str, tuple[float, float]], window: _Window) -> None:
+        """One step's measurements: per side, the seconds of its forward and of its backward pass."""
         self.steps += 1
         if self.steps == 1:
             return  # the first step warms up (CUDA context, kernels loaded, allocator growing)
+        seconds = {side: forward + backward for side, (forward, backward) in passes.items()}
+        for side, (_, backward) in passes.items():
+            if seconds[side] > 0:
+                share = backward / seconds[side]
+                self.backward_share[side] = share if self.steps == 2 else (self.backward_share[side] + share) / 2
         if seconds["rest"] > 0:  # else no expert part ran after another's in the step
             self.rest = seconds["rest"] if self.rest == 0 else (self.rest + seconds["rest"]) / 2
         counts, on = window.counts.get(), window.plan.mask(torch.device("cpu"))
@@ -409,7 +454,7 @@ class _Prefetcher:
             return
         self._ahead = None  # one layer ahead at most: an unused fetch is dropped
         try:
-            self._ahead = (target, plan, *target.fetch(plan))
+            self._ahead = (target, plan, *target.fetch(plan, backward))
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()  # the layer is fetched when it runs instead
 
@@ -480,8 +525,15 @@ class AcceleratorTier:
         self._next_plan: TierPlan | None = None  # the next step's, once asked for (by a fetch ahead)
         self._last_counts: _OnHost | None = None  # rows per expert in the last step's routing
         self._popularity: torch.Tensor | None = None  # rows per expert averaged over the past steps (streamed)
+        # a streamed layer's planned order (busiest first by popularity), and the rows each place in that order got
+        # in the step it was planned for, averaged over the past steps: the rows its next plan is costed by
+        self._popular_order: torch.Tensor | None = None
+        self._rows_by_place: torch.Tensor | None = None
         self._recorded = None  # a recompute's forward under autograd, for the backward that follows it
         self._factors = None  # (versions of the LoRA factors, their device copies)
+        self._steps = 0  # steps planned
+        self._step_start = _step_starts.setdefault(device, _StepStart(device)) if device.type == "cuda" else None
+        self._host_lora = None  # (step, the factors' ids, their host copies) for the CPU kernel
 
     @property
     def tier_name(self) -> str:
@@ -493,6 +545,9 @@ class AcceleratorTier:
         the step under way."""
         if not first_forward and self.step_plan is not None:
             return self.step_plan
+        self._steps += 1
+        if self._step_start is not None:
+            self._step_start.planned(self._position)
         counts = _OnHost(_rows_per_expert(ids, self.kernel.num_experts))
         if self.executor == "accelerator":  # every expert, whatever the routing: no wait for it
             self._close_window()
@@ -517,28 +572,33 @@ class AcceleratorTier:
         if self._next_plan is None and self._last_counts is not None:
             self._close_window()
             counts = self._last_counts.get().double()
+            if self._popular_order is not None:
+                got = counts[self._popular_order]
+                self._rows_by_place = got if self._rows_by_place is None else (self._rows_by_place + got) / 2
             self._popularity = counts if self._popularity is None else (self._popularity + counts) / 2
-            self._next_plan = self._choose(self._popularity)
+            self._popular_order = torch.sort(self._popularity, descending=True, stable=True).indices
+            self._next_plan = self._choose(self._popularity, self._rows_by_place)
         return self._next_plan
 
     def _close_window(self) -> None:
         window = self._window
         if window.plan is None:
             return  # no step planned yet
-        seconds = {"cpu": window.cpu_seconds, "accelerator": sum(t.seconds() for t in window.accelerator),
-                   "link": sum(t.seconds() for t in window.link), "rest": sum(t.seconds() for t in window.rest)}
+        passes = window.seconds()
         for side in self.busy_seconds:
-            self.busy_seconds[side] += seconds[side]
-        self.rates.add(seconds, window)
+            self.busy_seconds[side] += sum(passes[side])
+        self.rates.add(passes, window)
         self._window = _Window()
 
-    def _choose(self, counts: torch.Tensor) -> TierPlan:
+    def _choose(self, counts: torch.Tensor, rows_by_place: torch.Tensor | None = None) -> TierPlan:
+        """The plan that gives the accelerator the experts busiest by ``counts``; costed by the rows of each place in
+        that order: ``rows_by_place`` where given (what past plans' places got), else the sorted ``counts``."""
         E = self.kernel.num_experts
         if self.executor == "accelerator":
             return self._all_experts
         order = torch.sort(counts, descending=True, stable=True).indices
         chosen, forecast = (round(self.fraction * E), None) if self.fraction is not None else \
-            self._balanced_count(counts[order])
+            self._balanced_count(counts[order] if rows_by_place is None else rows_by_place)
         if logger.isEnabledFor(logging.DEBUG):
             rates = {side: None if not cost.known else f"{cost.per_unit * 1e3:.3f} ms + {cost.per_row * 1e6:.3f} us/row"
                      f" x {self.rates.scale[side]:.2f}"
@@ -551,25 +611,50 @@ class AcceleratorTier:
             return TierPlan(self._all_experts.experts, E, forecast, self._all_experts._on_device)
         return TierPlan(tuple(sorted(order[:chosen].tolist())), E, forecast)
 
-    def _balanced_count(self, sorted_counts: torch.Tensor) -> tuple[int, dict | None]:
+    def _balanced_count(self, place_rows: torch.Tensor) -> tuple[int, dict | None]:
         """How many of the busiest experts go to the accelerator for the layer's shortest step (the module's
-        docstring), and the units and rows each side was costed by at that split (:attr:`TierPlan.forecast`)."""
+        docstring), given the rows forecast for each place of the order, busiest first; and the units and rows each
+        side was costed by at that split (:attr:`TierPlan.forecast`)."""
         rates = self.rates
         if not rates.known:
-            return (sorted_counts.numel() + 1) // 2, None  # no measurement yet: half, to measure both sides
+            return (place_rows.numel() + 1) // 2, None  # no measurement yet: half, to measure both sides
         zero = torch.zeros(1, dtype=torch.float64)
-        rows = torch.cat((zero, torch.cumsum(sorted_counts.double(), 0)))  # the n busiest experts' rows
+        rows = torch.cat((zero, torch.cumsum(place_rows.double(), 0)))  # the n busiest experts' rows
         # ...and those with rows (an average of past steps' rows: half a row or more)
-        experts = torch.cat((zero, torch.cumsum((sorted_counts >= 0.5).double(), 0)))
+        experts = torch.cat((zero, torch.cumsum((place_rows >= 0.5).double(), 0)))
         n = torch.arange(rows.numel(), dtype=torch.float64)
         inputs = {"cpu": (experts[-1] - experts, rows[-1] - rows), "accelerator": ((n > 0).double(), rows),
                   "link": (n, 0 * n)}
         streams = self.resident is None and rates.link.known
         cpu, accelerator, link = (getattr(rates, side).seconds(*inputs[side]) * rates.scale[side]
                                   if side != "link" or streams else 0 * n for side in inputs)
-        cost = torch.maximum(rates.rest + torch.maximum(cpu, accelerator), link)
+        cost = 0 * n
+        for backward in (False, True):  # the link overlaps each pass's computation, not the other pass's
+            part = {side: share if backward else 1 - share for side, share in rates.backward_share.items()}
+            cost = cost + torch.maximum(
+                rates.rest * part["rest"] + torch.maximum(cpu * part["cpu"], accelerator * part["accelerator"]),
+                link * part["link"])
         chosen = int(torch.argmin(cost))
+        if cost[chosen] > (1 - _CPU_SPLIT_GAIN) * cost[-1]:
+            chosen = n.numel() - 1
         return chosen, {side: (float(units[chosen]), float(rows[chosen])) for side, (units, rows) in inputs.items()}
+
+    def host_lora(self, lora: ExpertLora) -> ExpertLora:
+        """``lora`` as the CPU kernel reads it: itself where its factors are in host memory; factors on the device as
+        pinned host copies made once per step (an optimizer changes them only between steps), copied after the
+        step's start (:class:`_StepStart`), so the copy waits neither for the layers queued since nor for the
+        weights being fetched."""
+        if self._step_start is None or all(t.device.type == "cpu" for _, f in lora.items() for t in (f.A, f.B)):
+            return lora.on_host()
+        key = (self._steps, tuple(id(t) for _, f in lora.items() for t in (f.A, f.B)))
+        if self._host_lora is None or self._host_lora[0] != key:
+            start = self._step_start
+            start.stream.wait_event(start.event)
+            with torch.cuda.stream(start.stream):
+                copies = lora.on_host(non_blocking=True)
+            start.stream.synchronize()
+            self._host_lora = (key, copies)
+        return self._host_lora[1]
 
     def pin_factors(self, lora: ExpertLora) -> None:
         """Keep ``lora``'s host factors in pinned memory, so that their copies to the device do not block. Called
@@ -584,19 +669,21 @@ class AcceleratorTier:
         device's last expert part ended is this layer's non-expert time."""
         gap = self._gaps.close(backward, self._position)
         if gap is not None:
-            self._window.rest.append(gap)
+            self._window.parts["rest"].append((backward, gap))
 
     def end_experts(self, backward: bool) -> None:
         """This layer's expert part of a pass ended (its output, or dx, is queued)."""
         self._gaps.open(self._compute_timer(), backward, self._position)
 
-    def record_cpu_time(self, seconds: float) -> None:
-        """The CPU kernel's seconds on this layer's share in one pass of the step."""
-        self._window.cpu_seconds += seconds
+    def record_cpu_time(self, seconds: float, backward: bool) -> None:
+        """The CPU kernel's seconds on this layer's share in one pass of the step (``backward``: a recompute or a
+        backward)."""
+        self._window.parts["cpu"].append((backward, seconds))
 
     # ------------------------------------------------------------------------------------------------ weights
-    def fetch(self, plan: TierPlan):
-        """Start copying and unpacking ``plan``'s experts on the copy stream: ``(weights, ready event)``."""
+    def fetch(self, plan: TierPlan, backward: bool):
+        """Start copying and unpacking ``plan``'s experts on the copy stream, for a forward or (``backward``) a
+        recompute or a backward: ``(weights, ready event)``."""
         stream, packed = self.copy_stream, {}
         timer = _Timer(stream)
         with torch.cuda.stream(stream):
@@ -609,18 +696,19 @@ class AcceleratorTier:
             weights = {name: self.kernel.unpack(packed[name], name) for name in _MATRICES}
             ready = torch.cuda.Event()
             ready.record(stream)
-        self._window.link.append(timer.stop())
+        self._window.parts["link"].append((backward, timer.stop()))
         return weights, ready
 
-    def _weights(self, plan: TierPlan) -> dict[str, torch.Tensor]:
-        """[n, N, K] weights of the groups :meth:`_groups` makes: the layer's own (resident), else ``plan``'s."""
+    def _weights(self, plan: TierPlan, backward: bool) -> dict[str, torch.Tensor]:
+        """[n, N, K] weights of the groups :meth:`_groups` makes: the layer's own (resident), else ``plan``'s (for a
+        forward, or a recompute or backward)."""
         if self.resident is not None:
             return self.resident
         if self.copy_stream is None:
             experts = torch.tensor(plan.experts, dtype=torch.long)
             return {name: self.kernel.unpack(self.packed[name][experts].to(self.device), name) for name in _MATRICES}
         ahead = self.prefetcher.take(self, plan)
-        weights, ready = ahead if ahead is not None else self.fetch(plan)
+        weights, ready = ahead if ahead is not None else self.fetch(plan, backward)
         stream = torch.cuda.current_stream(self.device)
         stream.wait_event(ready)
         for tensor in weights.values():
@@ -723,7 +811,7 @@ class AcceleratorTier:
         self._recorded = None
         try:
             groups = self._groups(ids.to(self.device), plan)  # a partial plan syncs: before waiting on weights
-            weights = self._weights(plan)
+            weights = self._weights(plan, backward=for_backward)
             if self.prefetcher is not None:
                 self.prefetcher.fetch_next(self, backward=for_backward)
             timer = self._compute_timer()
@@ -738,7 +826,7 @@ class AcceleratorTier:
             self._recorded = None
             self._warn_out_of_memory("forward")
             return self._on_cpu(x, ids, w, lora, plan)[0]
-        self._window.accelerator.append(timer.stop())
+        self._window.parts["accelerator"].append((for_backward, timer.stop()))
         return y
 
     def _peft_layout(self, key: str, grad: torch.Tensor | None, experts: torch.Tensor, factor: torch.Tensor):
@@ -781,7 +869,7 @@ class AcceleratorTier:
         x_cpu = self.kernel.host_tokens(x)
         ids = ids.cpu()
         own_ids = ids.masked_fill(~plan.mask(ids.device)[ids], -1)
-        lora = lora.on_host()  # the factors may be on the device (executor='accelerator')
+        lora = self.host_lora(lora)
         y, ctx = self.kernel.forward(x_cpu, own_ids, w, lora, save_for_backward=dy is not None)
         y = y.to(self.device, torch.float32)
         if dy is None:
@@ -811,7 +899,7 @@ class AcceleratorTier:
         try:
             if recorded is None or recorded[1].shape != x.shape or recorded[0] != plan:
                 groups = self._groups(ids.to(self.device), plan)
-                weights = self._weights(plan)
+                weights = self._weights(plan, backward=True)
                 if self.prefetcher is not None:
                     self.prefetcher.fetch_next(self, backward=True)
                 recorded = self._record(x, w, lora, plan, groups, weights)
@@ -834,7 +922,7 @@ class AcceleratorTier:
         if self.device.type == "cuda" and any(part.device.type == "cpu" for part in lora_parts.values()):
             copied = torch.cuda.Event()
             copied.record(torch.cuda.current_stream(self.device))
-        self._window.accelerator.append(timer.stop())
+        self._window.parts["accelerator"].append((True, timer.stop()))
 
         def lora_grads(into: dict | None = None) -> dict:
             if copied is not None:
@@ -845,11 +933,15 @@ class AcceleratorTier:
 
 
 def _add_into(into: dict | None, grads: dict) -> dict:
-    """``grads`` added into the same keys of ``into``, or ``grads`` where there is no ``into``."""
+    """``grads`` added into the same keys of ``into``, or ``grads`` where there is no ``into``; where ``into``'s are
+    host buffers (the CPU kernel's, pinned) and ``grads`` are on the device, the sums are made there."""
     if into is None:
         return grads
     for key, grad in grads.items():
-        into[key] += grad
+        if into[key].device == grad.device:
+            into[key] += grad
+        else:
+            into[key] = grad.add_(into[key].to(grad.device, non_blocking=True))
     return into
 
 

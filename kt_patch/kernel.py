@@ -81,13 +81,18 @@ class ExpertLora:
         """``(projection, factors)`` for each projection that has LoRA, gate_up first."""
         return [(name, f) for name, f in (("gate_up", self.gate_up), ("down", self.down)) if f is not None]
 
-    def on_host(self) -> "ExpertLora":
-        """These factors in host memory, as the kernel reads them: themselves, or copies of factors on a device."""
+    def on_host(self, non_blocking: bool = False) -> "ExpertLora":
+        """These factors in host memory, as the kernel reads them: themselves, or copies of factors on a device (in
+        a dtype the kernel takes: fp16 factors as fp32). ``non_blocking``: the copies are pinned and queued on the
+        current stream; the caller waits for it before the kernel reads them."""
         if all(t.device.type == "cpu" for _, f in self.items() for t in (f.A, f.B)):
             return self
 
-        def host(t: torch.Tensor) -> torch.Tensor:  # in a dtype the kernel takes (fp16 factors: fp32)
-            return t.detach().to("cpu", t.dtype if t.dtype in _DTYPES else torch.float32).contiguous()
+        def host(t: torch.Tensor) -> torch.Tensor:
+            dtype = t.dtype if t.dtype in _DTYPES else torch.float32
+            if non_blocking:
+                return torch.empty(t.shape, dtype=dtype, pin_memory=True).copy_(t.detach(), non_blocking=True)
+            return t.detach().to("cpu", dtype).contiguous()
 
         return ExpertLora(**{name: LoraFactors(host(f.A), host(f.B), f.scaling) for name, f in self.items()})
 
@@ -398,12 +403,12 @@ class _Context:
         self._factors = factors  # the memory the forward read them from (_factor_storage at submit): the backward's
         self.tokens, self.top_k = handle.tokens, handle.top_k
 
-    def new_lora_grads(self, zeroed: bool = True) -> dict:
+    def new_lora_grads(self, zeroed: bool = True, pinned: bool = False) -> dict:
         """fp32 gradient buffers (PEFT layout) for the LoRA factors this forward used: zeroed, or uninitialised for
-        a backward with ``accumulate=False``."""
+        a backward with ``accumulate=False``; ``pinned`` for gradients that go on to an accelerator."""
         new = torch.zeros if zeroed else torch.empty
         grads = {}
         for which, factors in self.lora.items():
-            grads[f"{which}_A"] = new(factors.A.shape, dtype=torch.float32)
-            grads[f"{which}_B"] = new(factors.B.shape, dtype=torch.float32)
+            grads[f"{which}_A"] = new(factors.A.shape, dtype=torch.float32, pin_memory=pinned)
+            grads[f"{which}_B"] = new(factors.B.shape, dtype=torch.float32, pin_memory=pinned)
         return grads

@@ -136,6 +136,8 @@ class KtMoeLayer(nn.Module):
         self.kernel = kernel
         self.checkpoint_policy = checkpoint_policy
         self.executor, self.accelerator_fraction = executor, accelerator_fraction
+        # the expert-LoRA factors stay in host memory (else they go with the model, :meth:`_apply`)
+        self._expert_lora_on_host = executor == "cpu"
         self._gpu_budget = gpu_budget or GpuExpertBudget("auto")
         self._shared_rates = shared_rates
         if executor != "cpu":
@@ -251,11 +253,12 @@ class KtMoeLayer(nn.Module):
         return active_expert_lora(experts) if hasattr(experts, "base_layer") else NO_LORA
 
     def place_expert_lora(self, adapter_name: str) -> None:
-        """With executor='accelerator', move adapter ``adapter_name``'s expert-LoRA factors from host memory to the
-        device of this layer's own parameters (PEFT makes them beside the experts' weight placeholders, and loads
-        them there). Called once PEFT has injected or loaded the adapter: before any optimizer holds state for them.
-        Factors not yet made (on the meta device) wait for the adapter's loading."""
-        if self.executor != "accelerator":
+        """Move adapter ``adapter_name``'s expert-LoRA factors from host memory to the device of this layer's own
+        parameters, where the accelerator tiers compute with them (PEFT makes them beside the experts' weight
+        placeholders, and loads them there). Called once PEFT has injected or loaded the adapter: before any optimizer
+        holds state for them. Factors not yet made (on the meta device) wait for the adapter's loading; with
+        executor='cpu' (or after :meth:`keep_expert_lora_on_host`) they stay in host memory for the kernel."""
+        if self._expert_lora_on_host:
             return
         experts = self.family.experts + "."
         device = next((p.device for name, p in self.named_parameters() if not name.startswith(experts)), None)
@@ -267,31 +270,40 @@ class KtMoeLayer(nn.Module):
 
     def _check_factor_devices(self, lora: ExpertLora, device: torch.device) -> None:
         devices = {t.device for _, factors in lora.items() for t in (factors.A, factors.B)}
-        on_device_allowed = self.executor == "accelerator"
+        on_device_allowed = not self._expert_lora_on_host
         for factor_device in devices:
             if factor_device.type != "cpu" and not (on_device_allowed and factor_device == device):
                 raise RuntimeError(
-                    f"kt_patch: {self.kernel.name}: expert LoRA factors must be in host memory for the CPU kernel"
-                    + (f" or, with executor='accelerator', on the model's device ({device})" if on_device_allowed
-                       else "") + f"; something moved them to {factor_device}")
+                    f"kt_patch: {self.kernel.name}: expert LoRA factors must be in host memory"
+                    + (f" or on the model's device ({device})" if on_device_allowed
+                       else f" (they are kept there: executor={self.executor!r}, or an integration steps them there)")
+                    + f"; something moved them to {factor_device}")
         if on_device_allowed and device.type != "cpu" and torch.device("cpu") in devices \
                 and not _hinted_factors_on_host.is_set():
             _hinted_factors_on_host.set()
-            logger.warning("kt_patch: with executor='accelerator' the expert-LoRA factors are in host memory while the "
-                           "model is on %s: each step copies them to the device and their gradients back, and the "
-                           "optimizer steps them on the host; move the model again (model.to(%r)) before making the "
-                           "optimizer to keep them on the device", device, str(device))
+            logger.warning("kt_patch: the expert-LoRA factors are in host memory while the model is on %s: each step "
+                           "copies them to the device and their gradients back, and the optimizer steps them on the "
+                           "host; move the model again (model.to(%r)) before making the optimizer to keep them on the "
+                           "device", device, str(device))
+
+    def keep_expert_lora_on_host(self) -> None:
+        """Keep the expert-LoRA factors in host memory from now on, moved back there if they are on a device: for an
+        integration that steps them there itself (DeepSpeed's companion optimizer)."""
+        self._expert_lora_on_host = True
+        for factors in lora_factor_modules(self._modules[self.family.experts]):
+            factors.to("cpu")
 
     def _apply(self, fn, recurse=True):
         # Routed experts (their placeholders, which the kernel stands behind) stay in host memory whatever
-        # .to()/.cuda()/.half() or accelerate do with the rest of the model, and so do PEFT's expert-LoRA factors,
-        # which the kernel reads; but with executor='accelerator' no kernel reads them: they go with the model,
-        # where the optimizer steps them on the device and no copy of them or of their gradients crosses the link.
+        # .to()/.cuda()/.half() or accelerate do with the rest of the model. PEFT's expert-LoRA factors go with the
+        # model unless kept on the host: on an accelerator the optimizer then steps them there and the accelerator
+        # tiers use them in place, while the CPU kernel reads a host copy made once per step (only when it computes
+        # some experts).
         if recurse:
             for name, child in self._modules.items():
                 if name != self.family.experts and child is not None:
                     child._apply(fn)
-            if self.executor == "accelerator":
+            if not self._expert_lora_on_host:
                 for factors in lora_factor_modules(self._modules[self.family.experts]):
                     factors._apply(fn)
         return super()._apply(fn, recurse=False)

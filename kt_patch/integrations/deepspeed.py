@@ -187,6 +187,8 @@ def _engine_init(original, engine, args, kwargs):
     if not layers:
         return original(*bound.args, **bound.kwargs)
     _refuse_unsupported(model, config if isinstance(config, dict) else {}, engine)
+    for layer in layers:  # the companion optimizer below steps them in host memory
+        layer.keep_expert_lora_on_host()
 
     expert_params = {}  # id -> (name, param), every parameter of every routed-experts module
     for layer_name, layer in model.named_modules():
