@@ -2,8 +2,11 @@
 
 Per layer and per step a :class:`TierPlan` puts every expert on one tier. The CPU kernel is submitted first with the
 accelerator's slots marked as skipped (expert id -1); the accelerator computes its experts meanwhile; the outputs are
-summed. Gradients (dx, routing weights, the expert-LoRA factors) mean the same on both tiers: the accelerator's are
-added to the kernel's in the same fp32 buffers, which autograd adds into the PEFT parameters' ``.grad``.
+summed. Gradients (dx, routing weights, the expert-LoRA factors) mean the same on both tiers and are summed in fp32,
+which autograd adds into the PEFT parameters' ``.grad``. The expert-LoRA factors live with the model (on the
+accelerator, where the optimizer steps them, unless something keeps them in host memory): the accelerator uses them in
+place, the CPU kernel reads host copies made once per step (:meth:`AcceleratorTier.host_lora`), and its gradients are
+added to the accelerator's on the device.
 
 Weights on the accelerator are either *resident* (unpacked onto the device once, within the ``gpu_expert_budget``)
 or *streamed*: the rows of the kernel's own packed buffers (:meth:`ExpertKernel.packed_weights`, registered as pinned
@@ -13,16 +16,20 @@ the previous layer's during a backward, so the link works while both sides compu
 for its backward, which fetches the weights again and recomputes the accelerator's experts under autograd; a
 checkpointed layer's recompute, whose backward follows at once, records its computation for it.
 
-A streamed layer's plan is chosen before the step's routing is known, so that it can be fetched ahead: from the rows
-each expert had in the layer's past steps (averaged, recent steps weighing more); a resident layer, and any layer's
-first step, plans from the routing at hand. Any plan is correct: it only decides who computes what. The busiest
-experts go to the accelerator (most rows per byte streamed): a forced ``accelerator_fraction`` of them, or as many as
-make the layer's step shortest by the sides' measured times per step (:class:`_Cost`): the CPU's by experts and rows,
-the accelerator's by a fixed part and rows, the link's by streamed experts, each summed over the step's forward,
-recompute and backward. The two sides of a layer are on its critical path, after the layer's non-expert part (the
-next layer waits for their sum), while the link overlaps all of it (a layer is fetched while the one before it
-computes): a layer's step costs ``max(rest + max(cpu, accelerator), link)``, with ``rest`` its non-expert time measured
-on the device's queue between the expert parts of consecutive layers (:class:`_Gaps`).
+A streamed layer's plan is chosen before the step's routing is known, so that it can be fetched ahead: experts ordered
+by the rows they had in the layer's past steps (averaged, recent steps weighing more), each place in that order costed
+by the rows that place got in the past steps planned so (routing moves: the busiest experts of the past need not be
+the next step's); a resident layer, and any layer's first step, plans from the routing at hand. Any plan is correct:
+it only decides who computes what. The busiest experts go to the accelerator (most rows per byte streamed): a forced
+``accelerator_fraction`` of them, or as many as make the layer's step shortest by the sides' measured times per step
+(:class:`_Cost`): the CPU's by experts and rows, the accelerator's by a fixed part and rows, the link's by streamed
+experts. The two sides of a layer are on its critical path, after the layer's non-expert part (the next layer waits
+for their sum), while the link overlaps all of it (a layer is fetched while the one before it computes), in each
+pass: a layer's step costs ``max(rest + max(cpu, accelerator), link)`` for its forward plus the same for its backward
+(the recompute included), each side's time split between the two passes as measured, with ``rest`` the layer's
+non-expert time measured on the device's queue between the expert parts of consecutive layers (:class:`_Gaps`). A
+split that calls the CPU kernel also pays what the sides' times do not explain (:attr:`_Rates.split_overhead`: the host
+waiting for copies and for the kernel while the device's queue runs dry).
 """
 from __future__ import annotations
 
@@ -39,8 +46,8 @@ from .kernel import ExpertKernel, ExpertLora, _gate_then_up
 logger = logging.getLogger("kt_patch")
 _MATRICES = ("gate", "up", "down")
 _SIDES = ("cpu", "accelerator", "link", "rest")
-# a split that gives the CPU kernel experts must promise this share of the layer's step over the accelerator alone:
-# the CPU's part also costs host copies of the tokens and of dy and a wait for them, which the fits do not see
+# a split that gives the CPU kernel experts must promise this share of the layer's step over the accelerator alone
+# (beyond its measured overhead, :attr:`_Rates.split_overhead`): the measurements are noisy
 _CPU_SPLIT_GAIN = 0.05
 # a streamed layer holds at most: its own weights (recorded for a backward), the next layer's fetched ahead, and one
 # layer's packed rows on their way to being unpacked
@@ -260,7 +267,8 @@ class _Window:
     streamed: bool = False
     # per side, (pass, seconds or _Timer) of each measurement, the pass being 0 for a forward and 1 for a recompute or
     # a backward; "rest" is the non-expert work before each of the layer's expert parts
-    parts: dict = dataclasses.field(default_factory=lambda: {side: [] for side in _SIDES})
+    # "span": each expert part on the device's queue, from its start to its output (or dx) queued
+    parts: dict = dataclasses.field(default_factory=lambda: {side: [] for side in (*_SIDES, "span")})
 
     def seconds(self) -> dict[str, tuple[float, float]]:
         """Per side, the seconds of the forward pass and of the backward pass."""
@@ -367,6 +375,10 @@ class _Rates:
         # each side's share of its step time in the backward pass (a recompute included), averaged likewise: the
         # CPU's backward costs about twice its forward, the link fetches once per pass
         self.backward_share = dict.fromkeys(_SIDES, 0.5)
+        # what a step with experts in the CPU kernel took beyond what its sides' measured times explain, averaged
+        # likewise: the host waits for the tokens and dy to be copied to it (the device's queue runs dry meanwhile)
+        # and for the kernel's result, and a partial plan groups its rows with a sync
+        self.split_overhead = 0.0
 
     @property
     def known(self) -> bool:
@@ -378,12 +390,17 @@ class _Rates:
         if self.steps == 1:
             return  # the first step warms up (CUDA context, kernels loaded, allocator growing)
         seconds = {side: forward + backward for side, (forward, backward) in passes.items()}
-        for side, (_, backward) in passes.items():
+        for side in _SIDES:
             if seconds[side] > 0:
-                share = backward / seconds[side]
+                share = passes[side][1] / seconds[side]
                 self.backward_share[side] = share if self.steps == 2 else (self.backward_share[side] + share) / 2
         if seconds["rest"] > 0:  # else no expert part ran after another's in the step
             self.rest = seconds["rest"] if self.rest == 0 else (self.rest + seconds["rest"]) / 2
+        if seconds["cpu"] > 0 and seconds["span"] > 0:
+            explained = sum(max(passes["rest"][p] + max(passes["cpu"][p], passes["accelerator"][p]), passes["link"][p])
+                            for p in (0, 1))
+            overhead = max(seconds["span"] + seconds["rest"] - explained, 0.0)
+            self.split_overhead = (self.split_overhead + overhead) / 2 if self.split_overhead else overhead
         counts, on = window.counts.get(), window.plan.mask(torch.device("cpu"))
         accelerator_rows, accelerator_experts = int(counts[on].sum()), int((counts[on] > 0).sum())
         cpu_experts, cpu_rows = int((counts > 0).sum()) - accelerator_experts, int(counts.sum()) - accelerator_rows
@@ -534,6 +551,7 @@ class AcceleratorTier:
         self._steps = 0  # steps planned
         self._step_start = _step_starts.setdefault(device, _StepStart(device)) if device.type == "cuda" else None
         self._host_lora = None  # (step, the factors' ids, their host copies) for the CPU kernel
+        self._span: _Timer | None = None  # since the expert part under way started
 
     @property
     def tier_name(self) -> str:
@@ -634,6 +652,7 @@ class AcceleratorTier:
             cost = cost + torch.maximum(
                 rates.rest * part["rest"] + torch.maximum(cpu * part["cpu"], accelerator * part["accelerator"]),
                 link * part["link"])
+        cost = cost + rates.split_overhead * (n < n[-1]).double()  # the kernel is called unless n is every expert
         chosen = int(torch.argmin(cost))
         if cost[chosen] > (1 - _CPU_SPLIT_GAIN) * cost[-1]:
             chosen = n.numel() - 1
@@ -670,9 +689,13 @@ class AcceleratorTier:
         gap = self._gaps.close(backward, self._position)
         if gap is not None:
             self._window.parts["rest"].append((backward, gap))
+        self._span = self._compute_timer()
 
     def end_experts(self, backward: bool) -> None:
         """This layer's expert part of a pass ended (its output, or dx, is queued)."""
+        if self._span is not None:
+            self._window.parts["span"].append((backward, self._span.stop()))
+            self._span = None
         self._gaps.open(self._compute_timer(), backward, self._position)
 
     def record_cpu_time(self, seconds: float, backward: bool) -> None:

@@ -179,6 +179,35 @@ def test_the_link_overlaps_each_pass_so_the_cpu_is_costed_by_the_pass_it_works_i
     assert len(experts) == 3 and {2, 5} < set(experts)
 
 
+def test_a_split_pays_the_time_its_measured_sides_do_not_explain():
+    """A step with experts in the CPU kernel took longer on the device's queue than its sides' measured times explain
+    (the host waited for copies and for the kernel meanwhile): that overhead is charged to every split that calls the
+    kernel, so one that gained less goes back to the accelerator alone."""
+    weights, _, _ = random_layer(8, 32, 16, 0, 0, torch.float32, seed("overhead"))
+    kernel = ExpertKernel(*weights, threads=1)
+    ids = torch.tensor([[5, 2], [5, 2], [5, 1], [5, 7], [2, 0]])  # rows 4, 3, 1, 1, 1, 0, 0, 0
+    tier = AcceleratorTier(kernel, CPU, executor="hybrid", budget=budget_of(kernel, 3.5), accelerator_fraction=None)
+    rates = tier.rates
+
+    def fits():
+        for cost, per_unit, per_row in ((rates.cpu, 0.0, 1.0), (rates.accelerator, 0.0, 0.0), (rates.link, 1.0, 0.0)):
+            cost.per_unit, cost.per_row = per_unit, per_row
+        rates.scale = {"cpu": 1.0, "accelerator": 1.0, "link": 1.0}
+        rates.backward_share = dict.fromkeys(rates.backward_share, 0.5)
+
+    fits()
+    assert tier.plan(ids, first_forward=True).experts == (2, 5)  # 3 s of CPU against 2 s of link, 8 s for all
+    rates.steps = 1  # past the warm-up step: the next window is measured
+    tier._window.parts.update(cpu=[(False, 1.0), (True, 2.0)], link=[(False, 1.0), (True, 1.0)],
+                              rest=[(False, 0.5), (True, 0.5)], span=[(False, 3.0), (True, 5.5)])
+    tier._close_window()
+    # explained: max(0.5 + 1, 1) + max(0.5 + 2, 1) = 4 s; taken: 8.5 s of expert parts and 1 s of the rest
+    assert rates.split_overhead == pytest.approx(5.5)
+    fits()
+    rates.rest = 0.0
+    assert tier.plan(ids, first_forward=True).everything  # 3 + 5.5 s (or more for fewer experts) against 8
+
+
 def test_a_streamed_plan_is_costed_by_the_rows_its_places_got_not_by_past_popularity():
     """Routing that moves between steps: the experts busiest in a streamed layer's past need not be busy next. Its
     plan (chosen before its routing is known) orders the experts by past rows, but costs each place in that order by
