@@ -767,8 +767,8 @@ class AcceleratorTier:
         forward, recompute and backward share one copy; factors already on the device are laid out anew at every
         call (cheap there, and right after an optimizer that writes ``.data`` without bumping the version)."""
         on_device = all(t.device == self.device for _, f in lora.items() for t in (f.A, f.B))
-        key = tuple((id(t), t._version) for _, f in lora.items() for t in (f.A, f.B))
-        if not on_device and self._factors is not None and self._factors[0] == key:
+        key = None if on_device else tuple((id(t), t._version) for _, f in lora.items() for t in (f.A, f.B))
+        if key is not None and self._factors is not None and self._factors[0] == key:
             return self._factors[1]
         E, out = self.kernel.num_experts, {}
         for which, factors in lora.items():
@@ -778,7 +778,7 @@ class AcceleratorTier:
             B = B.view(B.shape[0], rank, E).permute(2, 0, 1)
             B = _gate_then_up(B, 1) if which == "gate_up" and self.spec.interleaved else B
             out[f"{which}_A"], out[f"{which}_B"] = A, B.contiguous()  # the grouped GEMM's layout
-        self._factors = None if on_device else (key, out)
+        self._factors = None if key is None else (key, out)
         return out
 
     def _lora_of_groups(self, lora: ExpertLora, groups: _Groups) -> dict[str, torch.Tensor]:

@@ -5,10 +5,10 @@ placeholders (one element expanded to the weights' shape; the values live in the
 broadcast cannot write into, and PEFT's expert-LoRA factors, which stay in host memory for the kernel while DDP
 wants every parameter it handles on one device type (and NCCL reduces no host memory). So DDP is told to ignore
 every host parameter of the routed experts, through its ``_set_params_and_buffers_to_ignore_for_model``, keeping
-names the caller gave it (factors on the model's device, with ``executor='accelerator'``, are DDP's own). Here, on a
-gloo group of their own over DDP's ranks, the trainable ones are broadcast from rank 0 once and their gradients are
-averaged at the end of every backward, as DDP would do. Averaging the accumulated gradient on every backward (also
-under ``no_sync``) gives the same sum, since after the first average every rank holds the same value.
+names the caller gave it (factors on the model's device, where they go unless kept on the host, are DDP's own).
+Here, on a gloo group of their own over DDP's ranks, the trainable ones are broadcast from rank 0 once and their
+gradients are averaged at the end of every backward, as DDP would do. Averaging the accumulated gradient on every
+backward (also under ``no_sync``) gives the same sum, since after the first average every rank holds the same value.
 
 The frozen expert weights are not compared across ranks: every rank must load the same ones (``from_pretrained``
 does). Several local ranks map one host copy of them (:mod:`kt_patch.shared_weights`).
