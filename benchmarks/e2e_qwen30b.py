@@ -67,7 +67,7 @@ def main():
     ap.add_argument("--accelerator-fraction", type=float, default=None, help="force this share of each layer's "
                     "busiest experts onto the GPU (default: balanced on measured rates)")
     ap.add_argument("--baselines", default=None, metavar="DIR",
-                    help="folder with fsdp2_offload_gpu.py and hf_baseline_gpu.py: run them after kt_patch, each in "
+                    help="folder with fsdp2_offload_gpu.py and hf_baseline_gpu.py: run them before kt_patch, each in "
                          "its own process on the same model, and print one table with ratios")
     ap.add_argument("--profile", default=None, metavar="TRACE",
                     help="profile one more step, not counted, with torch.profiler: a Chrome trace to this file "
@@ -78,6 +78,8 @@ def main():
     args = ap.parse_args()
     if args.steps < 2:
         ap.error("--steps must be at least 2 (the first step is warm-up)")
+    # the baselines first, while this process holds none of the host and GPU memory its own run takes
+    baselines = run_baselines(args) if args.baselines else None
     kt_patch.enable(executor=args.executor, gpu_expert_budget=args.gpu_expert_budget,
                     accelerator_fraction=args.accelerator_fraction)
     if args.planner_log:
@@ -108,8 +110,8 @@ def main():
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"] + (
         ["gate_proj", "up_proj", "down_proj"] if args.experts_lora else [])
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
-    # everything but the routed experts (and their LoRA factors unless executor='accelerator'), after the adapter
-    # is added, as Trainer and accelerate move a model
+    # everything but the routed experts (their LoRA factors too unless executor='cpu'), after the adapter is added,
+    # as Trainer and accelerate move a model
     model.to(device)
     if args.gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -190,10 +192,8 @@ def main():
         busiest = max(sum(step[side] for step in result["tier_busy_s"]) for side in ("cpu", "accelerator", "link"))
         result["step_over_busier_tier"] = round(mean(step_s) / (busiest / len(result["tier_busy_s"])), 3)
     print(json.dumps(result))
-    if args.baselines:
-        del model, optimizer, trainable
-        torch.cuda.empty_cache() if device.type == "cuda" else None
-        result["baselines"] = run_baselines(args)
+    if baselines is not None:
+        result["baselines"] = baselines
         print_table(result)
     if args.json:
         with open(args.json, "w") as f:
@@ -222,7 +222,7 @@ def record_planner_inputs(path: str) -> None:
 
 
 def run_baselines(args) -> dict:
-    """FSDP2 CPU offload and all-GPU HF+PEFT on the same model shape, each in its own process; their JSON lines."""
+    """FSDP2 CPU offload and all-GPU HF+PEFT on the same model shape, each in its own process; their results."""
     common = ["--layers", str(args.layers), "--qlen", str(args.qlen), "--steps", str(args.steps),
               "--experts-lora", str(args.experts_lora)]
     commands = {
@@ -246,7 +246,7 @@ def print_table(result: dict) -> None:
     for name, row in rows:
         tok_s = row.get("tok_s")
         ratio = f"{result['tok_s'] / tok_s:.2f}x" if tok_s else "-"
-        print(f"{name:24s} {tok_s or 'failed':>8} {row.get('peak_gib', '-'):>9} {ratio:>14s}")
+        print(f"{name:24s} {tok_s or 'failed':>8} {row.get('peak_gib') or '-':>9} {ratio:>14s}")
 
 
 if __name__ == "__main__":

@@ -445,7 +445,9 @@ class _Prefetcher:
 
     def __init__(self, device: torch.device):
         self._order: list[weakref.ref] = []
-        self._ahead = None  # (tier, plan, weights, ready event)
+        # (tier, plan, weights, ready event), the tier held weakly like those of _order: a model deleted meanwhile
+        # frees its kernels' memory
+        self._ahead = None
         # one stream for every fetch of the device: the link serves them in order, and their buffers come from one
         # pool of the caching allocator (which keeps a pool per stream)
         self.copy_stream = torch.cuda.Stream(device)
@@ -467,17 +469,20 @@ class _Prefetcher:
             return
         target = following[0]
         plan = target.step_plan if backward else target.upcoming_plan()
-        if plan is None or not plan.any or (self._ahead is not None and self._ahead[:2] == (target, plan)):
+        if plan is None or not plan.any or self._fetched(target, plan):
             return
         self._ahead = None  # one layer ahead at most: an unused fetch is dropped
         try:
-            self._ahead = (target, plan, *target.fetch(plan, backward))
+            self._ahead = (weakref.ref(target), plan, *target.fetch(plan, backward))
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()  # the layer is fetched when it runs instead
 
+    def _fetched(self, tier: "AcceleratorTier", plan: TierPlan) -> bool:
+        return self._ahead is not None and self._ahead[0]() is tier and self._ahead[1] == plan
+
     def take(self, tier: "AcceleratorTier", plan: TierPlan):
         """The weights fetched ahead for ``tier``'s ``plan`` (the caller's stream waits for them), or None."""
-        if self._ahead is None or self._ahead[0] is not tier:
+        if self._ahead is None or self._ahead[0]() is not tier:
             return None
         _, ahead_plan, weights, ready = self._ahead
         self._ahead = None
