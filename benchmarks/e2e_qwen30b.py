@@ -66,6 +66,8 @@ def main():
     ap.add_argument("--gpu-expert-budget", default="auto", help="GiB for resident experts and stream buffers")
     ap.add_argument("--accelerator-fraction", type=float, default=None, help="force this share of each layer's "
                     "busiest experts onto the GPU (default: balanced on measured rates)")
+    ap.add_argument("--expert-lora-placement", default="model", help="kt_patch option: model or host (the expert-LoRA "
+                    "factors and their optimizer state out of GPU memory)")
     ap.add_argument("--baselines", default=None, metavar="DIR",
                     help="folder with fsdp2_offload_gpu.py and hf_baseline_gpu.py: run them before kt_patch, each in "
                          "its own process on the same model, and print one table with ratios")
@@ -81,7 +83,7 @@ def main():
     # the baselines first, while this process holds none of the host and GPU memory its own run takes
     baselines = run_baselines(args) if args.baselines else None
     kt_patch.enable(executor=args.executor, gpu_expert_budget=args.gpu_expert_budget,
-                    accelerator_fraction=args.accelerator_fraction)
+                    accelerator_fraction=args.accelerator_fraction, expert_lora_placement=args.expert_lora_placement)
     if args.planner_log:
         handler = logging.FileHandler(args.planner_log, mode="w")
         handler.setLevel(logging.DEBUG)
@@ -170,6 +172,7 @@ def main():
     result = {
         "layers": args.layers, "qlen": args.qlen, "executor": args.executor,
         "gpu_expert_budget": args.gpu_expert_budget, "accelerator_fraction": args.accelerator_fraction,
+        "expert_lora_placement": args.expert_lora_placement,
         "experts_lora": args.experts_lora, "gc": args.gc,
         "trainable": sum(p.numel() for p in trainable), "build_s": round(build_s, 1),
         "step_s": [round(s, 3) for s in step_s], "forward_backward_optimizer_s": parts_s,

@@ -123,7 +123,7 @@ class KtMoeLayer(nn.Module):
     def __init__(self, block: nn.Module, family: MoeFamily, kernel: ExpertKernel, *, checkpoint_policy: str,
                  executor: str = "cpu", gpu_budget: GpuExpertBudget | None = None,
                  shared_rates: SharedRates | None = None, accelerator_fraction: float | None = None,
-                 lora_experts: LoraExperts | None = None):
+                 expert_lora_on_host: bool = False, lora_experts: LoraExperts | None = None):
         super().__init__()
         for name, child in block._modules.items():
             self.add_module(name, child)
@@ -137,7 +137,7 @@ class KtMoeLayer(nn.Module):
         self.checkpoint_policy = checkpoint_policy
         self.executor, self.accelerator_fraction = executor, accelerator_fraction
         # the expert-LoRA factors stay in host memory (else they go with the model, :meth:`_apply`)
-        self._expert_lora_on_host = executor == "cpu"
+        self._expert_lora_on_host = executor == "cpu" or expert_lora_on_host
         self._gpu_budget = gpu_budget or GpuExpertBudget("auto")
         self._shared_rates = shared_rates
         if executor != "cpu":
@@ -276,7 +276,8 @@ class KtMoeLayer(nn.Module):
                 raise RuntimeError(
                     f"kt_patch: {self.kernel.name}: expert LoRA factors must be in host memory"
                     + (f" or on the model's device ({device})" if on_device_allowed
-                       else f" (they are kept there: executor={self.executor!r}, or an integration steps them there)")
+                       else " (they are kept there: executor='cpu', expert_lora_placement='host', or an integration"
+                            " steps them there)")
                     + f"; something moved them to {factor_device}")
         if on_device_allowed and device.type != "cpu" and torch.device("cpu") in devices \
                 and not _hinted_factors_on_host.is_set():

@@ -22,6 +22,7 @@ BACKWARD_WEIGHTS = ("transpose", "copy")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 EXECUTORS = ("auto", "cpu", "accelerator", "hybrid")
 SHARE_WEIGHTS = ("auto", "off")
+EXPERT_LORA_PLACEMENTS = ("model", "host")
 MAX_THREADS = 4096  # a pool size no host reaches; larger values are typos, and the pool would try to start them all
 # KT_* variables that are not options: kt_patch's switch, the benchmarks' kernel-profile switch, and those of
 # KTransformers' kt-kernel, which the benchmark runs beside kt_patch in one environment.
@@ -63,6 +64,7 @@ class Options:
     executor: str = "auto"
     gpu_expert_budget: Any = "auto"  # "auto" or GiB (a number >= 0)
     accelerator_fraction: Any = None  # None, or the fraction of each layer's experts forced onto the accelerator
+    expert_lora_placement: str = "model"  # model: the expert-LoRA factors go with the model (not for executor cpu)
     share_weights: str = "auto"  # auto: one copy of the packed experts per host (shared memory) under several local ranks
     peer_timeout: Any = 1800  # seconds kt_patch waits for another rank (shared segment, expert-LoRA averaging)
 
@@ -83,6 +85,7 @@ class Options:
             _check_number(self, "gpu_expert_budget", 0.0, float("inf"), "'auto' or a number of GiB >= 0")
         if self.accelerator_fraction is not None:
             _check_number(self, "accelerator_fraction", 0.0, 1.0, "a number in [0, 1] (or unset)")
+        _check_choice(self, "expert_lora_placement", EXPERT_LORA_PLACEMENTS)
         _check_choice(self, "share_weights", SHARE_WEIGHTS)
         _check_number(self, "peer_timeout", 1e-3, float("inf"), "a number of seconds > 0")
         object.__setattr__(self, "architectures", _architectures(self.architectures))

@@ -96,6 +96,7 @@ def _replace_blocks(model, blocks, options: Options) -> PatchSummary:
                 layer = KtMoeLayer(block, family, kernel, checkpoint_policy=options.checkpoint_policy,
                                    executor=options.executor, gpu_budget=gpu_budget, shared_rates=shared_rates,
                                    accelerator_fraction=options.accelerator_fraction,
+                                   expert_lora_on_host=options.expert_lora_placement == "host",
                                    lora_experts=_lora_experts(block, family, kernel, options))
             frozen = [p for p in experts.parameters() if p.requires_grad]
             swapped.append((parent, child_name, block, layer, frozen))

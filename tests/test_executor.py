@@ -350,8 +350,8 @@ def test_whole_model_trains_as_unpatched(mode, policy, executor):
 
 def test_expert_lora_factors_go_with_the_model_unless_the_executor_is_cpu():
     """Unless executor='cpu', .to() moves the expert-LoRA factors with the model (here to the meta device), where the
-    accelerator tiers use them (the CPU kernel reads host copies); with executor='cpu', or once an integration keeps
-    them on the host, they stay in host memory. A factor moved elsewhere anyway is a clear error at the forward. (An
+    accelerator tiers use them (the CPU kernel reads host copies); with executor='cpu', expert_lora_placement='host',
+    or once an integration keeps them on the host, they stay in host memory. A factor moved elsewhere anyway is a clear error at the forward. (An
     adapter added to a model on a GPU gets them there: test_executor_cuda.py; one whose layers are on the meta
     device, as accelerate's offloading leaves them, has no values to put them beside.)"""
     from peft import get_peft_model
@@ -381,20 +381,23 @@ def test_expert_lora_factors_go_with_the_model_unless_the_executor_is_cpu():
         finally:
             kt_patch.disable()
         assert all(moved.get_parameter(name).device.type == "cpu" for name in names)
-    kept = tiny_models.build("qwen3_moe", seed=4)  # as the DeepSpeed integration does: kept in host memory
-    patch_model(kept, resolve({"threads": 2, "executor": "accelerator"}))
-    kept = get_peft_model(kept, tiny_models.lora_config("qwen3_moe"))
-    for layer in kept.modules():
-        if isinstance(layer, KtMoeLayer):
-            layer.keep_expert_lora_on_host()
-    kept.to("meta")
-    assert all(kept.get_parameter(name).device.type == "cpu" for name in names)
+    # kept in host memory by the option, or as the DeepSpeed integration keeps them
+    for placement, keep in (("host", False), ("model", True)):
+        kept = tiny_models.build("qwen3_moe", seed=4)
+        patch_model(kept, resolve({"threads": 2, "executor": "accelerator", "expert_lora_placement": placement}))
+        kept = get_peft_model(kept, tiny_models.lora_config("qwen3_moe"))
+        for layer in kept.modules():
+            if keep and isinstance(layer, KtMoeLayer):
+                layer.keep_expert_lora_on_host()
+        kept.to("meta")
+        assert all(kept.get_parameter(name).device.type == "cpu" for name in names), placement
 
 
 def test_bad_executor_options_are_clear_errors():
     for bad, message in (({"executor": "gpu"}, "'executor' must be one of auto, cpu, accelerator, hybrid"),
                          ({"accelerator_fraction": 1.5}, "'accelerator_fraction' must be a number in \\[0, 1\\]"),
-                         ({"gpu_expert_budget": "lots"}, "'gpu_expert_budget' must be 'auto' or a number")):
+                         ({"gpu_expert_budget": "lots"}, "'gpu_expert_budget' must be 'auto' or a number"),
+                         ({"expert_lora_placement": "gpu"}, "'expert_lora_placement' must be one of model, host")):
         with pytest.raises(OptionError, match=message):
             resolve(bad)
     weights, _, _ = random_layer(4, 32, 16, 0, 0, torch.float32, seed("budget"))
