@@ -266,8 +266,8 @@ class _Window:
     counts: _OnHost | None = None
     streamed: bool = False
     # per side, (pass, seconds or _Timer) of each measurement, the pass being 0 for a forward and 1 for a recompute or
-    # a backward; "rest" is the non-expert work before each of the layer's expert parts
-    # "span": each expert part on the device's queue, from its start to its output (or dx) queued
+    # a backward; "rest" is the non-expert work before each of the layer's expert parts, "span" each expert part on
+    # the device's queue, from its start to its output (or dx) queued
     parts: dict = dataclasses.field(default_factory=lambda: {side: [] for side in (*_SIDES, "span")})
 
     def seconds(self) -> dict[str, tuple[float, float]]:
