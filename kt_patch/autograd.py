@@ -79,7 +79,7 @@ class _ExpertFunction(torch.autograd.Function):
             y, kctx = kept
         else:
             y, kctx = pending.wait()
-            if tiers is not None:
+            if plan.accelerator is not None:  # also where its plan gives the accelerator no expert
                 plan.accelerator.record_cpu_time(pending.run_seconds, backward=plan.phase is Phase.RECOMPUTE)
             plan.ran_kernel()
         out = accelerated.to(x_meta[1]) if y is None else y.to(*x_meta, non_blocking=True)
@@ -134,7 +134,7 @@ class _ExpertFunction(torch.autograd.Function):
         if ctx.on_cpu:
             dx, dw = pending.wait()
             dx, dw = dx.to(*ctx.x_meta, non_blocking=True), dw.to(*ctx.w_meta, non_blocking=True)
-            if ctx.tiers is not None:
+            if ctx.accelerator is not None:
                 ctx.accelerator.record_cpu_time(pending.run_seconds, backward=True)
         if accelerated is not None:
             dx_accelerator, dw_accelerator, lora_grads = accelerated

@@ -244,14 +244,17 @@ class _StepStart:
         self.event: torch.cuda.Event | None = None
         self.stream = torch.cuda.Stream(device)
         self._planned: set[int] = set()  # positions of the layers planned since the event
+        self._known: set[int] = set()  # positions of the layers ever planned
 
     def planned(self, position: int) -> None:
-        """A layer at ``position`` plans a new step: a layer planned again starts the next step."""
-        if self.event is None or position in self._planned:
+        """A layer at ``position`` plans a new step: a layer planned again starts the next step, and so may one never
+        planned before (a layer made anew after an optimizer step, another model's)."""
+        if position in self._planned or position not in self._known:
             self.event = torch.cuda.Event()
             self.event.record(torch.cuda.current_stream(self.device))
             self._planned = set()
         self._planned.add(position)
+        self._known.add(position)
 
 
 _step_starts: dict[torch.device, _StepStart] = {}
@@ -375,14 +378,22 @@ class _Rates:
         # each side's share of its step time in the backward pass (a recompute included), averaged likewise: the
         # CPU's backward costs about twice its forward, the link fetches once per pass
         self.backward_share = dict.fromkeys(_SIDES, 0.5)
-        # what a step with experts in the CPU kernel took beyond what its sides' measured times explain, averaged
-        # likewise: the host waits for the tokens and dy to be copied to it (the device's queue runs dry meanwhile)
-        # and for the kernel's result, and a partial plan groups its rows with a sync
-        self.split_overhead = 0.0
+        # what the last steps with experts in the CPU kernel took beyond what their sides' measured times explain: the
+        # host waits for the tokens and dy to be copied to it (the device's queue runs dry meanwhile) and for the
+        # kernel's result, and a partial plan groups its rows with a sync
+        self._overheads: list[float] = []
+
+    OVERHEAD_STEPS = 3  # the overhead is the median of this many last measurements (one stalled step is not it)
+    OVERHEAD_FADE = 0.9  # per step without a measurement
 
     @property
     def known(self) -> bool:
         return self.cpu.known and self.accelerator.known
+
+    @property
+    def split_overhead(self) -> float:
+        """Seconds per step that a split calling the CPU kernel costs beyond its sides' times (0 before measured)."""
+        return sorted(self._overheads)[(len(self._overheads) - 1) // 2] if self._overheads else 0.0
 
     def add(self, passes: dict[str, tuple[float, float]], window: _Window) -> None:
         """One step's measurements: per side, the seconds of its forward and of its backward pass."""
@@ -399,8 +410,10 @@ class _Rates:
         if seconds["cpu"] > 0 and seconds["span"] > 0:
             explained = sum(max(passes["rest"][p] + max(passes["cpu"][p], passes["accelerator"][p]), passes["link"][p])
                             for p in (0, 1))
-            overhead = max(seconds["span"] + seconds["rest"] - explained, 0.0)
-            self.split_overhead = (self.split_overhead + overhead) / 2 if self.split_overhead else overhead
+            self._overheads = [*self._overheads[-(self.OVERHEAD_STEPS - 1):],
+                               max(seconds["span"] + seconds["rest"] - explained, 0.0)]
+        else:  # not measured while the CPU kernel has nothing: fades, so that a split is measured again in time
+            self._overheads = [overhead * self.OVERHEAD_FADE for overhead in self._overheads]
         counts, on = window.counts.get(), window.plan.mask(torch.device("cpu"))
         accelerator_rows, accelerator_experts = int(counts[on].sum()), int((counts[on] > 0).sum())
         cpu_experts, cpu_rows = int((counts > 0).sum()) - accelerator_experts, int(counts.sum()) - accelerator_rows
@@ -445,8 +458,7 @@ class _Prefetcher:
 
     def __init__(self, device: torch.device):
         self._order: list[weakref.ref] = []
-        # (tier, plan, weights, ready event), the tier held weakly like those of _order: a model deleted meanwhile
-        # frees its kernels' memory
+        # (tier, plan, weights, ready event): the tier held strongly, since a copy in flight reads its kernel's memory
         self._ahead = None
         # one stream for every fetch of the device: the link serves them in order, and their buffers come from one
         # pool of the caching allocator (which keeps a pool per stream)
@@ -473,16 +485,16 @@ class _Prefetcher:
             return
         self._ahead = None  # one layer ahead at most: an unused fetch is dropped
         try:
-            self._ahead = (weakref.ref(target), plan, *target.fetch(plan, backward))
+            self._ahead = (target, plan, *target.fetch(plan, backward))
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()  # the layer is fetched when it runs instead
 
     def _fetched(self, tier: "AcceleratorTier", plan: TierPlan) -> bool:
-        return self._ahead is not None and self._ahead[0]() is tier and self._ahead[1] == plan
+        return self._ahead is not None and self._ahead[0] is tier and self._ahead[1] == plan
 
     def take(self, tier: "AcceleratorTier", plan: TierPlan):
         """The weights fetched ahead for ``tier``'s ``plan`` (the caller's stream waits for them), or None."""
-        if self._ahead is None or self._ahead[0]() is not tier:
+        if self._ahead is None or self._ahead[0] is not tier:
             return None
         _, ahead_plan, weights, ready = self._ahead
         self._ahead = None
@@ -554,7 +566,9 @@ class AcceleratorTier:
         self._recorded = None  # a recompute's forward under autograd, for the backward that follows it
         self._factors = None  # (versions of the LoRA factors, their device copies)
         self._steps = 0  # steps planned
-        self._step_start = _step_starts.setdefault(device, _StepStart(device)) if device.type == "cuda" else None
+        if device.type == "cuda" and device not in _step_starts:
+            _step_starts[device] = _StepStart(device)
+        self._step_start = _step_starts.get(device)
         self._host_lora = None  # (step, the factors' ids, their host copies) for the CPU kernel
         self._span: _Timer | None = None  # since the expert part under way started
 

@@ -82,15 +82,15 @@ class ExpertLora:
         return [(name, f) for name, f in (("gate_up", self.gate_up), ("down", self.down)) if f is not None]
 
     def on_host(self, non_blocking: bool = False) -> "ExpertLora":
-        """These factors in host memory, as the kernel reads them: themselves, or copies of factors on a device (in
-        a dtype the kernel takes: fp16 factors as fp32). ``non_blocking``: the copies are pinned and queued on the
-        current stream; the caller waits for it before the kernel reads them."""
-        if all(t.device.type == "cpu" for _, f in self.items() for t in (f.A, f.B)):
+        """These factors in host memory, as the kernel reads them: themselves, or copies of factors on a device or in
+        a dtype the kernel does not take (fp16 factors as fp32). ``non_blocking``: the copies of factors on a device
+        are pinned and queued on the current stream; the caller waits for it before the kernel reads them."""
+        if all(t.device.type == "cpu" and t.dtype in _DTYPES for _, f in self.items() for t in (f.A, f.B)):
             return self
 
         def host(t: torch.Tensor) -> torch.Tensor:
             dtype = t.dtype if t.dtype in _DTYPES else torch.float32
-            if non_blocking:
+            if non_blocking and t.device.type != "cpu":
                 return torch.empty(t.shape, dtype=dtype, pin_memory=True).copy_(t.detach(), non_blocking=True)
             return t.detach().to("cpu", dtype).contiguous()
 

@@ -292,7 +292,9 @@ class KtMoeLayer(nn.Module):
         integration that steps them there itself (DeepSpeed's companion optimizer)."""
         self._expert_lora_on_host = True
         for factors in lora_factor_modules(self._modules[self.family.experts]):
-            factors.to("cpu")
+            for adapter in factors.values():  # those not made yet (on the meta device) are left to their loading
+                if not any(p.device.type == "meta" for p in adapter.parameters()):
+                    adapter.to("cpu")
 
     def _apply(self, fn, recurse=True):
         # Routed experts (their placeholders, which the kernel stands behind) stay in host memory whatever

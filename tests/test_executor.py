@@ -206,6 +206,10 @@ def test_a_split_pays_the_time_its_measured_sides_do_not_explain():
     fits()
     rates.rest = 0.0
     assert tier.plan(ids, first_forward=True).everything  # 3 + 5.5 s (or more for fewer experts) against 8
+    # unmeasured while the CPU kernel has nothing, it fades, so that a split is measured again in time
+    tier._window.parts.update(link=[(False, 4.0), (True, 4.0)], span=[(False, 4.0), (True, 4.0)])
+    tier._close_window()
+    assert rates.split_overhead == pytest.approx(5.5 * 0.9)
 
 
 def test_a_streamed_plan_is_costed_by_the_rows_its_places_got_not_by_past_popularity():
@@ -391,6 +395,21 @@ def test_expert_lora_factors_go_with_the_model_unless_the_executor_is_cpu():
                 layer.keep_expert_lora_on_host()
         kept.to("meta")
         assert all(kept.get_parameter(name).device.type == "cpu" for name in names), placement
+
+
+def test_factors_cast_with_the_model_reach_the_kernel_in_a_dtype_it_takes():
+    """.half() after patching casts the expert-LoRA factors with the model (executor='auto' on the host): the kernel
+    gets fp32 copies of them and their gradients come back in fp16, as the factors' own dtype."""
+    from peft import get_peft_model
+
+    model = tiny_models.build("qwen3_moe", seed=6)
+    patch_model(model, resolve({"threads": 2}))
+    model = get_peft_model(model, tiny_models.lora_config("qwen3_moe")).half()
+    ids = torch.randint(3, tiny_models.COMMON["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(6))
+    model(input_ids=ids, labels=ids).loss.backward()
+    factors = [p for name, p in model.named_parameters() if ".experts." in name and "lora_B" in name]
+    assert factors and all(p.dtype == torch.float16 and p.grad.dtype == torch.float16 for p in factors)
+    assert all(bool(torch.isfinite(p.grad).all()) and p.grad.abs().sum() > 0 for p in factors)
 
 
 def test_bad_executor_options_are_clear_errors():
