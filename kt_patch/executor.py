@@ -654,7 +654,9 @@ class AcceleratorTier:
         side was costed by at that split (:attr:`TierPlan.forecast`)."""
         rates = self.rates
         if not rates.known:
-            return (place_rows.numel() + 1) // 2, None  # no measurement yet: half, to measure both sides
+            # no measurement yet: the least busy eighth on the CPU, to measure both sides (the layers of one shape
+            # share the CPU's fit, so a small share each gives it samples enough; a large one costs the first steps)
+            return place_rows.numel() - max(1, place_rows.numel() // 8), None
         zero = torch.zeros(1, dtype=torch.float64)
         rows = torch.cat((zero, torch.cumsum(place_rows.double(), 0)))  # the n busiest experts' rows
         # ...and those with rows (an average of past steps' rows: half a row or more)
