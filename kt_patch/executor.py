@@ -684,9 +684,9 @@ class AcceleratorTier:
         pinned host copies made once per step (an optimizer changes them only between steps), copied after the
         step's start (:class:`_StepStart`), so the copy waits neither for the layers queued since nor for the
         weights being fetched."""
-        if self._step_start is None or all(t.device.type == "cpu" for _, f in lora.items() for t in (f.A, f.B)):
+        if self._step_start is None or all(t.device.type == "cpu" for t in lora.tensors()):
             return lora.on_host()
-        key = (self._steps, tuple(id(t) for _, f in lora.items() for t in (f.A, f.B)))
+        key = (self._steps, tuple(id(t) for t in lora.tensors()))
         if self._host_lora is None or self._host_lora[0] != key:
             start = self._step_start
             start.stream.wait_event(start.event)
@@ -700,7 +700,7 @@ class AcceleratorTier:
         """Keep ``lora``'s host factors in pinned memory, so that their copies to the device do not block. Called
         before the CPU kernel is given them: moving a factor's values replaces its storage."""
         if self.device.type == "cuda":
-            for factor in (t for _, f in lora.items() for t in (f.A, f.B)):
+            for factor in lora.tensors():
                 if factor.device.type == "cpu":
                     _move_to_pinned(factor)
 
@@ -787,8 +787,8 @@ class AcceleratorTier:
         from host memory again only when a factor changed (an optimizer step bumps its version), so a step's
         forward, recompute and backward share one copy; factors already on the device are laid out anew at every
         call (cheap there, and right after an optimizer that writes ``.data`` without bumping the version)."""
-        on_device = all(t.device == self.device for _, f in lora.items() for t in (f.A, f.B))
-        key = None if on_device else tuple((id(t), t._version) for _, f in lora.items() for t in (f.A, f.B))
+        on_device = all(t.device == self.device for t in lora.tensors())
+        key = None if on_device else tuple((id(t), t._version) for t in lora.tensors())
         if key is not None and self._factors is not None and self._factors[0] == key:
             return self._factors[1]
         E, out = self.kernel.num_experts, {}

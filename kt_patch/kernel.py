@@ -81,11 +81,15 @@ class ExpertLora:
         """``(projection, factors)`` for each projection that has LoRA, gate_up first."""
         return [(name, f) for name, f in (("gate_up", self.gate_up), ("down", self.down)) if f is not None]
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every factor tensor, in :meth:`items` order, A before B."""
+        return [t for _, f in self.items() for t in (f.A, f.B)]
+
     def on_host(self, non_blocking: bool = False) -> "ExpertLora":
         """These factors in host memory, as the kernel reads them: themselves, or copies of factors on a device or in
         a dtype the kernel does not take (fp16 factors as fp32). ``non_blocking``: the copies of factors on a device
         are pinned and queued on the current stream; the caller waits for it before the kernel reads them."""
-        if all(t.device.type == "cpu" and t.dtype in _DTYPES for _, f in self.items() for t in (f.A, f.B)):
+        if all(t.device.type == "cpu" and t.dtype in _DTYPES for t in self.tensors()):
             return self
 
         def host(t: torch.Tensor) -> torch.Tensor:
@@ -387,7 +391,7 @@ class ExpertKernel:
 def _factor_storage(lora: ExpertLora) -> tuple:
     """Views of the LoRA factors' current memory, which a job reads through raw pointers: kept alive with the job
     even if a parameter's values are moved meanwhile (``param.data = ...`` frees the old memory)."""
-    return tuple(t.detach() for _, factors in lora.items() for t in (factors.A, factors.B))
+    return tuple(t.detach() for t in lora.tensors())
 
 
 def _empty_host_like(tensor: torch.Tensor) -> torch.Tensor:

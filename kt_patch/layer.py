@@ -269,7 +269,7 @@ class KtMoeLayer(nn.Module):
                 factors[adapter_name].to(device)
 
     def _check_factor_devices(self, lora: ExpertLora, device: torch.device) -> None:
-        devices = {t.device for _, factors in lora.items() for t in (factors.A, factors.B)}
+        devices = {t.device for t in lora.tensors()}
         on_device_allowed = not self._expert_lora_on_host
         for factor_device in devices:
             if factor_device.type != "cpu" and not (on_device_allowed and factor_device == device):
