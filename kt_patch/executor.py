@@ -10,7 +10,8 @@ added to the accelerator's on the device.
 
 Weights on the accelerator are either *resident* (unpacked onto the device once, within the ``gpu_expert_budget``)
 or *streamed*: the rows of the kernel's own packed buffers (:meth:`ExpertKernel.packed_weights`, registered as pinned
-memory in place, so host memory does not grow) are copied and unpacked on a side stream and freed after use. The
+memory in place, so host memory does not grow) are copied on a side stream, unpacked where they are used and freed
+after use. The
 streamed layers of a device are fetched one ahead of use (:class:`_Prefetcher`): the next layer's during a forward,
 the previous layer's during a backward, so the link works while both sides compute. A plain forward keeps nothing
 for its backward, which fetches the weights again and recomputes the accelerator's experts under autograd; a
@@ -458,7 +459,7 @@ class _Prefetcher:
 
     def __init__(self, device: torch.device):
         self._order: list[weakref.ref] = []
-        # (tier, plan, weights, ready event): the tier held strongly, since a copy in flight reads its kernel's memory
+        # (tier, plan, packed rows, ready event): the tier held strongly, since a copy in flight reads its kernel's memory
         self._ahead = None
         # one stream for every fetch of the device: the link serves them in order, and their buffers come from one
         # pool of the caching allocator (which keeps a pool per stream)
@@ -493,14 +494,14 @@ class _Prefetcher:
         return self._ahead is not None and self._ahead[0] is tier and self._ahead[1] == plan
 
     def take(self, tier: "AcceleratorTier", plan: TierPlan):
-        """The weights fetched ahead for ``tier``'s ``plan`` (the caller's stream waits for them), or None."""
+        """The packed rows fetched ahead for ``tier``'s ``plan`` (the caller's stream waits for them), or None."""
         if self._ahead is None or self._ahead[0] is not tier:
             return None
-        _, ahead_plan, weights, ready = self._ahead
+        _, ahead_plan, packed, ready = self._ahead
         self._ahead = None
         if ahead_plan != plan:
             return None
-        return weights, ready
+        return packed, ready
 
 
 _prefetchers: dict[torch.device, _Prefetcher] = {}
@@ -516,6 +517,16 @@ class _Groups:
     slots: torch.Tensor
     group: torch.Tensor
     ends: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class _HostFactors:
+    """Host copies of the device's expert-LoRA factors for the CPU kernel, and what they were copied from."""
+
+    step: int  # the tier's step
+    versions: tuple  # (id, version) of each factor
+    grad_mode: bool  # copied for a forward under autograd
+    lora: ExpertLora
 
 
 class AcceleratorTier:
@@ -569,7 +580,7 @@ class AcceleratorTier:
         if device.type == "cuda" and device not in _step_starts:
             _step_starts[device] = _StepStart(device)
         self._step_start = _step_starts.get(device)
-        self._host_lora = None  # (step, the factors' ids, their host copies) for the CPU kernel
+        self._host_lora: _HostFactors | None = None
         self._span: _Timer | None = None  # since the expert part under way started
 
     @property
@@ -683,18 +694,22 @@ class AcceleratorTier:
         """``lora`` as the CPU kernel reads it: itself where its factors are in host memory; factors on the device as
         pinned host copies made once per step (an optimizer changes them only between steps), copied after the
         step's start (:class:`_StepStart`), so the copy waits neither for the layers queued since nor for the
-        weights being fetched."""
+        weights being fetched. Forwards without autograd (evaluation, generation: each plans a step of its own)
+        share one copy while the factors' versions stay the same."""
         if self._step_start is None or all(t.device.type == "cpu" for t in lora.tensors()):
             return lora.on_host()
-        key = (self._steps, tuple(id(t) for t in lora.tensors()))
-        if self._host_lora is None or self._host_lora[0] != key:
-            start = self._step_start
-            start.stream.wait_event(start.event)
-            with torch.cuda.stream(start.stream):
-                copies = lora.on_host(non_blocking=True)
-            start.stream.synchronize()
-            self._host_lora = (key, copies)
-        return self._host_lora[1]
+        versions = tuple((id(t), t._version) for t in lora.tensors())
+        grad_mode, cached = torch.is_grad_enabled(), self._host_lora
+        if cached is not None and cached.versions == versions and (
+                cached.step == self._steps or not (grad_mode or cached.grad_mode)):
+            return cached.lora
+        start = self._step_start
+        start.stream.wait_event(start.event)
+        with torch.cuda.stream(start.stream):
+            copies = lora.on_host(non_blocking=True)
+        start.stream.synchronize()
+        self._host_lora = _HostFactors(self._steps, versions, grad_mode, copies)
+        return copies
 
     def pin_factors(self, lora: ExpertLora) -> None:
         """Keep ``lora``'s host factors in pinned memory, so that their copies to the device do not block. Called
@@ -726,8 +741,9 @@ class AcceleratorTier:
 
     # ------------------------------------------------------------------------------------------------ weights
     def fetch(self, plan: TierPlan, backward: bool):
-        """Start copying and unpacking ``plan``'s experts on the copy stream, for a forward or (``backward``) a
-        recompute or a backward: ``(weights, ready event)``."""
+        """Start copying ``plan``'s packed rows on the copy stream, for a forward or (``backward``) a recompute or a
+        backward: ``(packed rows by matrix, ready event)``. They are unpacked where they are used
+        (:meth:`_weights`): on the copy stream the unpack would hold back the next layer's copy."""
         stream, packed = self.copy_stream, {}
         timer = _Timer(stream)
         with torch.cuda.stream(stream):
@@ -737,27 +753,29 @@ class AcceleratorTier:
                 for at, first, count in _runs(plan.experts):  # a copy per run of consecutive experts
                     dst[at:at + count].copy_(src[first:first + count], non_blocking=True)
                 packed[name] = dst
-            weights = {name: self.kernel.unpack(packed[name], name) for name in _MATRICES}
             ready = torch.cuda.Event()
             ready.record(stream)
         self._window.parts["link"].append((backward, timer.stop()))
-        return weights, ready
+        return packed, ready
 
-    def _weights(self, plan: TierPlan, backward: bool) -> dict[str, torch.Tensor]:
+    def _weights(self, plan: TierPlan, backward: bool) -> tuple[dict[str, torch.Tensor], _Timer]:
         """[n, N, K] weights of the groups :meth:`_groups` makes: the layer's own (resident), else ``plan``'s (for a
-        forward, or a recompute or backward)."""
+        forward, or a recompute or backward); and a timer of the accelerator's work, started before any unpacking."""
         if self.resident is not None:
-            return self.resident
+            return self.resident, self._compute_timer()
         if self.copy_stream is None:
+            timer = self._compute_timer()
             experts = torch.tensor(plan.experts, dtype=torch.long)
-            return {name: self.kernel.unpack(self.packed[name][experts].to(self.device), name) for name in _MATRICES}
+            return {name: self.kernel.unpack(self.packed[name][experts].to(self.device), name)
+                    for name in _MATRICES}, timer
         ahead = self.prefetcher.take(self, plan)
-        weights, ready = ahead if ahead is not None else self.fetch(plan, backward)
+        packed, ready = ahead if ahead is not None else self.fetch(plan, backward)
         stream = torch.cuda.current_stream(self.device)
         stream.wait_event(ready)
-        for tensor in weights.values():
-            tensor.record_stream(stream)  # made on the copy stream, used and freed on this one
-        return weights
+        timer = self._compute_timer()
+        for tensor in packed.values():
+            tensor.record_stream(stream)  # made on the copy stream, unpacked and freed on this one
+        return {name: self.kernel.unpack(packed[name], name) for name in _MATRICES}, timer
 
     def _group_experts(self, plan: TierPlan) -> torch.Tensor:
         """The expert of each group (on the device): a resident layer groups all its experts (those of the CPU
@@ -855,10 +873,9 @@ class AcceleratorTier:
         self._recorded = None
         try:
             groups = self._groups(ids.to(self.device), plan)  # a partial plan syncs: before waiting on weights
-            weights = self._weights(plan, backward=for_backward)
+            weights, timer = self._weights(plan, backward=for_backward)
             if self.prefetcher is not None:
                 self.prefetcher.fetch_next(self, backward=for_backward)
-            timer = self._compute_timer()
             if for_backward:
                 self._recorded = self._record(x, w, lora, plan, groups, weights)
                 y = self._recorded[-1].detach()
@@ -943,12 +960,13 @@ class AcceleratorTier:
         try:
             if recorded is None or recorded[1].shape != x.shape or recorded[0] != plan:
                 groups = self._groups(ids.to(self.device), plan)
-                weights = self._weights(plan, backward=True)
+                weights, timer = self._weights(plan, backward=True)
                 if self.prefetcher is not None:
                     self.prefetcher.fetch_next(self, backward=True)
                 recorded = self._record(x, w, lora, plan, groups, weights)
+            else:
+                timer = self._compute_timer()
             _, x_leaf, w_leaf, lora_groups, y = recorded
-            timer = self._compute_timer()
             with torch.enable_grad():
                 grads = torch.autograd.grad(y, [x_leaf, w_leaf, *lora_groups.values()],
                                             dy.to(self.device, torch.float32), allow_unused=True)

@@ -67,6 +67,43 @@ def test_every_expert_on_the_gpu_queues_a_step_without_waiting_for_it(resident):
     assert not runs
 
 
+def test_forwards_without_autograd_share_one_host_copy_of_device_factors(monkeypatch):
+    """A split with CPU experts and the expert-LoRA factors on the GPU: forwards without autograd (evaluation,
+    generation) copy the factors to the host once while they are unchanged, and again once a factor changes in place,
+    whose new values the CPU kernel then uses (y as the CPU kernel alone with the new factors, bf16: 1e-2)."""
+    from kt_patch.autograd import expert_forward
+    from kt_patch.kernel import ExpertLora, LoraFactors
+
+    E, H, I, T, k = 32, 256, 128, 200, 4
+    weights, lora_gu, lora_dn = random_layer(E, H, I, 8, 8, torch.bfloat16, RUN_SEED + 20)
+    kernel = ExpertKernel(*weights, threads=2)
+    tier = AcceleratorTier(kernel, torch.device("cuda"), executor="hybrid",
+                           budget=GpuExpertBudget(4.5 * executor.layer_bytes(kernel) / 2**30), accelerator_fraction=0.5)
+    factors = [torch.nn.Parameter(t.clone().cuda()) for t in (*lora_gu[:2], *lora_dn[:2])]
+    lora = ExpertLora(LoraFactors(factors[0], factors[1], lora_gu[2]), LoraFactors(factors[2], factors[3], lora_dn[2]))
+    copies = []  # one entry per call of ExpertLora.on_host that made copies (not the kernel's own check)
+    on_host = ExpertLora.on_host
+
+    def counted(self, **kwargs):
+        result = on_host(self, **kwargs)
+        if result is not self:
+            copies.append(1)
+        return result
+
+    monkeypatch.setattr(ExpertLora, "on_host", counted)
+    for step in range(4):
+        if step == 2:
+            with torch.no_grad():
+                factors[1].mul_(1.5)  # a new version, as an adapter loaded in place
+        x, ids, w, _ = random_batch(T, H, E, k, torch.bfloat16, RUN_SEED + 21 + step)
+        with torch.no_grad():
+            y = expert_forward(kernel, x.cuda(), ids.cuda(), w.cuda(), lora, accelerator=tier).cpu()
+            reference = expert_forward(kernel, x, ids, w, lora.on_host(), accelerator=None)
+        copies.pop()  # the reference's own
+        assert rel_l2(y, reference) <= 1e-2, f"run seed {RUN_SEED}: step {step}"
+        assert len(copies) == (1 if step < 2 else 2), step
+
+
 def test_an_adapter_added_on_the_gpu_keeps_its_expert_factors_there(tmp_path):
     """executor='accelerator': an adapter injected into a model already on the GPU, or loaded into it (also with
     low_cpu_mem_usage, which makes the factors on the meta device first), has its expert-LoRA factors on the GPU,
