@@ -11,9 +11,9 @@ added to the accelerator's on the device.
 Weights on the accelerator are either *resident* (unpacked onto the device once, within the ``gpu_expert_budget``)
 or *streamed*: the rows of the kernel's own packed buffers (:meth:`ExpertKernel.packed_weights`, registered as pinned
 memory in place, so host memory does not grow) are copied on a side stream, unpacked where they are used and freed
-after use. The
-streamed layers of a device are fetched one ahead of use (:class:`_Prefetcher`): the next layer's during a forward,
-the previous layer's during a backward, so the link works while both sides compute. A plain forward keeps nothing
+after use. The streamed layers of a device are fetched one ahead of use (:class:`_Prefetcher`): the next layer's
+during a forward, the previous layer's during a backward, so the link works while both sides compute; at either end of
+the order a layer's rows stay for the pass that starts with it again. A plain forward keeps nothing
 for its backward, which fetches the weights again and recomputes the accelerator's experts under autograd; a
 checkpointed layer's recompute, whose backward follows at once, records its computation for it.
 
@@ -332,7 +332,8 @@ class _Cost:
     def __init__(self, unit_share: float):
         self.unit_share = unit_share
         self.samples: list[tuple[int, int, float]] = []  # (units, rows, seconds)
-        self.layers = 1  # that share it
+        self.layers: weakref.WeakSet = weakref.WeakSet()  # the kernels of the layers that share it (a tier made
+        # anew for the same layer is not another; a layer whose kernel is gone no longer counts)
         self.per_unit = self.per_row = None
 
     @property
@@ -342,7 +343,7 @@ class _Cost:
     def add(self, units: int, rows: int, seconds: float) -> None:
         if not units or seconds <= 0:
             return
-        self.samples = [*self.samples[1 - self.STEPS * self.layers:], (units, rows, seconds)]
+        self.samples = [*self.samples[1 - self.STEPS * max(1, len(self.layers)):], (units, rows, seconds)]
         X = torch.tensor([[u, r] for u, r, _ in self.samples], dtype=torch.float64)
         y = torch.tensor([t for _, _, t in self.samples], dtype=torch.float64)
         fit = None
@@ -440,17 +441,16 @@ class SharedRates:
     def __init__(self):
         self._costs: dict[tuple, _Cost] = {}
 
-    def _cost(self, key: tuple, unit_share: float) -> _Cost:
-        if key not in self._costs:
-            self._costs[key] = _Cost(unit_share)
-        else:
-            self._costs[key].layers += 1
-        return self._costs[key]
+    def _cost(self, key: tuple, unit_share: float, kernel: ExpertKernel) -> _Cost:
+        cost = self._costs.setdefault(key, _Cost(unit_share))
+        cost.layers.add(kernel)
+        return cost
 
     def for_layer(self, kernel: ExpertKernel, device: torch.device, tier: str) -> _Rates:
         shape = (kernel.num_experts, kernel.hidden_size, kernel.intermediate_size, kernel.dtype, kernel.threads)
-        return _Rates(self._cost(("cpu", shape), 0.5), self._cost(("accelerator", device, tier, shape), 1.0),
-                      self._cost(("link", device, shape), 1.0))
+        return _Rates(self._cost(("cpu", shape), 0.5, kernel),
+                      self._cost(("accelerator", device, tier, shape), 1.0, kernel),
+                      self._cost(("link", device, shape), 1.0, kernel))
 
 
 class _Prefetcher:
@@ -470,8 +470,12 @@ class _Prefetcher:
         if not any(ref() is tier for ref in self._order):
             self._order.append(weakref.ref(tier))
 
-    def fetch_next(self, tier: "AcceleratorTier", backward: bool) -> None:
-        """Start fetching the streamed layer that runs after ``tier`` (before it, in a backward), for its plan."""
+    def fetch_next(self, tier: "AcceleratorTier", backward: bool, used: tuple | None = None) -> None:
+        """Start fetching the streamed layer that runs after ``tier`` (before it, in a backward), for its plan. Where
+        there is none, the rows a streamed ``tier`` has just used, ``used`` = (plan, packed rows, ready event), stay
+        as the one ahead: the next pass starts with this layer (the backward after the forward's last streamed
+        layer, the next step's forward after the backward's), and its frozen weights need not cross the link
+        again."""
         tiers = [ref() for ref in self._order]
         if tier not in tiers:
             return
@@ -479,6 +483,8 @@ class _Prefetcher:
         following = [t for t in (reversed(tiers[:at]) if backward else tiers[at + 1:])
                      if t is not None and t.resident is None]
         if not following:
+            if used is not None and self._ahead is None:
+                self._ahead = (tier, *used)
             return
         target = following[0]
         plan = target.step_plan if backward else target.upcoming_plan()
@@ -494,7 +500,8 @@ class _Prefetcher:
         return self._ahead is not None and self._ahead[0] is tier and self._ahead[1] == plan
 
     def take(self, tier: "AcceleratorTier", plan: TierPlan):
-        """The packed rows fetched ahead for ``tier``'s ``plan`` (the caller's stream waits for them), or None."""
+        """The packed rows fetched ahead (or kept) for ``tier``'s ``plan`` (the caller's stream waits for them), or
+        None."""
         if self._ahead is None or self._ahead[0] is not tier:
             return None
         _, ahead_plan, packed, ready = self._ahead
@@ -696,7 +703,7 @@ class AcceleratorTier:
         step's start (:class:`_StepStart`), so the copy waits neither for the layers queued since nor for the
         weights being fetched. Forwards without autograd (evaluation, generation: each plans a step of its own)
         share one copy while the factors' versions stay the same."""
-        if self._step_start is None or all(t.device.type == "cpu" for t in lora.tensors()):
+        if all(t.device.type == "cpu" for t in lora.tensors()):
             return lora.on_host()
         versions = tuple((id(t), t._version) for t in lora.tensors())
         grad_mode, cached = torch.is_grad_enabled(), self._host_lora
@@ -704,10 +711,13 @@ class AcceleratorTier:
                 cached.step == self._steps or not (grad_mode or cached.grad_mode)):
             return cached.lora
         start = self._step_start
-        start.stream.wait_event(start.event)
-        with torch.cuda.stream(start.stream):
-            copies = lora.on_host(non_blocking=True)
-        start.stream.synchronize()
+        if start is None:  # a device without CUDA streams: copied in its queue's order
+            copies = lora.on_host()
+        else:
+            start.stream.wait_event(start.event)
+            with torch.cuda.stream(start.stream):
+                copies = lora.on_host(non_blocking=True)
+            start.stream.synchronize()
         self._host_lora = _HostFactors(self._steps, versions, grad_mode, copies)
         return copies
 
@@ -762,6 +772,8 @@ class AcceleratorTier:
         """[n, N, K] weights of the groups :meth:`_groups` makes: the layer's own (resident), else ``plan``'s (for a
         forward, or a recompute or backward); and a timer of the accelerator's work, started before any unpacking."""
         if self.resident is not None:
+            if self.prefetcher is not None:
+                self.prefetcher.fetch_next(self, backward)
             return self.resident, self._compute_timer()
         if self.copy_stream is None:
             timer = self._compute_timer()
@@ -770,6 +782,7 @@ class AcceleratorTier:
                     for name in _MATRICES}, timer
         ahead = self.prefetcher.take(self, plan)
         packed, ready = ahead if ahead is not None else self.fetch(plan, backward)
+        self.prefetcher.fetch_next(self, backward, used=(plan, packed, ready))
         stream = torch.cuda.current_stream(self.device)
         stream.wait_event(ready)
         timer = self._compute_timer()
@@ -874,8 +887,6 @@ class AcceleratorTier:
         try:
             groups = self._groups(ids.to(self.device), plan)  # a partial plan syncs: before waiting on weights
             weights, timer = self._weights(plan, backward=for_backward)
-            if self.prefetcher is not None:
-                self.prefetcher.fetch_next(self, backward=for_backward)
             if for_backward:
                 self._recorded = self._record(x, w, lora, plan, groups, weights)
                 y = self._recorded[-1].detach()
@@ -961,8 +972,6 @@ class AcceleratorTier:
             if recorded is None or recorded[1].shape != x.shape or recorded[0] != plan:
                 groups = self._groups(ids.to(self.device), plan)
                 weights, timer = self._weights(plan, backward=True)
-                if self.prefetcher is not None:
-                    self.prefetcher.fetch_next(self, backward=True)
                 recorded = self._record(x, w, lora, plan, groups, weights)
             else:
                 timer = self._compute_timer()

@@ -252,6 +252,9 @@ def test_layers_of_one_shape_share_their_step_costs():
     assert streamed_a.rates.link is streamed_b.rates.link
     assert streamed_other.rates.cpu is not streamed_a.rates.cpu
     assert streamed_a.rates is not streamed_b.rates  # each layer skips its own first (warm-up) step
+    assert len(streamed_a.rates.cpu.layers) == len(streamed_a.rates.accelerator.layers) == 2
+    tier(a, 3.5)  # a layer's tier made anew (the model moved again) is the same layer to the fit
+    assert len(streamed_a.rates.cpu.layers) == len(streamed_a.rates.accelerator.layers) == 2
 
 
 def test_each_layer_measures_its_non_expert_time():

@@ -146,9 +146,10 @@ def test_streamed_model_on_cuda_trains_as_stock_and_fetches_ahead(monkeypatch, e
     from kt_patch.patcher import patch_model
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    hits = []
-    take = _Prefetcher.take
+    hits, fetches = [], []
+    take, fetch = _Prefetcher.take, AcceleratorTier.fetch
     monkeypatch.setattr(_Prefetcher, "take", lambda self, tier, plan: hits.append(take(self, tier, plan)) or hits[-1])
+    monkeypatch.setattr(AcceleratorTier, "fetch", lambda self, *a: fetches.append(self) or fetch(self, *a))
 
     def train(patched):
         torch.manual_seed(0)
@@ -192,3 +193,7 @@ def test_streamed_model_on_cuda_trains_as_stock_and_fetches_ahead(monkeypatch, e
     for a, b in zip(stock, losses):
         assert abs(a - b) <= 1e-4 * abs(a), f"run seed {RUN_SEED}: {stock} vs {losses}"
     assert sum(hit is not None for hit in hits) >= 2 * 3  # from the second step: the forward's and the backward's
+    if executor == "accelerator":  # the same plan every step: the rows at either end of the order are kept
+        layers = len(set(fetches))
+        first_step = layers + layers - 1  # the forward's last layer's rows stay for its recompute
+        assert len(fetches) == first_step + 4 * (2 * layers - 2), (len(fetches), layers)
