@@ -157,8 +157,9 @@ class _Plan:
     """What one expert call does in its checkpointing phase (decided before autograd turns grad mode off)."""
 
     def __init__(self, phase: Phase, region, policy: str, on_kernel_run: Callable[[], None] | None,
-                 accelerator: AcceleratorTier | None, tiers: TierPlan | None):
+                 accelerator: AcceleratorTier | None, tiers: TierPlan | None, inference: bool):
         self.phase, self.region, self.policy = phase, region, policy
+        self.inference = inference  # a module in eval mode without autograd: no optimizer steps between such calls
         self._on_kernel_run = on_kernel_run
         self.accelerator, self.tiers = accelerator, tiers
 
@@ -176,7 +177,7 @@ class _Plan:
 
     def host_lora(self, lora: ExpertLora) -> ExpertLora:
         """The factors as the CPU kernel reads them (host copies of factors on a device)."""
-        return lora.on_host() if self.accelerator is None else self.accelerator.host_lora(lora)
+        return lora.on_host() if self.accelerator is None else self.accelerator.host_lora(lora, self.inference)
 
     def ran_kernel(self) -> None:
         if self._on_kernel_run is not None:
@@ -186,13 +187,14 @@ class _Plan:
 def expert_forward(kernel: ExpertKernel, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                    lora: ExpertLora = NO_LORA, *, policy: str = "recompute",
                    on_kernel_run: Callable[[], None] | None = None,
-                   accelerator: AcceleratorTier | None = None) -> torch.Tensor:
+                   accelerator: AcceleratorTier | None = None, training: bool = True) -> torch.Tensor:
     """``y[T,H] = sum_j w[t,j] expert_{ids[t,j]}(x[t])`` on the kernel, differentiable in x, topk_weights and the
     LoRA factors of ``lora`` (PEFT's ParamWrapper factors on fused experts).
 
     ``policy`` is the checkpoint policy (``recompute`` or ``retain``); ``on_kernel_run`` is called each time the
     experts actually run in the kernel (not when a retained output is handed to a recompute). With ``accelerator``,
-    the experts its plan chooses for this call run there instead (:mod:`kt_patch.executor`).
+    the experts its plan chooses for this call run there instead (:mod:`kt_patch.executor`). ``training``: the
+    calling module's mode (calls of a module in eval mode without autograd share the host copies of device factors).
     """
     phase, region = current_phase(kernel.name, policy)
     tiers = None
@@ -200,7 +202,8 @@ def expert_forward(kernel: ExpertKernel, x: torch.Tensor, topk_ids: torch.Tensor
         accelerator.pin_factors(lora)
         tiers = accelerator.plan(topk_ids, first_forward=phase is not Phase.RECOMPUTE)
         tiers = tiers if tiers.any else None
-    plan = _Plan(phase, region, policy, on_kernel_run, accelerator, tiers)
+    plan = _Plan(phase, region, policy, on_kernel_run, accelerator, tiers,
+                 inference=phase is Phase.INFERENCE and not training)
     factor_tensors = []  # autograd inputs, so that the factors receive their gradients
     for factors in (lora.gate_up, lora.down):
         factor_tensors += (None, None) if factors is None else (factors.A, factors.B)

@@ -459,7 +459,9 @@ class _Prefetcher:
 
     def __init__(self, device: torch.device):
         self._order: list[weakref.ref] = []
-        # (tier, plan, packed rows, ready event): the tier held strongly, since a copy in flight reads its kernel's memory
+        # (the tier's holder, plan, packed rows, ready event). A fetch in flight holds its tier strongly (the copy reads
+        # its kernel's memory); rows kept after use hold it weakly, so a model deleted (or a layer's tier replaced)
+        # does not live on through them.
         self._ahead = None
         # one stream for every fetch of the device: the link serves them in order, and their buffers come from one
         # pool of the caching allocator (which keeps a pool per stream)
@@ -484,31 +486,32 @@ class _Prefetcher:
                      if t is not None and t.resident is None]
         if not following:
             if used is not None and self._ahead is None:
-                self._ahead = (tier, *used)
+                self._ahead = (weakref.ref(tier), *used)
             return
         target = following[0]
         plan = target.step_plan if backward else target.upcoming_plan()
         if plan is None or not plan.any or self._fetched(target, plan):
             return
-        self._ahead = None  # one layer ahead at most: an unused fetch is dropped
+        self.drop()  # one layer ahead at most: an unused fetch is dropped
         try:
-            self._ahead = (target, plan, *target.fetch(plan, backward))
+            self._ahead = ((lambda: target), plan, *target.fetch(plan, backward))
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()  # the layer is fetched when it runs instead
 
     def _fetched(self, tier: "AcceleratorTier", plan: TierPlan) -> bool:
-        return self._ahead is not None and self._ahead[0] is tier and self._ahead[1] == plan
+        return self._ahead is not None and self._ahead[0]() is tier and self._ahead[1] == plan
 
     def take(self, tier: "AcceleratorTier", plan: TierPlan):
         """The packed rows fetched ahead (or kept) for ``tier``'s ``plan`` (the caller's stream waits for them), or
-        None."""
-        if self._ahead is None or self._ahead[0] is not tier:
+        None. Anything else ahead is dropped: the order has moved on, and the caller fetches its own rows now."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None or ahead[0]() is not tier or ahead[1] != plan:
             return None
-        _, ahead_plan, packed, ready = self._ahead
+        return ahead[2], ahead[3]
+
+    def drop(self) -> None:
+        """Let the rows ahead go (their memory returns once the streams that use them are past it)."""
         self._ahead = None
-        if ahead_plan != plan:
-            return None
-        return packed, ready
 
 
 _prefetchers: dict[torch.device, _Prefetcher] = {}
@@ -531,9 +534,21 @@ class _HostFactors:
     """Host copies of the device's expert-LoRA factors for the CPU kernel, and what they were copied from."""
 
     step: int  # the tier's step
-    versions: tuple  # (id, version) of each factor
-    grad_mode: bool  # copied for a forward under autograd
+    inference: bool  # copied for a forward of a module in eval mode without autograd
     lora: ExpertLora
+    sources: tuple  # weak references to the factors copied
+    versions: tuple  # their versions then
+    scalings: tuple
+
+    @staticmethod
+    def of(lora: ExpertLora) -> tuple[tuple, tuple]:
+        return (tuple(t._version for t in lora.tensors()), tuple(f.scaling for _, f in lora.items()))
+
+    def copied(self, lora: ExpertLora) -> bool:
+        """Whether these are copies of ``lora`` as it is now (the same tensors, unchanged as far as torch knows)."""
+        tensors = tuple(lora.tensors())
+        return (len(tensors) == len(self.sources) and all(ref() is t for ref, t in zip(self.sources, tensors))
+                and _HostFactors.of(lora) == (self.versions, self.scalings))
 
 
 class AcceleratorTier:
@@ -697,18 +712,19 @@ class AcceleratorTier:
             chosen = n.numel() - 1
         return chosen, {side: (float(units[chosen]), float(rows[chosen])) for side, (units, rows) in inputs.items()}
 
-    def host_lora(self, lora: ExpertLora) -> ExpertLora:
+    def host_lora(self, lora: ExpertLora, inference: bool = False) -> ExpertLora:
         """``lora`` as the CPU kernel reads it: itself where its factors are in host memory; factors on the device as
-        pinned host copies made once per step (an optimizer changes them only between steps), copied after the
-        step's start (:class:`_StepStart`), so the copy waits neither for the layers queued since nor for the
-        weights being fetched. Forwards without autograd (evaluation, generation: each plans a step of its own)
-        share one copy while the factors' versions stay the same."""
+        pinned host copies made once per step (an optimizer changes them only between steps, and may do so without
+        bumping their versions), copied after the step's start (:class:`_StepStart`), so the copy waits neither for
+        the layers queued since nor for the weights being fetched. ``inference``: a forward of a module in eval mode
+        without autograd (evaluation, generation: each plans a step of its own); such forwards share one copy while
+        the factors are the same tensors with the same versions and scalings (a forward in train mode between them
+        makes a new one)."""
         if all(t.device.type == "cpu" for t in lora.tensors()):
             return lora.on_host()
-        versions = tuple((id(t), t._version) for t in lora.tensors())
-        grad_mode, cached = torch.is_grad_enabled(), self._host_lora
-        if cached is not None and cached.versions == versions and (
-                cached.step == self._steps or not (grad_mode or cached.grad_mode)):
+        cached = self._host_lora
+        if cached is not None and (cached.step == self._steps or (inference and cached.inference)) and \
+                cached.copied(lora):
             return cached.lora
         start = self._step_start
         if start is None:  # a device without CUDA streams: copied in its queue's order
@@ -718,7 +734,8 @@ class AcceleratorTier:
             with torch.cuda.stream(start.stream):
                 copies = lora.on_host(non_blocking=True)
             start.stream.synchronize()
-        self._host_lora = _HostFactors(self._steps, versions, grad_mode, copies)
+        self._host_lora = _HostFactors(self._steps, inference, copies, tuple(weakref.ref(t) for t in lora.tensors()),
+                                       *_HostFactors.of(lora))
         return copies
 
     def pin_factors(self, lora: ExpertLora) -> None:
@@ -932,6 +949,8 @@ class AcceleratorTier:
     def _warn_out_of_memory(self, where: str) -> None:
         logger.warning("kt_patch: %s: out of accelerator memory in the %s; the CPU kernel computes this call's "
                        "accelerator experts instead", self.kernel.name, where)
+        if self.prefetcher is not None:
+            self.prefetcher.drop()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

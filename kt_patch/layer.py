@@ -182,7 +182,7 @@ class KtMoeLayer(nn.Module):
         self._check_factor_devices(lora, tokens.device)
         output = expert_forward(self.kernel, tokens, expert_ids, routing_weights, lora,
                                 policy=self.checkpoint_policy, on_kernel_run=self._count_expert_run,
-                                accelerator=self._accelerator_for(tokens.device))
+                                accelerator=self._accelerator_for(tokens.device), training=self.training)
         if side is not None:
             torch.cuda.current_stream(tokens.device).wait_stream(side)
         if dense is not None:

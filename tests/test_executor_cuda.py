@@ -67,10 +67,12 @@ def test_every_expert_on_the_gpu_queues_a_step_without_waiting_for_it(resident):
     assert not runs
 
 
-def test_forwards_without_autograd_share_one_host_copy_of_device_factors(monkeypatch):
-    """A split with CPU experts and the expert-LoRA factors on the GPU: forwards without autograd (evaluation,
-    generation) copy the factors to the host once while they are unchanged, and again once a factor changes in place,
-    whose new values the CPU kernel then uses (y as the CPU kernel alone with the new factors, bf16: 1e-2)."""
+def test_host_copies_of_device_factors_are_made_per_step_and_shared_by_eval_forwards(monkeypatch):
+    """A split with CPU experts and the expert-LoRA factors on the GPU: forwards of a module in eval mode without
+    autograd (evaluation, generation) share one host copy of the factors while they are the same; a factor changed in
+    place, a new scaling or a forward in train mode (where an optimizer may have written the factors without bumping
+    their versions, as fused AdamW and ``.data`` writes do) makes a new copy, whose values the CPU kernel then uses
+    (y as the CPU kernel alone with the factors as they are, bf16: 1e-2)."""
     from kt_patch.autograd import expert_forward
     from kt_patch.kernel import ExpertLora, LoraFactors
 
@@ -80,7 +82,6 @@ def test_forwards_without_autograd_share_one_host_copy_of_device_factors(monkeyp
     tier = AcceleratorTier(kernel, torch.device("cuda"), executor="hybrid",
                            budget=GpuExpertBudget(4.5 * executor.layer_bytes(kernel) / 2**30), accelerator_fraction=0.5)
     factors = [torch.nn.Parameter(t.clone().cuda()) for t in (*lora_gu[:2], *lora_dn[:2])]
-    lora = ExpertLora(LoraFactors(factors[0], factors[1], lora_gu[2]), LoraFactors(factors[2], factors[3], lora_dn[2]))
     copies = []  # one entry per call of ExpertLora.on_host that made copies (not the kernel's own check)
     on_host = ExpertLora.on_host
 
@@ -91,17 +92,28 @@ def test_forwards_without_autograd_share_one_host_copy_of_device_factors(monkeyp
         return result
 
     monkeypatch.setattr(ExpertLora, "on_host", counted)
-    for step in range(4):
-        if step == 2:
-            with torch.no_grad():
-                factors[1].mul_(1.5)  # a new version, as an adapter loaded in place
-        x, ids, w, _ = random_batch(T, H, E, k, torch.bfloat16, RUN_SEED + 21 + step)
+    scaling = lora_gu[2]
+    # (training, what changes before the forward, host copies made so far after it)
+    calls = [(False, None, 1), (False, None, 1), (False, "in place", 2), (True, None, 3), (True, ".data", 4),
+             (False, None, 5), (False, "scaling", 6), (False, None, 6)]
+    for step, (training, change, expected) in enumerate(calls):
         with torch.no_grad():
-            y = expert_forward(kernel, x.cuda(), ids.cuda(), w.cuda(), lora, accelerator=tier).cpu()
+            if change == "in place":
+                factors[1].mul_(1.5)  # a new version, as an adapter loaded in place
+            elif change == ".data":
+                factors[1].data.mul_(0.5)  # no new version, as fused AdamW
+            elif change == "scaling":
+                scaling *= 2
+        lora = ExpertLora(LoraFactors(factors[0], factors[1], scaling), LoraFactors(factors[2], factors[3], lora_dn[2]))
+        x, ids, w, _ = random_batch(T, H, E, k, torch.bfloat16, RUN_SEED + 21 + step)
+        with torch.set_grad_enabled(training):
+            y = expert_forward(kernel, x.cuda(), ids.cuda(), w.cuda(), lora, accelerator=tier,
+                               training=training).detach().cpu()
+        with torch.no_grad():
             reference = expert_forward(kernel, x, ids, w, lora.on_host(), accelerator=None)
         copies.pop()  # the reference's own
-        assert rel_l2(y, reference) <= 1e-2, f"run seed {RUN_SEED}: step {step}"
-        assert len(copies) == (1 if step < 2 else 2), step
+        assert rel_l2(y, reference) <= 1e-2, f"run seed {RUN_SEED}: call {step}"
+        assert len(copies) == expected, step
 
 
 def test_an_adapter_added_on_the_gpu_keeps_its_expert_factors_there(tmp_path):
@@ -136,20 +148,25 @@ def test_streamed_model_on_cuda_trains_as_stock_and_fetches_ahead(monkeypatch, e
     room for a resident layer) under non-reentrant checkpointing, with a split that changes between steps (hybrid:
     some, none or every expert on the GPU) or every expert on the GPU: the same losses as stock on the GPU (fp32,
     1e-4), the next layer's weights are fetched ahead and used; the expert-LoRA factors are on the GPU with the model,
-    where the optimizer steps them (the CPU kernel reads host copies of them)."""
+    where the optimizer steps them (fused AdamW, which writes them without bumping their versions: the CPU kernel
+    reads host copies made each step)."""
     import tiny_models
     from peft import get_peft_model
 
+    import kt_patch.executor as executor_module
     from kt_patch.executor import _Prefetcher
     from kt_patch.layer import KtMoeLayer
     from kt_patch.options import resolve
     from kt_patch.patcher import patch_model
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    hits, fetches = [], []
+    monkeypatch.setattr(executor_module, "_prefetchers", {})  # no tier of an earlier test in the device's order
+    hits, fetches = [], []  # whether each take found rows ahead; the tier of each fetch
     take, fetch = _Prefetcher.take, AcceleratorTier.fetch
-    monkeypatch.setattr(_Prefetcher, "take", lambda self, tier, plan: hits.append(take(self, tier, plan)) or hits[-1])
-    monkeypatch.setattr(AcceleratorTier, "fetch", lambda self, *a: fetches.append(self) or fetch(self, *a))
+    monkeypatch.setattr(_Prefetcher, "take",
+                        lambda self, tier, plan: (lambda rows: hits.append(rows is not None) or rows)(
+                            take(self, tier, plan)))
+    monkeypatch.setattr(AcceleratorTier, "fetch", lambda self, *a: fetches.append(id(self)) or fetch(self, *a))
 
     def train(patched):
         torch.manual_seed(0)
@@ -164,7 +181,7 @@ def test_streamed_model_on_cuda_trains_as_stock_and_fetches_ahead(monkeypatch, e
         model = get_peft_model(model, config).cuda()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, fused=True)
         data = torch.Generator().manual_seed(RUN_SEED)
         losses = []
         for step in range(5):
@@ -192,7 +209,7 @@ def test_streamed_model_on_cuda_trains_as_stock_and_fetches_ahead(monkeypatch, e
     losses = train(patched=True)
     for a, b in zip(stock, losses):
         assert abs(a - b) <= 1e-4 * abs(a), f"run seed {RUN_SEED}: {stock} vs {losses}"
-    assert sum(hit is not None for hit in hits) >= 2 * 3  # from the second step: the forward's and the backward's
+    assert sum(hits) >= 2 * 3  # from the second step: the forward's and the backward's
     if executor == "accelerator":  # the same plan every step: the rows at either end of the order are kept
         layers = len(set(fetches))
         first_step = layers + layers - 1  # the forward's last layer's rows stay for its recompute
