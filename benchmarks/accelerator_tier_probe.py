@@ -53,7 +53,7 @@ def main():
         tier.pin_factors(lora)  # as a model's forward does
         name = tier.tier_name
         if not resident:
-            timed(f"{name}: fetch {layer_gib:.2f} GiB", lambda: tier.fetch(plan, backward=False)[1].synchronize())
+            timed(f"{name}: fetch {layer_gib:.2f} GiB", lambda: tier.fetch(plan, backward=False).ready.synchronize())
         timed(f"{name}: forward", lambda: tier.forward(x, ids, w, lora, plan))
         timed(f"{name}: forward for a backward + backward",
               lambda: (tier.forward(x, ids, w, lora, plan, for_backward=True),

@@ -38,6 +38,7 @@ import dataclasses
 import logging
 import time
 import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -453,31 +454,39 @@ class SharedRates:
                       self._cost(("link", device, shape), 1.0, kernel))
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _FetchedRows:
+    """A streamed layer's packed rows of ``plan``'s experts on the device, by matrix, ready once ``ready`` is."""
+
+    plan: TierPlan
+    packed: dict[str, torch.Tensor]
+    ready: torch.cuda.Event
+
+
 class _Prefetcher:
     """The accelerator tiers of one device in the order of the model's forward, and the one streamed layer fetched
     ahead."""
 
     def __init__(self, device: torch.device):
         self._order: list[weakref.ref] = []
-        # (the tier's holder, plan, packed rows, ready event). A fetch in flight holds its tier strongly (the copy reads
-        # its kernel's memory); rows kept after use hold it weakly, so a model deleted (or a layer's tier replaced)
-        # does not live on through them.
-        self._ahead = None
+        # (the tier's holder, its rows). A fetch in flight holds its tier strongly (the copy reads its kernel's
+        # memory); rows kept after use hold it weakly, so a model deleted (or a layer's tier replaced) does not live on
+        # through them.
+        self._ahead: tuple[Callable[[], AcceleratorTier | None], _FetchedRows] | None = None
         # one stream for every fetch of the device: the link serves them in order, and their buffers come from one
         # pool of the caching allocator (which keeps a pool per stream)
         self.copy_stream = torch.cuda.Stream(device)
 
-    def register(self, tier: "AcceleratorTier") -> None:
+    def register(self, tier: AcceleratorTier) -> None:
         self._order = [ref for ref in self._order if ref() is not None]
         if not any(ref() is tier for ref in self._order):
             self._order.append(weakref.ref(tier))
 
-    def fetch_next(self, tier: "AcceleratorTier", backward: bool, used: tuple | None = None) -> None:
+    def fetch_next(self, tier: AcceleratorTier, backward: bool, used: _FetchedRows | None = None) -> None:
         """Start fetching the streamed layer that runs after ``tier`` (before it, in a backward), for its plan. Where
-        there is none, the rows a streamed ``tier`` has just used, ``used`` = (plan, packed rows, ready event), stay
-        as the one ahead: the next pass starts with this layer (the backward after the forward's last streamed
-        layer, the next step's forward after the backward's), and its frozen weights need not cross the link
-        again."""
+        there is none, the rows a streamed ``tier`` has just ``used`` stay as the one ahead: the next pass starts with
+        this layer (the backward after the forward's last streamed layer, the next step's forward after the
+        backward's), and its frozen weights need not cross the link again."""
         tiers = [ref() for ref in self._order]
         if tier not in tiers:
             return
@@ -486,7 +495,7 @@ class _Prefetcher:
                      if t is not None and t.resident is None]
         if not following:
             if used is not None and self._ahead is None:
-                self._ahead = (weakref.ref(tier), *used)
+                self._ahead = (weakref.ref(tier), used)
             return
         target = following[0]
         plan = target.step_plan if backward else target.upcoming_plan()
@@ -494,20 +503,19 @@ class _Prefetcher:
             return
         self.drop()  # one layer ahead at most: an unused fetch is dropped
         try:
-            self._ahead = ((lambda: target), plan, *target.fetch(plan, backward))
+            self._ahead = ((lambda: target), target.fetch(plan, backward))
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()  # the layer is fetched when it runs instead
 
-    def _fetched(self, tier: "AcceleratorTier", plan: TierPlan) -> bool:
-        return self._ahead is not None and self._ahead[0]() is tier and self._ahead[1] == plan
+    def _fetched(self, tier: AcceleratorTier, plan: TierPlan) -> bool:
+        return self._ahead is not None and self._ahead[0]() is tier and self._ahead[1].plan == plan
 
-    def take(self, tier: "AcceleratorTier", plan: TierPlan):
-        """The packed rows fetched ahead (or kept) for ``tier``'s ``plan`` (the caller's stream waits for them), or
-        None. Anything else ahead is dropped: the order has moved on, and the caller fetches its own rows now."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is None or ahead[0]() is not tier or ahead[1] != plan:
-            return None
-        return ahead[2], ahead[3]
+    def take(self, tier: AcceleratorTier, plan: TierPlan) -> _FetchedRows | None:
+        """The rows fetched ahead (or kept) for ``tier``'s ``plan`` (the caller's stream waits for them), or None.
+        Anything else ahead is dropped: the order has moved on, and the caller fetches its own rows now."""
+        fetched = self._fetched(tier, plan)
+        rows, self._ahead = self._ahead, None
+        return rows[1] if fetched else None
 
     def drop(self) -> None:
         """Let the rows ahead go (their memory returns once the streams that use them are past it)."""
@@ -767,10 +775,10 @@ class AcceleratorTier:
         self._window.parts["cpu"].append((backward, seconds))
 
     # ------------------------------------------------------------------------------------------------ weights
-    def fetch(self, plan: TierPlan, backward: bool):
+    def fetch(self, plan: TierPlan, backward: bool) -> _FetchedRows:
         """Start copying ``plan``'s packed rows on the copy stream, for a forward or (``backward``) a recompute or a
-        backward: ``(packed rows by matrix, ready event)``. They are unpacked where they are used
-        (:meth:`_weights`): on the copy stream the unpack would hold back the next layer's copy."""
+        backward. They are unpacked where they are used (:meth:`_weights`): on the copy stream the unpack would hold
+        back the next layer's copy."""
         stream, packed = self.copy_stream, {}
         timer = _Timer(stream)
         with torch.cuda.stream(stream):
@@ -783,7 +791,7 @@ class AcceleratorTier:
             ready = torch.cuda.Event()
             ready.record(stream)
         self._window.parts["link"].append((backward, timer.stop()))
-        return packed, ready
+        return _FetchedRows(plan, packed, ready)
 
     def _weights(self, plan: TierPlan, backward: bool) -> tuple[dict[str, torch.Tensor], _Timer]:
         """[n, N, K] weights of the groups :meth:`_groups` makes: the layer's own (resident), else ``plan``'s (for a
@@ -797,15 +805,16 @@ class AcceleratorTier:
             experts = torch.tensor(plan.experts, dtype=torch.long)
             return {name: self.kernel.unpack(self.packed[name][experts].to(self.device), name)
                     for name in _MATRICES}, timer
-        ahead = self.prefetcher.take(self, plan)
-        packed, ready = ahead if ahead is not None else self.fetch(plan, backward)
-        self.prefetcher.fetch_next(self, backward, used=(plan, packed, ready))
+        rows = self.prefetcher.take(self, plan)
+        if rows is None:
+            rows = self.fetch(plan, backward)
+        self.prefetcher.fetch_next(self, backward, used=rows)
         stream = torch.cuda.current_stream(self.device)
-        stream.wait_event(ready)
+        stream.wait_event(rows.ready)
         timer = self._compute_timer()
-        for tensor in packed.values():
+        for tensor in rows.packed.values():
             tensor.record_stream(stream)  # made on the copy stream, unpacked and freed on this one
-        return {name: self.kernel.unpack(packed[name], name) for name in _MATRICES}, timer
+        return {name: self.kernel.unpack(rows.packed[name], name) for name in _MATRICES}, timer
 
     def _group_experts(self, plan: TierPlan) -> torch.Tensor:
         """The expert of each group (on the device): a resident layer groups all its experts (those of the CPU
