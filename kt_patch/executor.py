@@ -543,20 +543,23 @@ class _HostFactors:
 
     step: int  # the tier's step
     inference: bool  # copied for a forward of a module in eval mode without autograd
-    lora: ExpertLora
+    copies: ExpertLora
     sources: tuple  # weak references to the factors copied
-    versions: tuple  # their versions then
-    scalings: tuple
+    state: tuple  # their versions and scalings then
 
     @staticmethod
-    def of(lora: ExpertLora) -> tuple[tuple, tuple]:
-        return (tuple(t._version for t in lora.tensors()), tuple(f.scaling for _, f in lora.items()))
+    def _state(lora: ExpertLora) -> tuple:
+        return tuple(t._version for t in lora.tensors()), tuple(f.scaling for _, f in lora.items())
+
+    @classmethod
+    def made(cls, step: int, inference: bool, copies: ExpertLora, lora: ExpertLora) -> _HostFactors:
+        return cls(step, inference, copies, tuple(weakref.ref(t) for t in lora.tensors()), cls._state(lora))
 
     def copied(self, lora: ExpertLora) -> bool:
         """Whether these are copies of ``lora`` as it is now (the same tensors, unchanged as far as torch knows)."""
         tensors = tuple(lora.tensors())
         return (len(tensors) == len(self.sources) and all(ref() is t for ref, t in zip(self.sources, tensors))
-                and _HostFactors.of(lora) == (self.versions, self.scalings))
+                and self._state(lora) == self.state)
 
 
 class AcceleratorTier:
@@ -733,7 +736,7 @@ class AcceleratorTier:
         cached = self._host_lora
         if cached is not None and (cached.step == self._steps or (inference and cached.inference)) and \
                 cached.copied(lora):
-            return cached.lora
+            return cached.copies
         start = self._step_start
         if start is None:  # a device without CUDA streams: copied in its queue's order
             copies = lora.on_host()
@@ -742,8 +745,7 @@ class AcceleratorTier:
             with torch.cuda.stream(start.stream):
                 copies = lora.on_host(non_blocking=True)
             start.stream.synchronize()
-        self._host_lora = _HostFactors(self._steps, inference, copies, tuple(weakref.ref(t) for t in lora.tensors()),
-                                       *_HostFactors.of(lora))
+        self._host_lora = _HostFactors.made(self._steps, inference, copies, lora)
         return copies
 
     def pin_factors(self, lora: ExpertLora) -> None:
