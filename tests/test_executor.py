@@ -235,6 +235,28 @@ def test_a_streamed_plan_is_costed_by_the_rows_its_places_got_not_by_past_popula
         tier.upcoming_plan()
 
 
+def test_host_copies_of_factors_know_what_they_were_copied_from():
+    """Host copies of device factors (the CUDA path of AcceleratorTier.host_lora) stand for the factors only while
+    they are the same tensors, unchanged in place and with the same scalings: a new version, a new scaling or another
+    tensor (also one alive at the address of a freed one) makes them stale."""
+    from kt_patch.executor import _HostFactors
+
+    g = torch.Generator().manual_seed(seed("host-factors"))
+    factors = [torch.nn.Parameter(torch.randn(16, 8, generator=g)) for _ in range(2)]
+    lora = ExpertLora(LoraFactors(factors[0], factors[1], 2.0))
+    made = _HostFactors.made(3, True, lora.on_host(), lora)
+    assert made.copied(lora) and made.copied(ExpertLora(LoraFactors(factors[0], factors[1], 2.0)))
+    assert not made.copied(ExpertLora(LoraFactors(factors[0], factors[1], 4.0)))
+    assert not made.copied(ExpertLora(LoraFactors(factors[0].detach().clone(), factors[1], 2.0)))
+    with torch.no_grad():
+        factors[1].mul_(1.5)
+    assert not made.copied(lora)
+    made = _HostFactors.made(4, True, lora.on_host(), lora)
+    del lora, factors  # a new factor may take the freed one's id: the weak reference tells them apart
+    fresh = [torch.nn.Parameter(torch.randn(16, 8, generator=g)) for _ in range(2)]
+    assert not made.copied(ExpertLora(LoraFactors(fresh[0], fresh[1], 2.0)))
+
+
 def test_layers_of_one_shape_share_their_step_costs():
     """The CPU kernel's cost is shared by the layers of one shape, the accelerator's also by tier (resident or
     streamed): each fit then sees many layers' splits."""
