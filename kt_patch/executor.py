@@ -538,28 +538,39 @@ class _Groups:
 
 
 @dataclasses.dataclass(frozen=True)
+class _FactorSources:
+    """The expert-LoRA factor tensors a copy was made from, and their versions then: the copy stands for them while
+    they are the same tensors (held weakly: a new tensor may take a freed one's id) and unchanged in place as far as
+    torch knows."""
+
+    tensors: tuple  # weak references
+    versions: tuple
+
+    @classmethod
+    def of(cls, lora: ExpertLora) -> _FactorSources:
+        tensors = lora.tensors()
+        return cls(tuple(weakref.ref(t) for t in tensors), tuple(t._version for t in tensors))
+
+    def unchanged(self, lora: ExpertLora) -> bool:
+        tensors = lora.tensors()
+        return (len(tensors) == len(self.tensors) and all(ref() is t for ref, t in zip(self.tensors, tensors))
+                and tuple(t._version for t in tensors) == self.versions)
+
+
+@dataclasses.dataclass(frozen=True)
 class _HostFactors:
-    """Host copies of the device's expert-LoRA factors for the CPU kernel, and what they were copied from."""
+    """Host copies of the device's expert-LoRA factors for the CPU kernel (their scalings with them), and what they
+    were copied from."""
 
     step: int  # the tier's step
     inference: bool  # copied for a forward of a module in eval mode without autograd
     copies: ExpertLora
-    sources: tuple  # weak references to the factors copied
-    state: tuple  # their versions and scalings then
-
-    @staticmethod
-    def _state(lora: ExpertLora) -> tuple:
-        return tuple(t._version for t in lora.tensors()), tuple(f.scaling for _, f in lora.items())
-
-    @classmethod
-    def made(cls, step: int, inference: bool, copies: ExpertLora, lora: ExpertLora) -> _HostFactors:
-        return cls(step, inference, copies, tuple(weakref.ref(t) for t in lora.tensors()), cls._state(lora))
+    sources: _FactorSources
 
     def copied(self, lora: ExpertLora) -> bool:
-        """Whether these are copies of ``lora`` as it is now (the same tensors, unchanged as far as torch knows)."""
-        tensors = tuple(lora.tensors())
-        return (len(tensors) == len(self.sources) and all(ref() is t for ref, t in zip(self.sources, tensors))
-                and self._state(lora) == self.state)
+        """Whether these are copies of ``lora`` as it is now (the same tensors, unchanged, with the same scalings)."""
+        return self.sources.unchanged(lora) and [f.scaling for _, f in lora.items()] == \
+            [f.scaling for _, f in self.copies.items()]
 
 
 class AcceleratorTier:
@@ -608,7 +619,7 @@ class AcceleratorTier:
         self._popular_order: torch.Tensor | None = None
         self._rows_by_place: torch.Tensor | None = None
         self._recorded = None  # a recompute's forward under autograd, for the backward that follows it
-        self._factors = None  # (versions of the LoRA factors, their device copies)
+        self._factors: tuple[_FactorSources, dict] | None = None  # device copies of host factors
         self._steps = 0  # steps planned
         if device.type == "cuda" and device not in _step_starts:
             _step_starts[device] = _StepStart(device)
@@ -745,7 +756,7 @@ class AcceleratorTier:
             with torch.cuda.stream(start.stream):
                 copies = lora.on_host(non_blocking=True)
             start.stream.synchronize()
-        self._host_lora = _HostFactors.made(self._steps, inference, copies, lora)
+        self._host_lora = _HostFactors(self._steps, inference, copies, _FactorSources.of(lora))
         return copies
 
     def pin_factors(self, lora: ExpertLora) -> None:
@@ -847,8 +858,7 @@ class AcceleratorTier:
         forward, recompute and backward share one copy; factors already on the device are laid out anew at every
         call (cheap there, and right after an optimizer that writes ``.data`` without bumping the version)."""
         on_device = all(t.device == self.device for t in lora.tensors())
-        key = None if on_device else tuple((id(t), t._version) for t in lora.tensors())
-        if key is not None and self._factors is not None and self._factors[0] == key:
+        if not on_device and self._factors is not None and self._factors[0].unchanged(lora):
             return self._factors[1]
         E, out = self.kernel.num_experts, {}
         for which, factors in lora.items():
@@ -858,7 +868,7 @@ class AcceleratorTier:
             B = B.view(B.shape[0], rank, E).permute(2, 0, 1)
             B = _gate_then_up(B, 1) if which == "gate_up" and self.spec.interleaved else B
             out[f"{which}_A"], out[f"{which}_B"] = A, B.contiguous()  # the grouped GEMM's layout
-        self._factors = None if key is None else (key, out)
+        self._factors = None if on_device else (_FactorSources.of(lora), out)
         return out
 
     def _lora_of_groups(self, lora: ExpertLora, groups: _Groups) -> dict[str, torch.Tensor]:

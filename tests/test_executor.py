@@ -238,20 +238,22 @@ def test_a_streamed_plan_is_costed_by_the_rows_its_places_got_not_by_past_popula
 def test_host_copies_of_factors_know_what_they_were_copied_from():
     """Host copies of device factors (the CUDA path of AcceleratorTier.host_lora) stand for the factors only while
     they are the same tensors, unchanged in place and with the same scalings: a new version, a new scaling or another
-    tensor (also one alive at the address of a freed one) makes them stale."""
-    from kt_patch.executor import _HostFactors
+    tensor (also one alive at the address of a freed one) makes them stale. Device copies of host factors go by the
+    same sources, without the scalings (applied when they are used)."""
+    from kt_patch.executor import _FactorSources, _HostFactors
 
     g = torch.Generator().manual_seed(seed("host-factors"))
     factors = [torch.nn.Parameter(torch.randn(16, 8, generator=g)) for _ in range(2)]
     lora = ExpertLora(LoraFactors(factors[0], factors[1], 2.0))
-    made = _HostFactors.made(3, True, lora.on_host(), lora)
+    made = _HostFactors(3, True, lora.on_host(), _FactorSources.of(lora))
     assert made.copied(lora) and made.copied(ExpertLora(LoraFactors(factors[0], factors[1], 2.0)))
     assert not made.copied(ExpertLora(LoraFactors(factors[0], factors[1], 4.0)))
+    assert made.sources.unchanged(ExpertLora(LoraFactors(factors[0], factors[1], 4.0)))
     assert not made.copied(ExpertLora(LoraFactors(factors[0].detach().clone(), factors[1], 2.0)))
     with torch.no_grad():
         factors[1].mul_(1.5)
     assert not made.copied(lora)
-    made = _HostFactors.made(4, True, lora.on_host(), lora)
+    made = _HostFactors(4, True, lora.on_host(), _FactorSources.of(lora))
     del lora, factors  # a new factor may take the freed one's id: the weak reference tells them apart
     fresh = [torch.nn.Parameter(torch.randn(16, 8, generator=g)) for _ in range(2)]
     assert not made.copied(ExpertLora(LoraFactors(fresh[0], fresh[1], 2.0)))
@@ -380,9 +382,9 @@ def test_whole_model_trains_as_unpatched(mode, policy, executor):
 def test_expert_lora_factors_go_with_the_model_unless_the_executor_is_cpu():
     """Unless executor='cpu', .to() moves the expert-LoRA factors with the model (here to the meta device), where the
     accelerator tiers use them (the CPU kernel reads host copies); with executor='cpu', expert_lora_placement='host',
-    or once an integration keeps them on the host, they stay in host memory. A factor moved elsewhere anyway is a clear error at the forward. (An
-    adapter added to a model on a GPU gets them there: test_executor_cuda.py; one whose layers are on the meta
-    device, as accelerate's offloading leaves them, has no values to put them beside.)"""
+    or once an integration keeps them on the host, they stay in host memory. A factor moved elsewhere anyway is a
+    clear error at the forward. (An adapter added to a model on a GPU gets them there: test_executor_cuda.py; one
+    whose layers are on the meta device, as accelerate's offloading leaves them, has no values to put them beside.)"""
     from peft import get_peft_model
 
     ids = torch.randint(3, tiny_models.COMMON["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(5))

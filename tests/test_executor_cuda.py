@@ -163,9 +163,13 @@ def test_streamed_model_on_cuda_trains_as_stock_and_fetches_ahead(monkeypatch, e
     monkeypatch.setattr(executor_module, "_prefetchers", {})  # no tier of an earlier test in the device's order
     hits, fetches = [], []  # whether each take found rows ahead; the tier of each fetch
     take, fetch = _Prefetcher.take, AcceleratorTier.fetch
-    monkeypatch.setattr(_Prefetcher, "take",
-                        lambda self, tier, plan: (lambda rows: hits.append(rows is not None) or rows)(
-                            take(self, tier, plan)))
+
+    def counted_take(self, tier, plan):
+        rows = take(self, tier, plan)
+        hits.append(rows is not None)
+        return rows
+
+    monkeypatch.setattr(_Prefetcher, "take", counted_take)
     monkeypatch.setattr(AcceleratorTier, "fetch", lambda self, *a: fetches.append(id(self)) or fetch(self, *a))
 
     def train(patched):

@@ -311,7 +311,7 @@ def test_device_moves_skip_routed_experts(checkpoints):
         kt_patch.disable()
     kept, factors = set(), set()  # the experts' weights (placeholders) stay; their LoRA factors go with the model
     for layer in (m for m in model.modules() if isinstance(m, KtMoeLayer)):
-        factors |= {id(t) for _, lora in layer.expert_lora().items() for t in (lora.A, lora.B)}
+        factors |= {id(t) for t in layer.expert_lora().tensors()}
         kept |= {id(p) for p in layer._modules["experts"].parameters()} - factors
     seen = []
     model._apply(lambda t: seen.append(id(t)) or t)
