@@ -65,8 +65,8 @@ def main():
                 tier.forward(x, ids, w, lora, plan, for_backward=True)
                 tier.backward(x, ids, w, lora, plan, dy)[2](grads)
                 torch.cuda.synchronize()
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=50))
-            print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=18, max_name_column_width=50))
+            for key in ("self_cuda_time_total", "cpu_time_total"):
+                print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=50))
         del tier
     x_cpu, ids_cpu, w_cpu, dy_cpu = x.cpu(), ids.cpu(), w.cpu(), dy.cpu()
     timed("cpu kernel: forward", lambda: kernel.forward(x_cpu, ids_cpu, w_cpu, lora))

@@ -51,9 +51,16 @@ _SIDES = ("cpu", "accelerator", "link", "rest")
 # a split that gives the CPU kernel experts must promise this share of the layer's step over the accelerator alone
 # (beyond its measured overhead, :attr:`_Rates.split_overhead`): the measurements are noisy
 _CPU_SPLIT_GAIN = 0.05
-# a streamed layer holds at most: its own weights (recorded for a backward), the next layer's fetched ahead, and one
-# layer's packed rows on their way to being unpacked
-_STREAM_BUFFERS = 3
+# streamed layers fetched ahead of the one computing (:class:`_Prefetcher`): one hides the link behind the layer
+# before it; a second, where the budget holds its buffer, keeps the link busy while the host is held back (a full
+# launch queue, while the device waits for the link) from reaching the next layer
+_FETCH_DEPTH = 2
+
+
+def _stream_buffers(depth: int) -> int:
+    """Layers' worth of memory streaming takes: the weights in use (unpacked; recorded for a backward) and the
+    packed rows of the ``depth`` layers fetched ahead (the first in the buffer the rows in use have just left)."""
+    return 1 + depth
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,13 +117,21 @@ class GpuExpertBudget:
         self.left: int | None = None
 
     def check(self, kernel: ExpertKernel) -> None:
-        """A budget given in GiB must hold the stream buffers of ``kernel``'s layer (checked when the model is
-        patched, before any step)."""
-        stream_bytes = _STREAM_BUFFERS * layer_bytes(kernel)
+        """A budget given in GiB must hold the stream buffers of ``kernel``'s layer with one layer fetched ahead
+        (checked when the model is patched, before any step)."""
+        stream_bytes = _stream_buffers(1) * layer_bytes(kernel)
         if self.budget_gib != "auto" and float(self.budget_gib) * 2**30 < stream_bytes:
             raise ValueError(f"kt_patch option 'gpu_expert_budget' ({self.budget_gib} GiB) is below one layer's "
-                             f"stream buffers ({stream_bytes / 2**30:.3f} GiB: {_STREAM_BUFFERS} times the layer's "
-                             "experts); give at least that, 'auto', or executor='cpu'")
+                             f"stream buffers ({stream_bytes / 2**30:.3f} GiB: {_stream_buffers(1)} times the "
+                             "layer's experts); give at least that, 'auto', or executor='cpu'")
+
+    def fetch_depth(self, kernel: ExpertKernel) -> int:
+        """How many streamed layers of ``kernel``'s size are fetched ahead: :data:`_FETCH_DEPTH` where the budget
+        holds their buffers, else one."""
+        if self.budget_gib == "auto" or \
+                float(self.budget_gib) * 2**30 >= _stream_buffers(_FETCH_DEPTH) * layer_bytes(kernel):
+            return _FETCH_DEPTH
+        return 1
 
     def take(self, kernel: ExpertKernel, device: torch.device) -> bool:
         """Reserve room for ``kernel``'s layer to be resident if the budget, less the stream buffers, allows it;
@@ -129,7 +144,7 @@ class GpuExpertBudget:
                 self.left = int(free * 0.5)  # the other half for activations, optimizer state and LoRA
             else:
                 self.left = int(float(self.budget_gib) * 2**30)
-        if resident_bytes > self.left - _STREAM_BUFFERS * resident_bytes:
+        if resident_bytes > self.left - _stream_buffers(_FETCH_DEPTH) * resident_bytes:
             return False
         self.left -= resident_bytes
         return True
@@ -464,62 +479,95 @@ class _FetchedRows:
 
 
 class _Prefetcher:
-    """The accelerator tiers of one device in the order of the model's forward, and the one streamed layer fetched
-    ahead."""
+    """The accelerator tiers of one device in the order of the model's forward, and the streamed layers fetched ahead:
+    the next few in the pass's direction (:attr:`AcceleratorTier.fetch_depth`).
+
+    The link is kept busy by the device's queue, not by the host: a fetch's buffer comes from the compute stream's
+    pool, where the host has just let go of the rows the layer before unpacked, and the copy waits on the device for
+    that unpacking (not for the host to reach the layer, which a full launch queue holds back while the device waits
+    for the link). So the streamed layers hold at most the packed rows of the layers fetched ahead and one layer's
+    unpacked weights (:func:`_stream_buffers`), and a fetch waits for no more than the layers before it to be
+    unpacked."""
 
     def __init__(self, device: torch.device):
         self._order: list[weakref.ref] = []
-        # (the tier's holder, its rows). A fetch in flight holds its tier strongly (the copy reads its kernel's
-        # memory); rows kept after use hold it weakly, so a model deleted (or a layer's tier replaced) does not live on
-        # through them.
-        self._ahead: tuple[Callable[[], AcceleratorTier | None], _FetchedRows] | None = None
-        # one stream for every fetch of the device: the link serves them in order, and their buffers come from one
-        # pool of the caching allocator (which keeps a pool per stream)
-        self.copy_stream = torch.cuda.Stream(device)
+        # (the tier's holder, its rows), in the pass's order. A fetch in flight holds its tier strongly (the copy reads
+        # its kernel's memory); rows kept after use hold it weakly, so a model deleted (or a layer's tier replaced)
+        # does not live on through them.
+        self._ahead: list[tuple[Callable[[], AcceleratorTier | None], _FetchedRows]] = []
+        self.copy_stream = torch.cuda.Stream(device)  # one for every fetch of the device: the link serves them in order
 
     def register(self, tier: AcceleratorTier) -> None:
         self._order = [ref for ref in self._order if ref() is not None]
         if not any(ref() is tier for ref in self._order):
             self._order.append(weakref.ref(tier))
 
-    def fetch_next(self, tier: AcceleratorTier, backward: bool, used: _FetchedRows | None = None) -> None:
-        """Start fetching the streamed layer that runs after ``tier`` (before it, in a backward), for its plan. Where
-        there is none, the rows a streamed ``tier`` has just ``used`` stay as the one ahead: the next pass starts with
-        this layer (the backward after the forward's last streamed layer, the next step's forward after the
-        backward's), and its frozen weights need not cross the link again."""
+    def _following(self, tier: AcceleratorTier, backward: bool) -> list[AcceleratorTier] | None:
+        """The streamed layers that run after ``tier`` in its pass (before it, in a backward), nearest first; None
+        where ``tier`` is not in the order."""
         tiers = [ref() for ref in self._order]
         if tier not in tiers:
-            return
+            return None
         at = tiers.index(tier)
-        following = [t for t in (reversed(tiers[:at]) if backward else tiers[at + 1:])
-                     if t is not None and t.resident is None]
-        if not following:
-            if used is not None and self._ahead is None:
-                self._ahead = (weakref.ref(tier), used)
-            return
-        target = following[0]
-        plan = target.step_plan if backward else target.upcoming_plan()
-        if plan is None or not plan.any or self._fetched(target, plan):
-            return
-        self.drop()  # one layer ahead at most: an unused fetch is dropped
-        try:
-            self._ahead = ((lambda: target), target.fetch(plan, backward))
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()  # the layer is fetched when it runs instead
+        after = reversed(tiers[:at]) if backward else tiers[at + 1:]
+        return [t for t in after if t is not None and t.resident is None]
 
-    def _fetched(self, tier: AcceleratorTier, plan: TierPlan) -> bool:
-        return self._ahead is not None and self._ahead[0]() is tier and self._ahead[1].plan == plan
+    def keep(self, tier: AcceleratorTier, backward: bool, used: _FetchedRows) -> bool:
+        """Where no streamed layer follows ``tier`` in its pass, the rows it has just ``used`` stay as the ones ahead
+        (True): the next pass starts with this layer (the backward after the forward's last streamed layer, the
+        next step's forward after the backward's), and its frozen weights need not cross the link again."""
+        if self._following(tier, backward) != []:
+            return False
+        if not self._ahead:
+            self._ahead = [(weakref.ref(tier), used)]
+        return True
+
+    def fetch_next(self, tier: AcceleratorTier, backward: bool) -> None:
+        """Have the streamed layers that run after ``tier`` in its pass fetched for their plans, up to
+        ``tier.fetch_depth`` of them; called once ``tier``'s own packed rows are unpacked and let go (their buffer
+        is free for the next fetch)."""
+        following = (self._following(tier, backward) or [])[:tier.fetch_depth]
+        if not following:
+            return
+        wanted = [(target, target.step_plan if backward else target.upcoming_plan()) for target in following]
+        wanted = [(target, plan) for target, plan in wanted if plan is not None and plan.any]
+        found = [next((rows for holder, rows in self._ahead if holder() is target and rows.plan == plan), None)
+                 for target, plan in wanted]
+        self._release([entry for entry in self._ahead if not any(entry[1] is rows for rows in found)])
+        self._ahead = []
+        for at, ((target, plan), rows) in enumerate(zip(wanted, found)):
+            if rows is None:
+                try:
+                    rows = target.fetch(plan, backward)
+                except torch.OutOfMemoryError:  # these layers are fetched when they run instead
+                    self._release([(None, later) for later in found[at + 1:] if later is not None])
+                    torch.cuda.empty_cache()
+                    return
+            self._ahead.append(((lambda target=target: target), rows))
 
     def take(self, tier: AcceleratorTier, plan: TierPlan) -> _FetchedRows | None:
-        """The rows fetched ahead (or kept) for ``tier``'s ``plan`` (the caller's stream waits for them), or None.
-        Anything else ahead is dropped: the order has moved on, and the caller fetches its own rows now."""
-        fetched = self._fetched(tier, plan)
-        rows, self._ahead = self._ahead, None
-        return rows[1] if fetched else None
+        """The rows fetched ahead (or kept) for ``tier``'s ``plan`` (the caller's stream waits for them), or None;
+        rows ahead of them in the order are dropped (the pass has moved past their layers), and everything ahead is
+        where there are none: the caller fetches its own now."""
+        for at, (holder, rows) in enumerate(self._ahead):
+            if holder() is tier and rows.plan == plan:
+                self._release(self._ahead[:at])
+                self._ahead = self._ahead[at + 1:]
+                return rows
+        self.drop()
+        return None
 
     def drop(self) -> None:
-        """Let the rows ahead go (their memory returns once the streams that use them are past it)."""
-        self._ahead = None
+        """Let the rows ahead go."""
+        ahead, self._ahead = self._ahead, []
+        self._release(ahead)
+
+    def _release(self, entries) -> None:
+        """Rows that will not be used: their memory (the compute stream's) returns once the copies queued so far
+        are done."""
+        for _, rows in entries:
+            for tensor in rows.packed.values():
+                tensor.record_stream(self.copy_stream)
 
 
 _prefetchers: dict[torch.device, _Prefetcher] = {}
@@ -592,6 +640,7 @@ class AcceleratorTier:
             self.resident = {name: kernel.unpack(self.packed[name].to(device), name) for name in _MATRICES}
         elif device.type == "cuda":
             _pin_in_place(kernel, self.packed.values())
+        self.fetch_depth = budget.fetch_depth(kernel)  # streamed layers fetched ahead of this one
         self.prefetcher, self.copy_stream = None, None
         if device.type == "cuda":  # resident layers take part too: they start the fetch of the streamed layer after
             if device not in _prefetchers:
@@ -790,17 +839,20 @@ class AcceleratorTier:
     # ------------------------------------------------------------------------------------------------ weights
     def fetch(self, plan: TierPlan, backward: bool) -> _FetchedRows:
         """Start copying ``plan``'s packed rows on the copy stream, for a forward or (``backward``) a recompute or a
-        backward. They are unpacked where they are used (:meth:`_weights`): on the copy stream the unpack would hold
-        back the next layer's copy."""
-        stream, packed = self.copy_stream, {}
+        backward, into memory of the compute stream's pool: the copy waits for the work queued there so far (which
+        may have used that memory) and the compute stream for the copy before it unpacks the rows (:meth:`_weights`:
+        on the copy stream the unpacking would hold back the next layer's copy)."""
+        compute = torch.cuda.current_stream(self.device)
+        packed = {name: torch.empty((len(plan.experts), self.packed[name].shape[1]), dtype=self.packed[name].dtype,
+                                    device=self.device) for name in _MATRICES}
+        stream = self.copy_stream
+        stream.wait_stream(compute)
         timer = _Timer(stream)
         with torch.cuda.stream(stream):
             for name in _MATRICES:
-                src = self.packed[name]
-                dst = torch.empty((len(plan.experts), src.shape[1]), dtype=src.dtype, device=self.device)
+                src, dst = self.packed[name], packed[name]
                 for at, first, count in _runs(plan.experts):  # a copy per run of consecutive experts
                     dst[at:at + count].copy_(src[first:first + count], non_blocking=True)
-                packed[name] = dst
             ready = torch.cuda.Event()
             ready.record(stream)
         self._window.parts["link"].append((backward, timer.stop()))
@@ -821,13 +873,13 @@ class AcceleratorTier:
         rows = self.prefetcher.take(self, plan)
         if rows is None:
             rows = self.fetch(plan, backward)
-        self.prefetcher.fetch_next(self, backward, used=rows)
-        stream = torch.cuda.current_stream(self.device)
-        stream.wait_event(rows.ready)
+        torch.cuda.current_stream(self.device).wait_event(rows.ready)
         timer = self._compute_timer()
-        for tensor in rows.packed.values():
-            tensor.record_stream(stream)  # made on the copy stream, unpacked and freed on this one
-        return {name: self.kernel.unpack(rows.packed[name], name) for name in _MATRICES}, timer
+        weights = {name: self.kernel.unpack(rows.packed[name], name) for name in _MATRICES}
+        if not self.prefetcher.keep(self, backward, rows):
+            del rows  # unpacked: the next fetch may take its buffer
+            self.prefetcher.fetch_next(self, backward)
+        return weights, timer
 
     def _group_experts(self, plan: TierPlan) -> torch.Tensor:
         """The expert of each group (on the device): a resident layer groups all its experts (those of the CPU

@@ -32,7 +32,8 @@ def seed(*parts):
 
 def budget_of(kernel, layers):
     """A budget of ``layers`` times one layer's packed experts: a layer is resident from 4 (its own and the stream
-    buffers: three layers' worth, see kt_patch.executor), streamed from 3, an error below."""
+    buffers: three layers' worth, see kt_patch.executor), streamed from 3 (two layers fetched ahead), or from 2 (one
+    ahead), an error below."""
     return GpuExpertBudget(layers * layer_bytes(kernel) / 2**30)
 
 
@@ -448,8 +449,13 @@ def test_bad_executor_options_are_clear_errors():
             resolve(bad)
     weights, _, _ = random_layer(4, 32, 16, 0, 0, torch.float32, seed("budget"))
     kernel = ExpertKernel(*weights, threads=1)
-    with pytest.raises(ValueError, match="'gpu_expert_budget' .* is below one layer's stream buffers"):
-        AcceleratorTier(kernel, CPU, executor="hybrid", budget=GpuExpertBudget(1e-9), accelerator_fraction=0.5)
+    for layers, depth in ((4.5, 2), (3.0, 2), (2.9, 1), (2.0, 1)):  # streamed within the budget, fetched ahead so far
+        tier = AcceleratorTier(kernel, CPU, executor="hybrid", budget=budget_of(kernel, layers),
+                               accelerator_fraction=0.5)
+        assert (tier.tier_name, tier.fetch_depth) == ("resident" if layers > 4 else "streamed", depth), layers
+    for budget in (GpuExpertBudget(1e-9), budget_of(kernel, 1.9)):
+        with pytest.raises(ValueError, match="'gpu_expert_budget' .* is below one layer's stream buffers"):
+            AcceleratorTier(kernel, CPU, executor="hybrid", budget=budget, accelerator_fraction=0.5)
     model = tiny_models.build("qwen3_moe", seed=2)  # found when the model is patched, not at its first step
     with pytest.raises(ValueError, match="'gpu_expert_budget' .* is below one layer's stream buffers"):
         patch_model(model, resolve({"threads": 1, "executor": "auto", "gpu_expert_budget": 1e-6}))

@@ -144,12 +144,12 @@ def test_an_adapter_added_on_the_gpu_keeps_its_expert_factors_there(tmp_path):
 
 @pytest.mark.parametrize("executor", ["hybrid", "accelerator"])
 def test_streamed_model_on_cuda_trains_as_stock_and_fetches_ahead(monkeypatch, executor):
-    """A whole model with every MoE layer streamed (a budget of 3.5 layers' packed experts: the stream buffers, no
-    room for a resident layer) under non-reentrant checkpointing, with a split that changes between steps (hybrid:
-    some, none or every expert on the GPU) or every expert on the GPU: the same losses as stock on the GPU (fp32,
-    1e-4), the next layer's weights are fetched ahead and used; the expert-LoRA factors are on the GPU with the model,
-    where the optimizer steps them (fused AdamW, which writes them without bumping their versions: the CPU kernel
-    reads host copies made each step)."""
+    """A whole model of four MoE layers, every one streamed (a budget of 3.5 layers' packed experts: the stream
+    buffers, no room for a resident layer) under non-reentrant checkpointing, with a split that changes between steps
+    (hybrid: some, none or every expert on the GPU) or every expert on the GPU: the same losses as stock on the GPU
+    (fp32, 1e-4); the next two layers' weights are fetched ahead and used, within the stream buffers; the expert-LoRA
+    factors are on the GPU with the model, where the optimizer steps them (fused AdamW, which writes them without
+    bumping their versions: the CPU kernel reads host copies made each step)."""
     import tiny_models
     from peft import get_peft_model
 
@@ -161,12 +161,14 @@ def test_streamed_model_on_cuda_trains_as_stock_and_fetches_ahead(monkeypatch, e
 
     torch.backends.cuda.matmul.allow_tf32 = False
     monkeypatch.setattr(executor_module, "_prefetchers", {})  # no tier of an earlier test in the device's order
-    hits, fetches = [], []  # whether each take found rows ahead; the tier of each fetch
+    # whether each take found rows ahead, and whether the next layer's were still ahead after it; each fetch's tier
+    hits, still_ahead, fetches = [], [], []
     take, fetch = _Prefetcher.take, AcceleratorTier.fetch
 
     def counted_take(self, tier, plan):
         rows = take(self, tier, plan)
         hits.append(rows is not None)
+        still_ahead.append(bool(self._ahead))
         return rows
 
     monkeypatch.setattr(_Prefetcher, "take", counted_take)
@@ -174,10 +176,8 @@ def test_streamed_model_on_cuda_trains_as_stock_and_fetches_ahead(monkeypatch, e
 
     def train(patched):
         torch.manual_seed(0)
-        model = tiny_models.build("qwen3_moe", seed=2)
+        model = tiny_models.build("qwen3_moe", seed=2, num_hidden_layers=4)
         if patched:
-            c = model.config
-            layer_bytes = 3 * c.num_experts * c.hidden_size * c.moe_intermediate_size * 4
             patch_model(model, resolve({"threads": 2, "executor": executor,
                                         "gpu_expert_budget": 3.5 * layer_bytes / 2**30}))
         config = tiny_models.lora_config("qwen3_moe")
@@ -189,6 +189,10 @@ def test_streamed_model_on_cuda_trains_as_stock_and_fetches_ahead(monkeypatch, e
         data = torch.Generator().manual_seed(RUN_SEED)
         losses = []
         for step in range(5):
+            if step == 1:  # the optimizer's state is made: from here on, only the step's own memory comes and goes
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
             for layer in model.modules():
                 if isinstance(layer, KtMoeLayer) and layer.accelerator is not None:
                     assert layer.accelerator.tier_name == "streamed"
@@ -199,6 +203,7 @@ def test_streamed_model_on_cuda_trains_as_stock_and_fetches_ahead(monkeypatch, e
             optimizer.step()
             optimizer.zero_grad()
             losses.append(loss.item())
+        step_bytes = torch.cuda.max_memory_allocated() - base
         if patched:
             factors = [p for name, p in model.named_parameters() if ".experts." in name and "lora_" in name]
             layers = [layer for layer in model.modules() if isinstance(layer, KtMoeLayer)]
@@ -206,15 +211,23 @@ def test_streamed_model_on_cuda_trains_as_stock_and_fetches_ahead(monkeypatch, e
             assert all(optimizer.state[p]["exp_avg"].device.type == "cuda" for p in factors)
             # hybrid: the CPU kernel computed its experts from host copies of the factors
             assert all((layer.expert_runs > 0) == (executor == "hybrid") for layer in layers)
-        return losses
+        return losses, step_bytes
 
-    stock = train(patched=False)
+    c = tiny_models.config("qwen3_moe")
+    E, H, I = c.num_experts, c.hidden_size, c.moe_intermediate_size
+    layer_bytes = executor_module.layer_bytes(ExpertKernel(torch.randn(E, 2 * I, H), torch.randn(E, H, I), threads=1))
+    stock, stock_bytes = train(patched=False)
     hits.clear()
-    losses = train(patched=True)
+    losses, step_bytes = train(patched=True)
     for a, b in zip(stock, losses):
         assert abs(a - b) <= 1e-4 * abs(a), f"run seed {RUN_SEED}: {stock} vs {losses}"
+    # the stream buffers: the layer computing and two fetched ahead (activations and gradients are tiny beside them)
+    assert step_bytes - stock_bytes <= 3.25 * layer_bytes, (step_bytes, stock_bytes, layer_bytes)
     assert sum(hits) >= 2 * 3  # from the second step: the forward's and the backward's
     if executor == "accelerator":  # the same plan every step: the rows at either end of the order are kept
         layers = len(set(fetches))
         first_step = layers + layers - 1  # the forward's last layer's rows stay for its recompute
         assert len(fetches) == first_step + 4 * (2 * layers - 2), (len(fetches), layers)
+        # two ahead: the second and third layer of a pass find the next one's rows already fetched (all but the first
+        # step's forward, whose next plans are not known yet)
+        assert sum(still_ahead) == 2 + 4 * 2 * 2, still_ahead
