@@ -668,7 +668,6 @@ class AcceleratorTier:
         self._popular_order: torch.Tensor | None = None
         self._rows_by_place: torch.Tensor | None = None
         self._recorded = None  # a recompute's forward under autograd, for the backward that follows it
-        self._factors: tuple[_FactorSources, dict] | None = None  # device copies of host factors
         self._steps = 0  # steps planned
         if device.type == "cuda" and device not in _step_starts:
             _step_starts[device] = _StepStart(device)
@@ -905,13 +904,11 @@ class AcceleratorTier:
         return _Groups(experts, tokens, slots, group, ends)
 
     def _device_factors(self, lora: ExpertLora) -> dict[str, torch.Tensor]:
-        """fp32 device copies of the factors, expert-major: A [E, r, in], B [E, out, r] (gate rows first). Copied
-        from host memory again only when a factor changed (an optimizer step bumps its version), so a step's
-        forward, recompute and backward share one copy; factors already on the device are laid out anew at every
-        call (cheap there, and right after an optimizer that writes ``.data`` without bumping the version)."""
-        on_device = all(t.device == self.device for t in lora.tensors())
-        if not on_device and self._factors is not None and self._factors[0].unchanged(lora):
-            return self._factors[1]
+        """fp32 factors on the device, expert-major: A [E, r, in], B [E, out, r] (gate rows first). Made anew at every
+        call: factors in host memory (pinned) are copied without waiting, and a copy kept from the forward to the
+        backward would hold the device memory of every layer's factors through the step's peak (the head and the
+        loss, at long sequences); factors already on the device may have been written by an optimizer without a new
+        version (``.data``)."""
         E, out = self.kernel.num_experts, {}
         for which, factors in lora.items():
             rank = factors.A.shape[0] // E
@@ -920,7 +917,6 @@ class AcceleratorTier:
             B = B.view(B.shape[0], rank, E).permute(2, 0, 1)
             B = _gate_then_up(B, 1) if which == "gate_up" and self.spec.interleaved else B
             out[f"{which}_A"], out[f"{which}_B"] = A, B.contiguous()  # the grouped GEMM's layout
-        self._factors = None if on_device else (_FactorSources.of(lora), out)
         return out
 
     def _lora_of_groups(self, lora: ExpertLora, groups: _Groups) -> dict[str, torch.Tensor]:
