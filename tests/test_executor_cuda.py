@@ -221,8 +221,9 @@ def test_streamed_model_on_cuda_trains_as_stock_and_fetches_ahead(monkeypatch, e
     losses, step_bytes = train(patched=True)
     for a, b in zip(stock, losses):
         assert abs(a - b) <= 1e-4 * abs(a), f"run seed {RUN_SEED}: {stock} vs {losses}"
-    # the stream buffers: the layer computing and two fetched ahead (activations and gradients are tiny beside them)
-    assert step_bytes - stock_bytes <= 3.25 * layer_bytes, (step_bytes, stock_bytes, layer_bytes)
+    # the stream buffers: the layer computing and two fetched ahead, one of them (the rows kept at the end of the step
+    # before) already counted in the base (activations and gradients are tiny beside them)
+    assert step_bytes - stock_bytes <= 2.5 * layer_bytes, (step_bytes, stock_bytes, layer_bytes)
     assert sum(hits) >= 2 * 3  # from the second step: the forward's and the backward's
     if executor == "accelerator":  # the same plan every step: the rows at either end of the order are kept
         layers = len(set(fetches))
