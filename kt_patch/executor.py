@@ -476,6 +476,9 @@ class _FetchedRows:
     plan: TierPlan
     packed: dict[str, torch.Tensor]
     ready: torch.cuda.Event
+    # the layer's expert-LoRA factors where they are in host memory, copied with the rows (on the link's queue: a copy
+    # on the compute stream would wait behind the fetches queued there), and what they were copied from
+    factors: tuple[_FactorSources, list[torch.Tensor]] | None = None
 
 
 class _Prefetcher:
@@ -519,7 +522,9 @@ class _Prefetcher:
         if self._following(tier, backward) != []:
             return False
         if not self._ahead:
-            self._ahead = [(weakref.ref(tier), used)]
+            # the factors' copies stay for the same step's backward only: an optimizer may step the factors before
+            # the next forward without a new version
+            self._ahead = [(weakref.ref(tier), dataclasses.replace(used, factors=None) if backward else used)]
         return True
 
     def fetch_next(self, tier: AcceleratorTier, backward: bool) -> None:
@@ -673,6 +678,9 @@ class AcceleratorTier:
             _step_starts[device] = _StepStart(device)
         self._step_start = _step_starts.get(device)
         self._host_lora: _HostFactors | None = None
+        # the expert-LoRA factors this layer was last called with, where they are in host memory (held weakly): fetched
+        # with its rows
+        self._host_factors: _FactorSources | None = None
         self._span: _Timer | None = None  # since the expert part under way started
 
     @property
@@ -847,38 +855,51 @@ class AcceleratorTier:
         stream = self.copy_stream
         stream.wait_stream(compute)
         timer = _Timer(stream)
+        sources = self._host_factors
+        factors = None if sources is None else [ref() for ref in sources.tensors]
+        factors = None if factors is None or any(t is None for t in factors) else \
+            [torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in factors]
         with torch.cuda.stream(stream):
             for name in _MATRICES:
                 src, dst = self.packed[name], packed[name]
                 for at, first, count in _runs(plan.experts):  # a copy per run of consecutive experts
                     dst[at:at + count].copy_(src[first:first + count], non_blocking=True)
+            for ref, dst in zip(sources.tensors if factors else (), factors or ()):
+                dst.copy_(ref().detach(), non_blocking=True)
             ready = torch.cuda.Event()
             ready.record(stream)
         self._window.parts["link"].append((backward, timer.stop()))
-        return _FetchedRows(plan, packed, ready)
+        return _FetchedRows(plan, packed, ready, None if factors is None else (sources, factors))
 
-    def _weights(self, plan: TierPlan, backward: bool) -> tuple[dict[str, torch.Tensor], _Timer]:
+    def _weights(self, plan: TierPlan, backward: bool, lora: ExpertLora) -> tuple[dict, dict, _Timer]:
         """[n, N, K] weights of the groups :meth:`_groups` makes: the layer's own (resident), else ``plan``'s (for a
-        forward, or a recompute or backward); and a timer of the accelerator's work, started before any unpacking."""
+        forward, or a recompute or backward); ``lora``'s factors on the device (:meth:`_device_factors`); and a timer
+        of the accelerator's work, started before any unpacking. The following layers' fetches are queued last."""
+        on_host = self.device.type == "cuda" and all(t.device.type == "cpu" for t in lora.tensors())
+        self._host_factors = _FactorSources.of(lora) if on_host and lora.tensors() else None
         if self.resident is not None:
+            timer = self._compute_timer()
+            factors = self._device_factors(lora)
             if self.prefetcher is not None:
                 self.prefetcher.fetch_next(self, backward)
-            return self.resident, self._compute_timer()
+            return self.resident, factors, timer
         if self.copy_stream is None:
             timer = self._compute_timer()
             experts = torch.tensor(plan.experts, dtype=torch.long)
             return {name: self.kernel.unpack(self.packed[name][experts].to(self.device), name)
-                    for name in _MATRICES}, timer
+                    for name in _MATRICES}, self._device_factors(lora), timer
         rows = self.prefetcher.take(self, plan)
         if rows is None:
             rows = self.fetch(plan, backward)
         torch.cuda.current_stream(self.device).wait_event(rows.ready)
         timer = self._compute_timer()
         weights = {name: self.kernel.unpack(rows.packed[name], name) for name in _MATRICES}
+        fetched = rows.factors[1] if rows.factors is not None and rows.factors[0].unchanged(lora) else None
+        factors = self._device_factors(lora, fetched)
         if not self.prefetcher.keep(self, backward, rows):
             del rows  # unpacked: the next fetch may take its buffer
             self.prefetcher.fetch_next(self, backward)
-        return weights, timer
+        return weights, factors, timer
 
     def _group_experts(self, plan: TierPlan) -> torch.Tensor:
         """The expert of each group (on the device): a resident layer groups all its experts (those of the CPU
@@ -903,25 +924,25 @@ class AcceleratorTier:
         ends = torch.cumsum(_rows_per_expert(group, experts.numel()), 0).to(torch.int32)
         return _Groups(experts, tokens, slots, group, ends)
 
-    def _device_factors(self, lora: ExpertLora) -> dict[str, torch.Tensor]:
-        """fp32 factors on the device, expert-major: A [E, r, in], B [E, out, r] (gate rows first). Made anew at every
-        call: factors in host memory (pinned) are copied without waiting, and a copy kept from the forward to the
-        backward would hold the device memory of every layer's factors through the step's peak (the head and the
-        loss, at long sequences); factors already on the device may have been written by an optimizer without a new
-        version (``.data``)."""
+    def _device_factors(self, lora: ExpertLora, fetched: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """fp32 factors on the device, expert-major: A [E, r, in], B [E, out, r] (gate rows first), from ``lora``'s
+        factors or from ``fetched`` copies of them (:meth:`fetch`). Made anew at every call: a copy kept from the
+        forward to the backward would hold the device memory of every layer's factors through the step's peak (the
+        head and the loss, at long sequences), and factors on the device may have been written by an optimizer
+        without a new version (``.data``)."""
+        tensors = iter(fetched if fetched is not None else [t.detach() for t in lora.tensors()])
         E, out = self.kernel.num_experts, {}
         for which, factors in lora.items():
             rank = factors.A.shape[0] // E
-            A = factors.A.detach().to(self.device, torch.float32, non_blocking=True).view(E, rank, -1)
-            B = factors.B.detach().to(self.device, torch.float32, non_blocking=True)
+            A = next(tensors).to(self.device, torch.float32, non_blocking=True).view(E, rank, -1)
+            B = next(tensors).to(self.device, torch.float32, non_blocking=True)
             B = B.view(B.shape[0], rank, E).permute(2, 0, 1)
             B = _gate_then_up(B, 1) if which == "gate_up" and self.spec.interleaved else B
             out[f"{which}_A"], out[f"{which}_B"] = A, B.contiguous()  # the grouped GEMM's layout
         return out
 
-    def _lora_of_groups(self, lora: ExpertLora, groups: _Groups) -> dict[str, torch.Tensor]:
-        """The groups' rows of :meth:`_device_factors`, as new leaves (for the backward)."""
-        factors = self._device_factors(lora)
+    def _lora_of_groups(self, factors: dict[str, torch.Tensor], groups: _Groups) -> dict[str, torch.Tensor]:
+        """The groups' rows of the :meth:`_device_factors`, as new leaves (for the backward)."""
         if self.resident is not None:  # every expert is a group
             return {key: t.detach() for key, t in factors.items()}
         return {key: t[groups.experts] for key, t in factors.items()}
@@ -972,14 +993,14 @@ class AcceleratorTier:
         self._recorded = None
         try:
             groups = self._groups(ids.to(self.device), plan)  # a partial plan syncs: before waiting on weights
-            weights, timer = self._weights(plan, backward=for_backward)
+            weights, factors, timer = self._weights(plan, for_backward, lora)
             if for_backward:
-                self._recorded = self._record(x, w, lora, plan, groups, weights)
+                self._recorded = self._record(x, w, lora, plan, groups, weights, factors)
                 y = self._recorded[-1].detach()
             else:
                 with torch.no_grad():
-                    y = self._run(x.to(self.device), w.to(self.device), groups, weights,
-                                  self._lora_of_groups(lora, groups), {which: f.scaling for which, f in lora.items()})
+                    y = self._run(x.to(self.device), w.to(self.device), groups, weights, self._lora_of_groups(
+                        factors, groups), {which: f.scaling for which, f in lora.items()})
         except torch.OutOfMemoryError:
             self._recorded = None
             self._warn_out_of_memory("forward")
@@ -1038,11 +1059,11 @@ class AcceleratorTier:
         dx, dw = self.kernel.backward(ctx, self.kernel.host_tokens(dy, x_cpu.dtype), lora_parts)
         return y, dx.to(self.device), dw.to(self.device), lambda into=None: _add_into(into, lora_parts)
 
-    def _record(self, x, w, lora, plan, groups, weights):
+    def _record(self, x, w, lora, plan, groups, weights, factors):
         """The accelerator's forward under autograd, from leaves: ``(plan, x, w, LoRA groups, y)``."""
         x_leaf = x.detach().to(self.device).requires_grad_(True)
         w_leaf = w.detach().to(self.device).requires_grad_(True)
-        lora_groups = {key: t.requires_grad_(True) for key, t in self._lora_of_groups(lora, groups).items()}
+        lora_groups = {key: t.requires_grad_(True) for key, t in self._lora_of_groups(factors, groups).items()}
         # A graph of its own, kept by this tier: a checkpoint's saved-tensors hooks (active in a recompute) must not
         # take its tensors, which the first forward never saved.
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep_tensor, _keep_tensor):
@@ -1059,8 +1080,8 @@ class AcceleratorTier:
         try:
             if recorded is None or recorded[1].shape != x.shape or recorded[0] != plan:
                 groups = self._groups(ids.to(self.device), plan)
-                weights, timer = self._weights(plan, backward=True)
-                recorded = self._record(x, w, lora, plan, groups, weights)
+                weights, factors, timer = self._weights(plan, True, lora)
+                recorded = self._record(x, w, lora, plan, groups, weights, factors)
             else:
                 timer = self._compute_timer()
             _, x_leaf, w_leaf, lora_groups, y = recorded

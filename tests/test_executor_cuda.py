@@ -142,14 +142,15 @@ def test_an_adapter_added_on_the_gpu_keeps_its_expert_factors_there(tmp_path):
         kt_patch.disable()
 
 
-@pytest.mark.parametrize("executor", ["hybrid", "accelerator"])
-def test_streamed_model_on_cuda_trains_as_stock_and_fetches_ahead(monkeypatch, executor):
+@pytest.mark.parametrize("executor, placement", [("hybrid", "model"), ("accelerator", "model"), ("accelerator", "host")])
+def test_streamed_model_on_cuda_trains_as_stock_and_fetches_ahead(monkeypatch, executor, placement):
     """A whole model of four MoE layers, every one streamed (a budget of 3.5 layers' packed experts: the stream
     buffers, no room for a resident layer) under non-reentrant checkpointing, with a split that changes between steps
     (hybrid: some, none or every expert on the GPU) or every expert on the GPU: the same losses as stock on the GPU
     (fp32, 1e-4); the next two layers' weights are fetched ahead and used, within the stream buffers; the expert-LoRA
     factors are on the GPU with the model, where the optimizer steps them (fused AdamW, which writes them without
-    bumping their versions: the CPU kernel reads host copies made each step)."""
+    bumping their versions: the CPU kernel reads host copies made each step), or in host memory (placement 'host':
+    copied to the GPU with the weights, never from before an optimizer step)."""
     import tiny_models
     from peft import get_peft_model
 
@@ -178,7 +179,7 @@ def test_streamed_model_on_cuda_trains_as_stock_and_fetches_ahead(monkeypatch, e
         torch.manual_seed(0)
         model = tiny_models.build("qwen3_moe", seed=2, num_hidden_layers=4)
         if patched:
-            patch_model(model, resolve({"threads": 2, "executor": executor,
+            patch_model(model, resolve({"threads": 2, "executor": executor, "expert_lora_placement": placement,
                                         "gpu_expert_budget": 3.5 * layer_bytes / 2**30}))
         config = tiny_models.lora_config("qwen3_moe")
         config.init_lora_weights = False
@@ -207,8 +208,9 @@ def test_streamed_model_on_cuda_trains_as_stock_and_fetches_ahead(monkeypatch, e
         if patched:
             factors = [p for name, p in model.named_parameters() if ".experts." in name and "lora_" in name]
             layers = [layer for layer in model.modules() if isinstance(layer, KtMoeLayer)]
-            assert factors and all(p.device.type == "cuda" for p in factors)
-            assert all(optimizer.state[p]["exp_avg"].device.type == "cuda" for p in factors)
+            where = "cuda" if placement == "model" else "cpu"
+            assert factors and all(p.device.type == where for p in factors)
+            assert all(optimizer.state[p]["exp_avg"].device.type == where for p in factors)
             # hybrid: the CPU kernel computed its experts from host copies of the factors
             assert all((layer.expert_runs > 0) == (executor == "hybrid") for layer in layers)
         return losses, step_bytes
