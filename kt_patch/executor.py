@@ -516,15 +516,22 @@ class _Prefetcher:
         return [t for t in after if t is not None and t.resident is None]
 
     def keep(self, tier: AcceleratorTier, backward: bool, used: _FetchedRows) -> bool:
-        """Where no streamed layer follows ``tier`` in its pass, the rows it has just ``used`` stay as the ones ahead
-        (True): the next pass starts with this layer (the backward after the forward's last streamed layer, the
-        next step's forward after the backward's), and its frozen weights need not cross the link again."""
-        if self._following(tier, backward) != []:
+        """Where ``tier`` is among the last streamed layers of its pass, the rows it has just ``used`` stay ahead
+        (True): the next pass starts with these layers (the backward with the forward's last, the next step's forward
+        with the backward's), and their frozen weights need not cross the link again. A forward keeps its last
+        layer's rows only, through the head and the loss (the step's peak at long sequences); a backward the last
+        ``tier.fetch_depth`` (the stream buffers), through the optimizer's step."""
+        following = self._following(tier, backward)
+        stay = tier.fetch_depth if backward else 1
+        if following is None or len(following) >= stay or len(self._ahead) >= stay:
             return False
-        if not self._ahead:
-            # the factors' copies stay for the same step's backward only: an optimizer may step the factors before
-            # the next forward without a new version
-            self._ahead = [(weakref.ref(tier), dataclasses.replace(used, factors=None) if backward else used)]
+        # the factors' copies stay for the same step's backward only: an optimizer may step the factors before the
+        # next forward without a new version
+        entry = (weakref.ref(tier), dataclasses.replace(used, factors=None) if backward else used)
+        # the next pass runs the other way: these rows go after those fetched for the rest of this pass, before those
+        # kept from its earlier layers
+        at = sum(1 for holder, _ in self._ahead if holder() in following)
+        self._ahead.insert(at, entry)
         return True
 
     def fetch_next(self, tier: AcceleratorTier, backward: bool) -> None:
