@@ -110,11 +110,20 @@ def layer_bytes(kernel: ExpertKernel) -> int:
 
 
 class GpuExpertBudget:
-    """Bytes of accelerator memory that resident experts may take, shared by the layers of a process."""
+    """Bytes of accelerator memory that resident experts may take, shared by the layers of a process (a patched
+    model's), and which of those layers they are."""
 
     def __init__(self, budget_gib):
         self.budget_gib = budget_gib
         self.left: int | None = None
+        self._positions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # kernel -> its place in the order
+        self._resident_layers: int | None = None  # how many layers' experts the budget holds beside the stream buffers
+
+    def add(self, kernel: ExpertKernel) -> None:
+        """``kernel``'s layer shares this budget, next in the model's order: its stream buffers must fit (checked when
+        the model is patched, before any step)."""
+        self.check(kernel)
+        self._positions.setdefault(kernel, len(self._positions))
 
     def check(self, kernel: ExpertKernel) -> None:
         """A budget given in GiB must hold the stream buffers of ``kernel``'s layer with one layer fetched ahead
@@ -144,6 +153,14 @@ class GpuExpertBudget:
                 self.left = int(free * 0.5)  # the other half for activations, optimizer state and LoRA
             else:
                 self.left = int(float(self.budget_gib) * 2**30)
+            self._resident_layers = max(0, self.left // resident_bytes - _stream_buffers(_FETCH_DEPTH))
+        # Where not every layer can be resident, the resident ones are spread evenly over the model's order: each
+        # computes while the link fetches the streamed layers after it (a run of resident layers at one end of the
+        # order would leave the link idle there, with the streamed layers' fetches all on the critical path).
+        position, layers, resident = self._positions.get(kernel), len(self._positions), self._resident_layers
+        if position is not None and resident < layers and \
+                (position + 1) * resident // layers == position * resident // layers:
+            return False
         if resident_bytes > self.left - _stream_buffers(_FETCH_DEPTH) * resident_bytes:
             return False
         self.left -= resident_bytes

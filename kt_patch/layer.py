@@ -141,7 +141,7 @@ class KtMoeLayer(nn.Module):
         self._gpu_budget = gpu_budget or GpuExpertBudget("auto")
         self._shared_rates = shared_rates
         if executor != "cpu":
-            self._gpu_budget.check(kernel)
+            self._gpu_budget.add(kernel)
         self.accelerator: AcceleratorTier | None = None  # made at the first forward, once the device is known
         self.expert_runs = 0
         if lora_experts is not None:

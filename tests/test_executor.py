@@ -425,6 +425,23 @@ def test_expert_lora_factors_go_with_the_model_unless_the_executor_is_cpu():
         assert all(kept.get_parameter(name).device.type == "cpu" for name in names), placement
 
 
+def test_resident_layers_are_spread_over_the_model():
+    """A budget that holds two of four layers' experts beside the stream buffers makes every second layer resident,
+    not the first two (each resident layer then computes while the link fetches the streamed ones after it), whatever
+    order the layers' tiers are made in; one with room for every layer keeps them all."""
+    c = tiny_models.config("qwen3_moe")
+    one_layer = layer_bytes(ExpertKernel(torch.randn(c.num_experts, 2 * c.moe_intermediate_size, c.hidden_size),
+                                         torch.randn(c.num_experts, c.hidden_size, c.moe_intermediate_size), threads=1))
+    for layers, expected in ((5.5, ["streamed", "resident", "streamed", "resident"]), (7.0, ["resident"] * 4)):
+        patched = tiny_models.build("qwen3_moe", seed=2, num_hidden_layers=4)
+        patch_model(patched, resolve({"threads": 1, "executor": "accelerator",
+                                      "gpu_expert_budget": layers * one_layer / 2**30}))
+        moe = [m for m in patched.modules() if isinstance(m, KtMoeLayer)]
+        for layer in reversed(moe):  # tiers made last layer first
+            layer._accelerator_for(CPU)
+        assert [layer.accelerator.tier_name for layer in moe] == expected, layers
+
+
 def test_factors_cast_with_the_model_reach_the_kernel_in_a_dtype_it_takes():
     """.half() after patching casts the expert-LoRA factors with the model (executor='auto' on the host): the kernel
     gets fp32 copies of them and their gradients come back in fp16, as the factors' own dtype."""
