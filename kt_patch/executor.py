@@ -6,14 +6,16 @@ summed. Gradients (dx, routing weights, the expert-LoRA factors) mean the same o
 which autograd adds into the PEFT parameters' ``.grad``. The expert-LoRA factors live with the model (on the
 accelerator, where the optimizer steps them, unless something keeps them in host memory): the accelerator uses them in
 place, the CPU kernel reads host copies made once per step (:meth:`AcceleratorTier.host_lora`), and its gradients are
-added to the accelerator's on the device.
+added to the accelerator's on the device. Factors kept in host memory reach the accelerator as copies made at each
+use, a streamed layer's with its weights.
 
-Weights on the accelerator are either *resident* (unpacked onto the device once, within the ``gpu_expert_budget``)
-or *streamed*: the rows of the kernel's own packed buffers (:meth:`ExpertKernel.packed_weights`, registered as pinned
-memory in place, so host memory does not grow) are copied on a side stream, unpacked where they are used and freed
-after use. The streamed layers of a device are fetched one ahead of use (:class:`_Prefetcher`): the next layer's
-during a forward, the previous layer's during a backward, so the link works while both sides compute; at either end of
-the order a layer's rows stay for the pass that starts with it again. A plain forward keeps nothing
+Weights on the accelerator are either *resident* (unpacked onto the device once, within the ``gpu_expert_budget``;
+the resident layers spread over the model's order) or *streamed*: the rows of the kernel's own packed buffers
+(:meth:`ExpertKernel.packed_weights`, registered as pinned memory in place, so host memory does not grow) are copied
+on a side stream, unpacked where they are used and freed after use. The streamed layers of a device are fetched two
+ahead of use (:class:`_Prefetcher`): the next layers' during a forward, the previous layers' during a backward, so the
+link works while both sides compute; at either end of the order the rows of the pass's last layers stay for the pass
+that starts with them again. A plain forward keeps nothing
 for its backward, which fetches the weights again and recomputes the accelerator's experts under autograd; a
 checkpointed layer's recompute, whose backward follows at once, records its computation for it.
 
