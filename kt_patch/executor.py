@@ -118,14 +118,15 @@ class GpuExpertBudget:
     def __init__(self, budget_gib):
         self.budget_gib = budget_gib
         self.left: int | None = None
-        self._positions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # kernel -> its place in the order
+        self.layers = 0  # layers sharing the budget
         self._resident_layers: int | None = None  # how many layers' experts the budget holds beside the stream buffers
 
-    def add(self, kernel: ExpertKernel) -> None:
+    def add(self, kernel: ExpertKernel) -> int:
         """``kernel``'s layer shares this budget, next in the model's order: its stream buffers must fit (checked when
-        the model is patched, before any step)."""
+        the model is patched, before any step). Its place in that order."""
         self.check(kernel)
-        self._positions.setdefault(kernel, len(self._positions))
+        self.layers += 1
+        return self.layers - 1
 
     def check(self, kernel: ExpertKernel) -> None:
         """A budget given in GiB must hold the stream buffers of ``kernel``'s layer with one layer fetched ahead
@@ -136,17 +137,10 @@ class GpuExpertBudget:
                              f"stream buffers ({stream_bytes / 2**30:.3f} GiB: {_stream_buffers(1)} times the "
                              "layer's experts); give at least that, 'auto', or executor='cpu'")
 
-    def fetch_depth(self, kernel: ExpertKernel) -> int:
-        """How many streamed layers of ``kernel``'s size are fetched ahead: :data:`_FETCH_DEPTH` where the budget
-        holds their buffers, else one."""
-        if self.budget_gib == "auto" or \
-                float(self.budget_gib) * 2**30 >= _stream_buffers(_FETCH_DEPTH) * layer_bytes(kernel):
-            return _FETCH_DEPTH
-        return 1
-
-    def take(self, kernel: ExpertKernel, device: torch.device) -> bool:
-        """Reserve room for ``kernel``'s layer to be resident if the budget, less the stream buffers, allows it;
-        False: that layer streams."""
+    def take(self, kernel: ExpertKernel, device: torch.device, position: int | None = None) -> tuple[bool, int]:
+        """Whether ``kernel``'s layer, at ``position`` in the model's order (:meth:`add`), is resident: room reserved
+        for it if the budget, less the stream buffers, allows it (False: it streams); and how many streamed layers of
+        its size are fetched ahead: :data:`_FETCH_DEPTH` where the budget holds their buffers, else one."""
         self.check(kernel)
         resident_bytes = layer_bytes(kernel)
         if self.left is None:
@@ -156,17 +150,18 @@ class GpuExpertBudget:
             else:
                 self.left = int(float(self.budget_gib) * 2**30)
             self._resident_layers = max(0, self.left // resident_bytes - _stream_buffers(_FETCH_DEPTH))
+        depth = _FETCH_DEPTH if self.left >= _stream_buffers(_FETCH_DEPTH) * resident_bytes else 1
         # Where not every layer can be resident, the resident ones are spread evenly over the model's order: each
         # computes while the link fetches the streamed layers after it (a run of resident layers at one end of the
         # order would leave the link idle there, with the streamed layers' fetches all on the critical path).
-        position, layers, resident = self._positions.get(kernel), len(self._positions), self._resident_layers
-        if position is not None and resident < layers and \
-                (position + 1) * resident // layers == position * resident // layers:
-            return False
+        resident = self._resident_layers
+        if position is not None and resident < self.layers and \
+                (position + 1) * resident // self.layers == position * resident // self.layers:
+            return False, depth
         if resident_bytes > self.left - _stream_buffers(_FETCH_DEPTH) * resident_bytes:
-            return False
+            return False, depth
         self.left -= resident_bytes
-        return True
+        return True, depth
 
 
 def _pin_in_place(kernel: ExpertKernel, tensors) -> None:
@@ -495,9 +490,22 @@ class _FetchedRows:
     plan: TierPlan
     packed: dict[str, torch.Tensor]
     ready: torch.cuda.Event
-    # the layer's expert-LoRA factors where they are in host memory, copied with the rows (on the link's queue: a copy
-    # on the compute stream would wait behind the fetches queued there), and what they were copied from
-    factors: tuple[_FactorSources, list[torch.Tensor]] | None = None
+    stream: torch.cuda.Stream  # the compute stream whose memory the rows are in
+    factors: _FactorCopies | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.packed.values(), *(self.factors.tensors if self.factors is not None else ())]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _FactorCopies:
+    """A streamed layer's expert-LoRA factors in host memory, copied to the device with its rows (on the link's queue:
+    a copy on the compute stream would wait behind the fetches queued there): what they were copied from, and in
+    which step (:class:`_StepStart`: an optimizer may step the factors between steps without a new version)."""
+
+    sources: _FactorSources
+    tensors: list[torch.Tensor]
+    step: torch.cuda.Event | None
 
 
 class _Prefetcher:
@@ -544,9 +552,7 @@ class _Prefetcher:
         stay = tier.fetch_depth if backward else 1
         if following is None or len(following) >= stay or len(self._ahead) >= stay:
             return False
-        # the factors' copies stay for the same step's backward only: an optimizer may step the factors before the
-        # next forward without a new version
-        entry = (weakref.ref(tier), dataclasses.replace(used, factors=None) if backward else used)
+        entry = (weakref.ref(tier), used)
         # the next pass runs the other way: these rows go after those fetched for the rest of this pass, before those
         # kept from its earlier layers
         at = sum(1 for holder, _ in self._ahead if holder() in following)
@@ -557,24 +563,33 @@ class _Prefetcher:
         """Have the streamed layers that run after ``tier`` in its pass fetched for their plans, up to
         ``tier.fetch_depth`` of them; called once ``tier``'s own packed rows are unpacked and let go (their buffer
         is free for the next fetch)."""
-        following = (self._following(tier, backward) or [])[:tier.fetch_depth]
+        after = self._following(tier, backward) or []
+        following = after[:tier.fetch_depth]
         if not following:
             return
         wanted = [(target, target.step_plan if backward else target.upcoming_plan()) for target in following]
         wanted = [(target, plan) for target, plan in wanted if plan is not None and plan.any]
         found = [next((rows for holder, rows in self._ahead if holder() is target and rows.plan == plan), None)
                  for target, plan in wanted]
-        self._release([entry for entry in self._ahead if not any(entry[1] is rows for rows in found)])
+        # rows kept for the next pass by layers this pass has run (:meth:`keep`) stay, after the ones it still needs
+        kept = [(holder, rows) for holder, rows in self._ahead if holder() is not None and holder() not in after
+                and holder() is not tier]
+        self._release([(holder, rows) for holder, rows in self._ahead
+                       if not any(rows is other for other in found) and not any(rows is other for _, other in kept)])
         self._ahead = []
-        for at, ((target, plan), rows) in enumerate(zip(wanted, found)):
-            if rows is None:
-                try:
+        try:
+            for at, ((target, plan), rows) in enumerate(zip(wanted, found)):
+                if rows is None:
                     rows = target.fetch(plan, backward)
-                except torch.OutOfMemoryError:  # these layers are fetched when they run instead
-                    self._release([(None, later) for later in found[at + 1:] if later is not None])
-                    torch.cuda.empty_cache()
-                    return
-            self._ahead.append(((lambda target=target: target), rows))
+                self._ahead.append(((lambda target=target: target), rows))
+        except BaseException as error:  # out of memory: these layers are fetched when they run instead
+            self._release([(None, later) for later in found[at + 1:] if later is not None])
+            self._release(kept)
+            if not isinstance(error, torch.OutOfMemoryError):
+                raise
+            torch.cuda.empty_cache()
+            return
+        self._ahead += kept
 
     def take(self, tier: AcceleratorTier, plan: TierPlan) -> _FetchedRows | None:
         """The rows fetched ahead (or kept) for ``tier``'s ``plan`` (the caller's stream waits for them), or None;
@@ -597,7 +612,7 @@ class _Prefetcher:
         """Rows that will not be used: their memory (the compute stream's) returns once the copies queued so far
         are done."""
         for _, rows in entries:
-            for tensor in rows.packed.values():
+            for tensor in rows.tensors():
                 tensor.record_stream(self.copy_stream)
 
 
@@ -627,7 +642,10 @@ class _FactorSources:
 
     @classmethod
     def of(cls, lora: ExpertLora) -> _FactorSources:
-        tensors = lora.tensors()
+        return cls.of_tensors(lora.tensors())
+
+    @classmethod
+    def of_tensors(cls, tensors: list[torch.Tensor]) -> _FactorSources:
         return cls(tuple(weakref.ref(t) for t in tensors), tuple(t._version for t in tensors))
 
     def unchanged(self, lora: ExpertLora) -> bool:
@@ -654,11 +672,12 @@ class _HostFactors:
 
 class AcceleratorTier:
     """The accelerator's share of one MoE layer's routed experts, on ``device`` (a CPU device runs the same torch code:
-    how the split is tested without a GPU)."""
+    how the split is tested without a GPU); ``position``: the layer's place in the model's order among those sharing
+    ``budget`` (:meth:`GpuExpertBudget.add`)."""
 
     def __init__(self, kernel: ExpertKernel, device: torch.device, *, executor: str, budget: GpuExpertBudget,
-                 accelerator_fraction: float | None, shared_rates: SharedRates | None = None, gate_up_bias=None,
-                 down_bias=None):
+                 accelerator_fraction: float | None, shared_rates: SharedRates | None = None,
+                 position: int | None = None, gate_up_bias=None, down_bias=None):
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         self.kernel, self.device, self.executor = kernel, device, executor
@@ -667,11 +686,11 @@ class AcceleratorTier:
         self.packed = kernel.packed_weights()
         self.resident = None
         self._all_experts = TierPlan(tuple(range(kernel.num_experts)), kernel.num_experts)  # its tensors made once
-        if budget.take(kernel, device):
+        resident, self.fetch_depth = budget.take(kernel, device, position)  # the depth: layers fetched ahead of it
+        if resident:
             self.resident = {name: kernel.unpack(self.packed[name].to(device), name) for name in _MATRICES}
         elif device.type == "cuda":
             _pin_in_place(kernel, self.packed.values())
-        self.fetch_depth = budget.fetch_depth(kernel)  # streamed layers fetched ahead of this one
         self.prefetcher, self.copy_stream = None, None
         if device.type == "cuda":  # resident layers take part too: they start the fetch of the streamed layer after
             if device not in _prefetchers:
@@ -704,9 +723,9 @@ class AcceleratorTier:
             _step_starts[device] = _StepStart(device)
         self._step_start = _step_starts.get(device)
         self._host_lora: _HostFactors | None = None
-        # the expert-LoRA factors this layer was last called with, where they are in host memory (held weakly): fetched
-        # with its rows
-        self._host_factors: _FactorSources | None = None
+        # the expert-LoRA factors this layer was last called with, where they are in host memory (weak references):
+        # fetched with its rows
+        self._host_factors: list[weakref.ref] | None = None
         self._span: _Timer | None = None  # since the expert part under way started
 
     @property
@@ -881,28 +900,30 @@ class AcceleratorTier:
         stream = self.copy_stream
         stream.wait_stream(compute)
         timer = _Timer(stream)
-        sources = self._host_factors
-        factors = None if sources is None else [ref() for ref in sources.tensors]
-        factors = None if factors is None or any(t is None for t in factors) else \
-            [torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in factors]
+        hosts = [ref() for ref in self._host_factors] if self._host_factors is not None else []
+        factors = None
+        if hosts and all(t is not None for t in hosts):
+            factors = _FactorCopies(_FactorSources.of_tensors(hosts),
+                                    [torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in hosts],
+                                    self._step_start.event)
         with torch.cuda.stream(stream):
             for name in _MATRICES:
                 src, dst = self.packed[name], packed[name]
                 for at, first, count in _runs(plan.experts):  # a copy per run of consecutive experts
                     dst[at:at + count].copy_(src[first:first + count], non_blocking=True)
-            for ref, dst in zip(sources.tensors if factors else (), factors or ()):
-                dst.copy_(ref().detach(), non_blocking=True)
+            for host, dst in zip(hosts, factors.tensors if factors is not None else ()):
+                dst.copy_(host.detach(), non_blocking=True)
             ready = torch.cuda.Event()
             ready.record(stream)
         self._window.parts["link"].append((backward, timer.stop()))
-        return _FetchedRows(plan, packed, ready, None if factors is None else (sources, factors))
+        return _FetchedRows(plan, packed, ready, compute, factors)
 
     def _weights(self, plan: TierPlan, backward: bool, lora: ExpertLora) -> tuple[dict, dict, _Timer]:
         """[n, N, K] weights of the groups :meth:`_groups` makes: the layer's own (resident), else ``plan``'s (for a
         forward, or a recompute or backward); ``lora``'s factors on the device (:meth:`_device_factors`); and a timer
         of the accelerator's work, started before any unpacking. The following layers' fetches are queued last."""
         on_host = self.device.type == "cuda" and all(t.device.type == "cpu" for t in lora.tensors())
-        self._host_factors = _FactorSources.of(lora) if on_host and lora.tensors() else None
+        self._host_factors = [weakref.ref(t) for t in lora.tensors()] if on_host and lora.tensors() else None
         if self.resident is not None:
             timer = self._compute_timer()
             factors = self._device_factors(lora)
@@ -917,10 +938,16 @@ class AcceleratorTier:
         rows = self.prefetcher.take(self, plan)
         if rows is None:
             rows = self.fetch(plan, backward)
-        torch.cuda.current_stream(self.device).wait_event(rows.ready)
+        stream = torch.cuda.current_stream(self.device)
+        stream.wait_event(rows.ready)
+        if stream != rows.stream:  # rows fetched for another stream (kept from a pass that ran there)
+            for tensor in rows.tensors():
+                tensor.record_stream(stream)
         timer = self._compute_timer()
         weights = {name: self.kernel.unpack(rows.packed[name], name) for name in _MATRICES}
-        fetched = rows.factors[1] if rows.factors is not None and rows.factors[0].unchanged(lora) else None
+        copies = rows.factors
+        fetched = copies.tensors if copies is not None and copies.step is self._step_start.event and \
+            copies.sources.unchanged(lora) else None
         factors = self._device_factors(lora, fetched)
         if not self.prefetcher.keep(self, backward, rows):
             del rows  # unpacked: the next fetch may take its buffer

@@ -140,8 +140,8 @@ class KtMoeLayer(nn.Module):
         self._expert_lora_on_host = executor == "cpu" or expert_lora_on_host
         self._gpu_budget = gpu_budget or GpuExpertBudget("auto")
         self._shared_rates = shared_rates
-        if executor != "cpu":
-            self._gpu_budget.add(kernel)
+        # the layer's place among those sharing the budget (resident layers are spread over them)
+        self._budget_position = self._gpu_budget.add(kernel) if executor != "cpu" else None
         self.accelerator: AcceleratorTier | None = None  # made at the first forward, once the device is known
         self.expert_runs = 0
         if lora_experts is not None:
@@ -217,7 +217,7 @@ class KtMoeLayer(nn.Module):
             self.accelerator = AcceleratorTier(
                 self.kernel, device, executor="accelerator" if self.executor == "accelerator" else "hybrid",
                 budget=self._gpu_budget, accelerator_fraction=self.accelerator_fraction,
-                shared_rates=self._shared_rates, **biases)
+                shared_rates=self._shared_rates, position=self._budget_position, **biases)
             logger.debug("kt_patch: %s: routed experts split per call between %s (%s) and the CPU kernel",
                          self.kernel.name, device, self.accelerator.tier_name)
         return self.accelerator

@@ -442,6 +442,57 @@ def test_resident_layers_are_spread_over_the_model():
         assert [layer.accelerator.tier_name for layer in moe] == expected, layers
 
 
+def test_the_prefetcher_fetches_two_streamed_layers_ahead_and_keeps_the_rows_at_either_end_of_a_pass():
+    """The prefetcher's bookkeeping over a model whose resident layers sit between streamed ones (as the budget spreads
+    them), driven as the tiers drive it (no GPU: fake tiers whose fetches are recorded): from the second step every
+    streamed layer finds its rows ahead, at most two layers' rows are ahead at any time (the stream buffers), the
+    forward's last streamed layer keeps its rows for its recompute and the backward's last two for the next forward
+    (a resident layer between them does not let them go), and no rows that will be used are released before."""
+    from kt_patch.executor import TierPlan, _FetchedRows, _Prefetcher
+
+    plan = TierPlan(tuple(range(4)), 4)
+    fetched, released = [], []
+
+    class Tier:
+        def __init__(self, name, resident):
+            self.name, self.resident, self.fetch_depth, self.step_plan = name, {} if resident else None, 2, plan
+
+        def upcoming_plan(self):
+            return plan
+
+        def fetch(self, plan, backward):
+            fetched.append(self.name)
+            return _FetchedRows(plan, {}, None, None)
+
+    prefetcher = _Prefetcher.__new__(_Prefetcher)  # without its CUDA stream
+    prefetcher._order, prefetcher._ahead = [], []
+    prefetcher._release = lambda entries: released.extend(rows for _, rows in entries)
+    tiers = [Tier(name, resident=name.startswith("R")) for name in ("S0", "R1", "S2", "R3", "S4", "S5")]
+    for tier in tiers:
+        prefetcher.register(tier)
+    for step in range(3):
+        hits = []
+        for backward, order in ((False, tiers), (True, tiers[::-1])):
+            for tier in order:
+                if tier.resident is not None:
+                    prefetcher.fetch_next(tier, backward)
+                    continue
+                rows = prefetcher.take(tier, plan)
+                hits.append(rows is not None)
+                rows = rows or tier.fetch(plan, backward)
+                assert not any(rows is other for other in released), (step, tier.name)
+                if not prefetcher.keep(tier, backward, rows):
+                    prefetcher.fetch_next(tier, backward)
+                assert len(prefetcher._ahead) <= 2, (step, tier.name)
+            names = [holder().name for holder, _ in prefetcher._ahead]
+            assert names == (["S5"] if not backward else ["S0", "S2"]), (step, backward, names)
+        if step:
+            assert all(hits), (step, hits)
+    # per step from the second: each of the 4 streamed layers once per pass, less the 3 kept rows
+    assert len(fetched) == 4 + 3 + 2 * (2 * 4 - 3), fetched
+    assert not released
+
+
 def test_factors_cast_with_the_model_reach_the_kernel_in_a_dtype_it_takes():
     """.half() after patching casts the expert-LoRA factors with the model (executor='auto' on the host): the kernel
     gets fp32 copies of them and their gradients come back in fp16, as the factors' own dtype."""
