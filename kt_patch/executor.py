@@ -278,11 +278,15 @@ class _StepStart:
         self._known: set[int] = set()  # positions of the layers ever planned
 
     def planned(self, position: int) -> None:
-        """A layer at ``position`` plans a new step: a layer planned again starts the next step, and so may one never
-        planned before (a layer made anew after an optimizer step, another model's)."""
-        if position in self._planned or position not in self._known:
+        """A layer at ``position`` plans a new step: a layer planned again starts the next step; one never planned
+        before (the first step's layers, a layer made anew after an optimizer step, another model's) moves the event
+        to here without starting a step (the layers of the first step would otherwise each start one, and the next
+        step's first layer, not planned since, none)."""
+        again = position in self._planned
+        if again or position not in self._known:
             self.event = torch.cuda.Event()
             self.event.record(torch.cuda.current_stream(self.device))
+        if again:
             self._planned = set()
         self._planned.add(position)
         self._known.add(position)
@@ -489,7 +493,7 @@ class _FetchedRows:
 
     plan: TierPlan
     packed: dict[str, torch.Tensor]
-    ready: torch.cuda.Event
+    ready: torch.cuda.Event | None
     stream: torch.cuda.Stream  # the compute stream whose memory the rows are in
     factors: _FactorCopies | None = None
 
@@ -579,11 +583,10 @@ class _Prefetcher:
         self._ahead = []
         try:
             for at, ((target, plan), rows) in enumerate(zip(wanted, found)):
-                if rows is None:
-                    rows = target.fetch(plan, backward)
+                rows = target.fetch(plan, backward) if rows is None else target.with_current_factors(rows)
                 self._ahead.append(((lambda target=target: target), rows))
         except BaseException as error:  # out of memory: these layers are fetched when they run instead
-            self._release([(None, later) for later in found[at + 1:] if later is not None])
+            self._release([(None, later) for later in found[at:] if later is not None])
             self._release(kept)
             if not isinstance(error, torch.OutOfMemoryError):
                 raise
@@ -900,23 +903,41 @@ class AcceleratorTier:
         stream = self.copy_stream
         stream.wait_stream(compute)
         timer = _Timer(stream)
+        with torch.cuda.stream(stream):
+            for name in _MATRICES:
+                src, dst = self.packed[name], packed[name]
+                for at, first, count in _runs(plan.experts):  # a copy per run of consecutive experts
+                    dst[at:at + count].copy_(src[first:first + count], non_blocking=True)
+        rows = self._with_factors(_FetchedRows(plan, packed, None, compute))
+        self._window.parts["link"].append((backward, timer.stop()))
+        return rows
+
+    def with_current_factors(self, rows: _FetchedRows) -> _FetchedRows:
+        """``rows`` (fetched or kept ahead) with copies of this layer's host factors made in this step: rows kept
+        from a step before get theirs on the copy stream, ahead of the fetches queued after them."""
+        copies = rows.factors
+        if self._host_factors is None or (copies is not None and copies.step is self._step_start.event):
+            return rows
+        for tensor in copies.tensors if copies is not None else ():  # their copy may not be done yet
+            tensor.record_stream(self.copy_stream)
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        return self._with_factors(rows)
+
+    def _with_factors(self, rows: _FetchedRows) -> _FetchedRows:
+        """``rows`` with copies of the host factors this layer was last called with (if any), queued on the copy
+        stream (which has waited for the compute stream, whose memory they take), and a new ``ready`` event."""
         hosts = [ref() for ref in self._host_factors] if self._host_factors is not None else []
         factors = None
         if hosts and all(t is not None for t in hosts):
             factors = _FactorCopies(_FactorSources.of_tensors(hosts),
                                     [torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in hosts],
                                     self._step_start.event)
-        with torch.cuda.stream(stream):
-            for name in _MATRICES:
-                src, dst = self.packed[name], packed[name]
-                for at, first, count in _runs(plan.experts):  # a copy per run of consecutive experts
-                    dst[at:at + count].copy_(src[first:first + count], non_blocking=True)
+        with torch.cuda.stream(self.copy_stream):
             for host, dst in zip(hosts, factors.tensors if factors is not None else ()):
                 dst.copy_(host.detach(), non_blocking=True)
             ready = torch.cuda.Event()
-            ready.record(stream)
-        self._window.parts["link"].append((backward, timer.stop()))
-        return _FetchedRows(plan, packed, ready, compute, factors)
+            ready.record(self.copy_stream)
+        return dataclasses.replace(rows, ready=ready, factors=factors)
 
     def _weights(self, plan: TierPlan, backward: bool, lora: ExpertLora) -> tuple[dict, dict, _Timer]:
         """[n, N, K] weights of the groups :meth:`_groups` makes: the layer's own (resident), else ``plan``'s (for a

@@ -464,6 +464,9 @@ def test_the_prefetcher_fetches_two_streamed_layers_ahead_and_keeps_the_rows_at_
             fetched.append(self.name)
             return _FetchedRows(plan, {}, None, None)
 
+        def with_current_factors(self, rows):
+            return rows
+
     prefetcher = _Prefetcher.__new__(_Prefetcher)  # without its CUDA stream
     prefetcher._order, prefetcher._ahead = [], []
     prefetcher._release = lambda entries: released.extend(rows for _, rows in entries)
@@ -491,6 +494,36 @@ def test_the_prefetcher_fetches_two_streamed_layers_ahead_and_keeps_the_rows_at_
     # per step from the second: each of the 4 streamed layers once per pass, less the 3 kept rows
     assert len(fetched) == 4 + 3 + 2 * (2 * 4 - 3), fetched
     assert not released
+
+
+def test_a_step_starts_where_its_first_layer_plans(monkeypatch):
+    """The event that host copies of factors wait for (and that fetched copies of host factors are stamped with) is
+    recorded where each step's first MoE layer plans, after the optimizer's step: in the first step where each layer
+    is first seen, from the second where the first layer plans again; a layer made anew records it again (CUDA events
+    stood in for on the CPU)."""
+    from kt_patch import executor as executor_module
+
+    class Event:
+        def record(self, stream):
+            self.stream = stream
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: "compute")
+    start = executor_module._StepStart(torch.device("cuda", 0))
+    events = []
+    for step in range(3):
+        for position in range(4):
+            start.planned(position)
+            events.append(start.event)
+    first, second, third = events[:4], events[4:8], events[8:]
+    assert len({id(e) for e in first}) == 4  # each layer of the first step, seen for the first time
+    assert all(e is second[0] for e in second) and all(e is third[0] for e in third)
+    assert second[0] is not first[-1] and third[0] is not second[0]
+    start.planned(4)  # a layer made anew in the third step
+    assert start.event is not third[0]
+    start.planned(0)
+    assert start.event is not events[-1]
 
 
 def test_factors_cast_with_the_model_reach_the_kernel_in_a_dtype_it_takes():
