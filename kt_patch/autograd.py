@@ -197,13 +197,13 @@ def expert_forward(kernel: ExpertKernel, x: torch.Tensor, topk_ids: torch.Tensor
     calling module's mode (calls of a module in eval mode without autograd share the host copies of device factors).
     """
     phase, region = current_phase(kernel.name, policy)
+    inference = phase is Phase.INFERENCE and not training
     tiers = None
     if accelerator is not None:
         accelerator.pin_factors(lora)
-        tiers = accelerator.plan(topk_ids, first_forward=phase is not Phase.RECOMPUTE)
+        tiers = accelerator.plan(topk_ids, first_forward=phase is not Phase.RECOMPUTE, inference=inference)
         tiers = tiers if tiers.any else None
-    plan = _Plan(phase, region, policy, on_kernel_run, accelerator, tiers,
-                 inference=phase is Phase.INFERENCE and not training)
+    plan = _Plan(phase, region, policy, on_kernel_run, accelerator, tiers, inference=inference)
     factor_tensors = []  # autograd inputs, so that the factors receive their gradients
     for factors in (lora.gate_up, lora.down):
         factor_tensors += (None, None) if factors is None else (factors.A, factors.B)

@@ -606,6 +606,11 @@ class _Prefetcher:
         self.drop()
         return None
 
+    def forget(self, tier: AcceleratorTier) -> None:
+        """Let the rows ahead for ``tier`` go."""
+        self._release([entry for entry in self._ahead if entry[0]() is tier])
+        self._ahead = [entry for entry in self._ahead if entry[0]() is not tier]
+
     def drop(self) -> None:
         """Let the rows ahead go."""
         ahead, self._ahead = self._ahead, []
@@ -736,12 +741,14 @@ class AcceleratorTier:
         return "resident" if self.resident is not None else "streamed"
 
     # ------------------------------------------------------------------------------------------------ plan
-    def plan(self, ids: torch.Tensor, first_forward: bool) -> TierPlan:
+    def plan(self, ids: torch.Tensor, first_forward: bool, inference: bool = False) -> TierPlan:
         """The split of this call: a new step's (``first_forward``: not a checkpoint's recompute), else the plan of
-        the step under way."""
+        the step under way. ``inference``: a forward of a module in eval mode without autograd."""
         if not first_forward and self.step_plan is not None:
             return self.step_plan
         self._steps += 1
+        if not inference:  # an optimizer may step the factors after it: host copies made before are not shared
+            self._host_lora = None
         if self._step_start is not None:
             self._step_start.planned(self._position)
         counts = _OnHost(_rows_per_expert(ids, self.kernel.num_experts))
@@ -754,6 +761,8 @@ class AcceleratorTier:
             plan = self._choose(counts.get())
         else:
             plan = self.upcoming_plan()
+        if self.prefetcher is not None and not plan.any:
+            self.prefetcher.forget(self)  # rows kept for this layer would stay through the step, unused
         self._next_plan, self._last_counts, self.step_plan = None, counts, plan
         self._window.plan, self._window.counts, self._window.streamed = plan, counts, self.resident is None
         if self.prefetcher is not None:
@@ -898,8 +907,10 @@ class AcceleratorTier:
         may have used that memory) and the compute stream for the copy before it unpacks the rows (:meth:`_weights`:
         on the copy stream the unpacking would hold back the next layer's copy)."""
         compute = torch.cuda.current_stream(self.device)
+        # all the memory first: out of it, nothing has been queued to write into what is let go
         packed = {name: torch.empty((len(plan.experts), self.packed[name].shape[1]), dtype=self.packed[name].dtype,
                                     device=self.device) for name in _MATRICES}
+        hosts, factors = self._factor_buffers()
         stream = self.copy_stream
         stream.wait_stream(compute)
         timer = _Timer(stream)
@@ -908,7 +919,7 @@ class AcceleratorTier:
                 src, dst = self.packed[name], packed[name]
                 for at, first, count in _runs(plan.experts):  # a copy per run of consecutive experts
                     dst[at:at + count].copy_(src[first:first + count], non_blocking=True)
-        rows = self._with_factors(_FetchedRows(plan, packed, None, compute))
+        rows = self._queue_factors(_FetchedRows(plan, packed, None, compute), hosts, factors)
         self._window.parts["link"].append((backward, timer.stop()))
         return rows
 
@@ -918,20 +929,26 @@ class AcceleratorTier:
         copies = rows.factors
         if self._host_factors is None or (copies is not None and copies.step is self._step_start.event):
             return rows
+        hosts, factors = self._factor_buffers()
         for tensor in copies.tensors if copies is not None else ():  # their copy may not be done yet
             tensor.record_stream(self.copy_stream)
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-        return self._with_factors(rows)
+        return self._queue_factors(rows, hosts, factors)
 
-    def _with_factors(self, rows: _FetchedRows) -> _FetchedRows:
-        """``rows`` with copies of the host factors this layer was last called with (if any), queued on the copy
-        stream (which has waited for the compute stream, whose memory they take), and a new ``ready`` event."""
+    def _factor_buffers(self) -> tuple[list[torch.Tensor], _FactorCopies | None]:
+        """The host factors this layer was last called with (if they are alive), and device memory for their copies
+        (of the compute stream's pool: the copy stream must wait for it before writing)."""
         hosts = [ref() for ref in self._host_factors] if self._host_factors is not None else []
-        factors = None
-        if hosts and all(t is not None for t in hosts):
-            factors = _FactorCopies(_FactorSources.of_tensors(hosts),
+        if not hosts or any(t is None for t in hosts):
+            return [], None
+        return hosts, _FactorCopies(_FactorSources.of_tensors(hosts),
                                     [torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in hosts],
                                     self._step_start.event)
+
+    def _queue_factors(self, rows: _FetchedRows, hosts: list[torch.Tensor],
+                       factors: _FactorCopies | None) -> _FetchedRows:
+        """``rows`` with the copies of ``hosts`` into ``factors`` queued on the copy stream, and a new ``ready``
+        event after them."""
         with torch.cuda.stream(self.copy_stream):
             for host, dst in zip(hosts, factors.tensors if factors is not None else ()):
                 dst.copy_(host.detach(), non_blocking=True)
