@@ -496,6 +496,21 @@ def test_the_prefetcher_fetches_two_streamed_layers_ahead_and_keeps_the_rows_at_
     assert not released
 
 
+def test_a_layer_that_gives_the_accelerator_nothing_lets_its_rows_ahead_go():
+    """A step whose plan puts no expert on the accelerator never takes the rows fetched or kept for the layer: they
+    are let go when it plans (else they stayed ahead through the step, beyond the stream buffers)."""
+    weights, _, _ = random_layer(8, 32, 16, 0, 0, torch.float32, seed("forget"))
+    kernel = ExpertKernel(*weights, threads=1)
+    calls = []
+    prefetcher = types.SimpleNamespace(register=lambda tier: None, forget=lambda tier: calls.append(tier))
+    tier = AcceleratorTier(kernel, CPU, executor="hybrid", budget=budget_of(kernel, 3.5), accelerator_fraction=0.5)
+    tier.prefetcher = prefetcher  # as on a GPU
+    ids = torch.randint(0, 8, (16, 2))
+    assert tier.plan(ids, first_forward=True).any and not calls
+    tier.fraction = 0.0
+    assert not tier.plan(ids, first_forward=True).any and calls == [tier]
+
+
 def test_a_step_starts_where_its_first_layer_plans(monkeypatch):
     """The event that host copies of factors wait for (and that fetched copies of host factors are stamped with) is
     recorded where each step's first MoE layer plans, after the optimizer's step: in the first step where each layer
