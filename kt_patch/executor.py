@@ -755,11 +755,14 @@ class AcceleratorTier:
         if self.executor == "accelerator":  # every expert, whatever the routing: no wait for it
             self._close_window()
             plan = self._all_experts
-        elif self._last_counts is None or self.resident is not None:
-            # a resident layer has nothing to fetch ahead: it plans from the routing at hand (as any layer's first step)
+        elif self._last_counts is None or (self.resident is not None and not self.step_plan.everything):
+            # a resident layer that gave the CPU experts last step plans from the routing at hand (as any layer's
+            # first step): which experts are hot matters to the split, and it has nothing to fetch ahead
             self._close_window()
             plan = self._choose(counts.get())
         else:
+            # the host does not wait here for the device to reach this layer's routing: a resident layer whose last
+            # split kept every expert plans as a streamed one does, from past routing
             plan = self.upcoming_plan()
         if self.prefetcher is not None and not plan.any:
             self.prefetcher.forget(self)  # rows kept for this layer would stay through the step, unused

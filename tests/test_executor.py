@@ -98,6 +98,14 @@ def test_plan_puts_the_busiest_experts_on_the_accelerator_and_balances_by_rates(
                                accelerator_fraction=0.25)
     assert resident.plan(ids, first_forward=True).experts == (2, 5)
     assert resident.plan(other, first_forward=True).experts == (0, 1)
+    # ...unless its last split kept every expert: then it plans ahead from past routing, as a streamed layer does (the
+    # host need not wait for the device to reach the layer's routing)
+    whole = AcceleratorTier(kernel, CPU, executor="hybrid", budget=budget_of(kernel, 4.5), accelerator_fraction=1.0)
+    whole.plan(ids, first_forward=True)
+    whole.fraction = 0.25
+    ahead = whole.upcoming_plan()
+    assert ahead.experts == (2, 5) and whole.plan(other, first_forward=True) is ahead
+    assert whole.plan(ids, first_forward=True).experts == (2, 5)  # the routing at hand again, not the past's (0, 5)
     balanced = AcceleratorTier(kernel, CPU, executor="hybrid", budget=budget_of(kernel, 3.5),
                                accelerator_fraction=None)
     rates = balanced.rates
@@ -429,9 +437,7 @@ def test_resident_layers_are_spread_over_the_model():
     """A budget that holds two of four layers' experts beside the stream buffers makes every second layer resident,
     not the first two (each resident layer then computes while the link fetches the streamed ones after it), whatever
     order the layers' tiers are made in; one with room for every layer keeps them all."""
-    c = tiny_models.config("qwen3_moe")
-    one_layer = layer_bytes(ExpertKernel(torch.randn(c.num_experts, 2 * c.moe_intermediate_size, c.hidden_size),
-                                         torch.randn(c.num_experts, c.hidden_size, c.moe_intermediate_size), threads=1))
+    one_layer = tiny_models.expert_layer_bytes()
     for layers, expected in ((5.5, ["streamed", "resident", "streamed", "resident"]), (7.0, ["resident"] * 4)):
         patched = tiny_models.build("qwen3_moe", seed=2, num_hidden_layers=4)
         patch_model(patched, resolve({"threads": 1, "executor": "accelerator",

@@ -215,9 +215,7 @@ def test_streamed_model_on_cuda_trains_as_stock_and_fetches_ahead(monkeypatch, e
             assert all((layer.expert_runs > 0) == (executor == "hybrid") for layer in layers)
         return losses, step_bytes
 
-    c = tiny_models.config("qwen3_moe")
-    E, H, I = c.num_experts, c.hidden_size, c.moe_intermediate_size
-    layer_bytes = executor_module.layer_bytes(ExpertKernel(torch.randn(E, 2 * I, H), torch.randn(E, H, I), threads=1))
+    layer_bytes = tiny_models.expert_layer_bytes()
     stock, stock_bytes = train(patched=False)
     hits.clear()
     losses, step_bytes = train(patched=True)

@@ -123,6 +123,16 @@ def build(model_type: str, seed: int = 0, **overrides):
     return model
 
 
+def expert_layer_bytes() -> int:
+    """Bytes of one tiny MoE layer's experts packed in the CPU kernel (the unit of the tests' GPU expert budgets)."""
+    from kt_patch.executor import layer_bytes
+    from kt_patch.kernel import ExpertKernel
+
+    qwen3 = FAMILIES["qwen3_moe"]
+    E, H, I = qwen3["num_experts"], COMMON["hidden_size"], qwen3["moe_intermediate_size"]
+    return layer_bytes(ExpertKernel(torch.randn(E, 2 * I, H), torch.randn(E, H, I), threads=1))
+
+
 def save(model_type: str, directory: str, seed: int = 0, **overrides) -> str:
     path = os.path.join(directory, model_type)
     build(model_type, seed=seed, **overrides).save_pretrained(path)
