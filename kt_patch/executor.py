@@ -22,8 +22,9 @@ checkpointed layer's recompute, whose backward follows at once, records its comp
 A streamed layer's plan is chosen before the step's routing is known, so that it can be fetched ahead: experts ordered
 by the rows they had in the layer's past steps (averaged, recent steps weighing more), each place in that order costed
 by the rows that place got in the past steps planned so (routing moves: the busiest experts of the past need not be
-the next step's); a resident layer, and any layer's first step, plans from the routing at hand. Any plan is correct:
-it only decides who computes what. The busiest experts go to the accelerator (most rows per byte streamed): a forced
+the next step's); any layer's first step, and a resident layer whose last split gave the CPU kernel experts, plans
+from the routing at hand (a resident layer that kept every expert plans ahead too: the host then need not wait for the
+device to reach the layer's routing). Any plan is correct: it only decides who computes what. The busiest experts go to the accelerator (most rows per byte streamed): a forced
 ``accelerator_fraction`` of them, or as many as make the layer's step shortest by the sides' measured times per step
 (:class:`_Cost`): the CPU's by experts and rows, the accelerator's by a fixed part and rows, the link's by streamed
 experts. The two sides of a layer are on its critical path, after the layer's non-expert part (the next layer waits
