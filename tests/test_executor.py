@@ -340,7 +340,7 @@ def test_step_costs_are_fitted_per_unit_and_per_row():
     assert (accelerator.per_unit, accelerator.per_row) == pytest.approx((0.02, per_row))
 
 
-def train(model_type, options, mode, policy, accumulation=3, steps=4):
+def train(model_type, options, mode, policy, accumulation=3, steps=10):
     """AdamW steps of LoRA (attention and experts) with gradient accumulation, on fixed random tokens."""
     from peft import get_peft_model
 
