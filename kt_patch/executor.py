@@ -121,6 +121,7 @@ class GpuExpertBudget:
         self.left: int | None = None
         self.layers = 0  # layers sharing the budget
         self._resident_layers: int | None = None  # how many layers' experts the budget holds beside the stream buffers
+        self._held: dict[int, int] = {}  # bytes taken by the resident layer at each position
 
     def add(self, kernel: ExpertKernel) -> int:
         """``kernel``'s layer shares this budget, next in the model's order: its stream buffers must fit (checked when
@@ -141,8 +142,11 @@ class GpuExpertBudget:
     def take(self, kernel: ExpertKernel, device: torch.device, position: int | None = None) -> tuple[bool, int]:
         """Whether ``kernel``'s layer, at ``position`` in the model's order (:meth:`add`), is resident: room reserved
         for it if the budget, less the stream buffers, allows it (False: it streams); and how many streamed layers of
-        its size are fetched ahead: :data:`_FETCH_DEPTH` where the budget holds their buffers, else one."""
+        its size are fetched ahead: :data:`_FETCH_DEPTH` where the budget holds their buffers, else one. A layer
+        taking again (its tier made anew: weights reloaded, the model moved) first gives back what it held."""
         self.check(kernel)
+        if self.left is not None and position is not None:
+            self.left += self._held.pop(position, 0)
         resident_bytes = layer_bytes(kernel)
         if self.left is None:
             if self.budget_gib == "auto":
@@ -162,6 +166,8 @@ class GpuExpertBudget:
         if resident_bytes > self.left - _stream_buffers(_FETCH_DEPTH) * resident_bytes:
             return False, depth
         self.left -= resident_bytes
+        if position is not None:
+            self._held[position] = resident_bytes
         return True, depth
 
 

@@ -436,7 +436,7 @@ def test_expert_lora_factors_go_with_the_model_unless_the_executor_is_cpu():
 def test_resident_layers_are_spread_over_the_model():
     """A budget that holds two of four layers' experts beside the stream buffers makes every second layer resident,
     not the first two (each resident layer then computes while the link fetches the streamed ones after it), whatever
-    order the layers' tiers are made in; one with room for every layer keeps them all."""
+    order the layers' tiers are made in; one with room for every layer keeps them all, also when they are made anew."""
     one_layer = tiny_models.expert_layer_bytes()
     for layers, expected in ((5.5, ["streamed", "resident", "streamed", "resident"]), (7.0, ["resident"] * 4)):
         patched = tiny_models.build("qwen3_moe", seed=2, num_hidden_layers=4)
@@ -446,6 +446,12 @@ def test_resident_layers_are_spread_over_the_model():
         for layer in reversed(moe):  # tiers made last layer first
             layer._accelerator_for(CPU)
         assert [layer.accelerator.tier_name for layer in moe] == expected, layers
+    # a layer's tier made anew (its experts reloaded from a state dict) takes the room its last one held, not more
+    patched.load_state_dict(patched.state_dict())
+    for layer in moe:
+        assert layer.accelerator is None
+        layer._accelerator_for(CPU)
+    assert [layer.accelerator.tier_name for layer in moe] == ["resident"] * 4
 
 
 def test_the_prefetcher_fetches_two_streamed_layers_ahead_and_keeps_the_rows_at_either_end_of_a_pass():
