@@ -520,8 +520,8 @@ class _FactorCopies:
 
 
 class _Prefetcher:
-    """The accelerator tiers of one device in the order of the model's forward, and the streamed layers fetched ahead:
-    the next few in the pass's direction (:attr:`AcceleratorTier.fetch_depth`).
+    """The accelerator tiers of one model on one device in the order of its forward, and the streamed layers fetched
+    ahead: the next few in the pass's direction (:attr:`AcceleratorTier.fetch_depth`).
 
     The link is kept busy by the device's queue, not by the host: a fetch's buffer comes from the compute stream's
     pool, where the host has just let go of the rows the layer before unpacked, and the copy waits on the device for
@@ -530,13 +530,13 @@ class _Prefetcher:
     unpacked weights (:func:`_stream_buffers`), and a fetch waits for no more than the layers before it to be
     unpacked."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, copy_stream: torch.cuda.Stream):
         self._order: list[weakref.ref] = []
         # (the tier's holder, its rows), in the pass's order. A fetch in flight holds its tier strongly (the copy reads
         # its kernel's memory); rows kept after use hold it weakly, so a model deleted (or a layer's tier replaced)
         # does not live on through them.
         self._ahead: list[tuple[Callable[[], AcceleratorTier | None], _FetchedRows]] = []
-        self.copy_stream = torch.cuda.Stream(device)  # one for every fetch of the device: the link serves them in order
+        self.copy_stream = copy_stream
 
     def register(self, tier: AcceleratorTier) -> None:
         self._order = [ref for ref in self._order if ref() is not None]
@@ -642,7 +642,20 @@ class _Prefetcher:
                 tensor.record_stream(self.copy_stream)
 
 
-_prefetchers: dict[torch.device, _Prefetcher] = {}
+# the prefetchers of each patched model (its layers share one budget) by device: another model's layers are not in
+# its order (they would be fetched ahead of its next pass); they go with the model
+_prefetchers: weakref.WeakKeyDictionary[GpuExpertBudget, dict[torch.device, _Prefetcher]] = weakref.WeakKeyDictionary()
+_copy_streams: dict[torch.device, torch.cuda.Stream] = {}  # one per device, for every model's fetches: the link serves
+# them in order
+
+
+def _prefetcher(budget: GpuExpertBudget, device: torch.device) -> _Prefetcher:
+    by_device = _prefetchers.setdefault(budget, {})
+    if device not in by_device:
+        if device not in _copy_streams:
+            _copy_streams[device] = torch.cuda.Stream(device)
+        by_device[device] = _Prefetcher(_copy_streams[device])
+    return by_device[device]
 
 
 @dataclasses.dataclass
@@ -719,9 +732,7 @@ class AcceleratorTier:
             _pin_in_place(kernel, self.packed.values())
         self.prefetcher, self.copy_stream = None, None
         if device.type == "cuda":  # resident layers take part too: they start the fetch of the streamed layer after
-            if device not in _prefetchers:
-                _prefetchers[device] = _Prefetcher(device)
-            self.prefetcher = _prefetchers[device]
+            self.prefetcher = _prefetcher(budget, device)
             self.copy_stream = self.prefetcher.copy_stream if self.resident is None else None
         gu_bias = None if gate_up_bias is None else gate_up_bias.detach().float()
         gu_bias = _gate_then_up(gu_bias, 1) if gu_bias is not None and self.spec.interleaved else gu_bias

@@ -515,6 +515,29 @@ def test_the_prefetcher_fetches_two_streamed_layers_ahead_and_keeps_the_rows_at_
     assert not any(rows.packed for rows in kept)
 
 
+def test_each_model_has_its_own_prefetch_order_on_a_device(monkeypatch):
+    """Two patched models on one device (a policy and a reference model): each model's layers are in an order of their
+    own (one's layers would otherwise be fetched ahead of the other's next pass), the fetches of both share the
+    device's copy stream (the link serves them in order), and a model's order goes with it."""
+    import weakref
+
+    import kt_patch.executor as executor
+
+    monkeypatch.setattr(executor, "_prefetchers", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(executor, "_copy_streams", {})
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: types.SimpleNamespace(device=device))  # no GPU here
+    device = torch.device("cuda", 0)
+    first, second = GpuExpertBudget(4), GpuExpertBudget(4)  # each patched model's layers share one
+    prefetcher = executor._prefetcher(first, device)
+    assert executor._prefetcher(first, device) is prefetcher
+    other = executor._prefetcher(second, device)
+    assert other is not prefetcher and other.copy_stream is prefetcher.copy_stream
+    assert executor._prefetcher(first, torch.device("cuda", 1)).copy_stream is not prefetcher.copy_stream
+    del first, prefetcher
+    gc.collect()
+    assert list(executor._prefetchers) == [second]
+
+
 def test_a_layer_that_gives_the_accelerator_nothing_lets_its_rows_ahead_go():
     """A step whose plan puts no expert on the accelerator never takes the rows fetched or kept for the layer: they
     are let go when it plans (else they stayed ahead through the step, beyond the stream buffers)."""

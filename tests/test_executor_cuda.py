@@ -154,14 +154,12 @@ def test_streamed_model_on_cuda_trains_as_stock_and_fetches_ahead(monkeypatch, e
     import tiny_models
     from peft import get_peft_model
 
-    import kt_patch.executor as executor_module
     from kt_patch.executor import _Prefetcher
     from kt_patch.layer import KtMoeLayer
     from kt_patch.options import resolve
     from kt_patch.patcher import patch_model
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    monkeypatch.setattr(executor_module, "_prefetchers", {})  # no tier of an earlier test in the device's order
     # whether each take found rows ahead, and whether the next layer's were still ahead after it; each fetch's tier
     hits, still_ahead, fetches = [], [], []
     take, fetch = _Prefetcher.take, AcceleratorTier.fetch
