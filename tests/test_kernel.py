@@ -9,7 +9,6 @@ import random
 import pytest
 import torch
 
-from kt_patch import _C
 from kt_patch.autograd import expert_forward
 from kt_patch.kernel import (ExpertKernel, ExpertLora, LoraFactors, cached_activation_bytes, live_contexts,
                              release_cached_activations, supported_isas)

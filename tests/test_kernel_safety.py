@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from kt_patch import _C
-from kt_patch.kernel import ExpertKernel, ExpertLora, LoraFactors
+from kt_patch.kernel import ExpertKernel
 from moe_reference import random_batch, random_layer
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
