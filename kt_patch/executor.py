@@ -542,17 +542,6 @@ class _Prefetcher:
         self._order = [ref for ref in self._order if ref() is not None]
         if not any(ref() is tier for ref in self._order):
             self._order.append(weakref.ref(tier))
-            weakref.finalize(tier, self._let_go_of_orphans)
-
-    def _let_go_of_orphans(self) -> None:
-        """Free the rows kept for layers that are gone (a model deleted, a layer's tier made anew), which would hold
-        device memory until the device's next pass. Called as a tier goes, which may be inside any method here: it
-        empties those rows in place and leaves the list of rows ahead as it is."""
-        for holder, rows in list(self._ahead):
-            if holder() is None:
-                rows.packed.clear()
-                if rows.factors is not None:
-                    rows.factors.tensors.clear()
 
     def _following(self, tier: AcceleratorTier, backward: bool) -> list[AcceleratorTier] | None:
         """The streamed layers that run after ``tier`` in its pass (before it, in a backward), nearest first; None
