@@ -6,34 +6,34 @@ summed. Gradients (dx, routing weights, the expert-LoRA factors) mean the same o
 which autograd adds into the PEFT parameters' ``.grad``. The expert-LoRA factors live with the model (on the
 accelerator, where the optimizer steps them, unless something keeps them in host memory): the accelerator uses them in
 place, the CPU kernel reads host copies made once per step (:meth:`AcceleratorTier.host_lora`), and its gradients are
-added to the accelerator's on the device. Factors kept in host memory reach the accelerator as copies made at each
-use, a streamed layer's with its weights.
+added to the accelerator's on the device. Factors kept in host memory reach the accelerator as copies made at each use,
+a streamed layer's with its weights.
 
-Weights on the accelerator are either *resident* (unpacked onto the device once, within the ``gpu_expert_budget``;
-the resident layers spread over the model's order) or *streamed*: the rows of the kernel's own packed buffers
-(:meth:`ExpertKernel.packed_weights`, registered as pinned memory in place, so host memory does not grow) are copied
-on a side stream, unpacked where they are used and freed after use. The streamed layers of a device are fetched two
+Weights on the accelerator are either *resident* (unpacked onto the device once, within the ``gpu_expert_budget``; the
+resident layers spread over the model's order) or *streamed*: the rows of the kernel's own packed buffers
+(:meth:`ExpertKernel.packed_weights`, registered as pinned memory in place, so host memory does not grow) are copied on
+a side stream, unpacked where they are used and freed after use. A model's streamed layers on a device are fetched two
 ahead of use (:class:`_Prefetcher`): the next layers' during a forward, the previous layers' during a backward, so the
 link works while both sides compute; at either end of the order the rows of the pass's last layers stay for the pass
-that starts with them again. A plain forward keeps nothing
-for its backward, which fetches the weights again and recomputes the accelerator's experts under autograd; a
-checkpointed layer's recompute, whose backward follows at once, records its computation for it.
+that starts with them again. A plain forward keeps nothing for its backward, which fetches the weights again and
+recomputes the accelerator's experts under autograd; a checkpointed layer's recompute, whose backward follows at once,
+records its computation for it.
 
 A streamed layer's plan is chosen before the step's routing is known, so that it can be fetched ahead: experts ordered
 by the rows they had in the layer's past steps (averaged, recent steps weighing more), each place in that order costed
-by the rows that place got in the past steps planned so (routing moves: the busiest experts of the past need not be
-the next step's); any layer's first step, and a resident layer whose last split gave the CPU kernel experts, plans
-from the routing at hand (a resident layer that kept every expert plans ahead too: the host then need not wait for the
-device to reach the layer's routing). Any plan is correct: it only decides who computes what. The busiest experts go to the accelerator (most rows per byte streamed): a forced
-``accelerator_fraction`` of them, or as many as make the layer's step shortest by the sides' measured times per step
-(:class:`_Cost`): the CPU's by experts and rows, the accelerator's by a fixed part and rows, the link's by streamed
-experts. The two sides of a layer are on its critical path, after the layer's non-expert part (the next layer waits
-for their sum), while the link overlaps all of it (a layer is fetched while the one before it computes), in each
-pass: a layer's step costs ``max(rest + max(cpu, accelerator), link)`` for its forward plus the same for its backward
-(the recompute included), each side's time split between the two passes as measured, with ``rest`` the layer's
-non-expert time measured on the device's queue between the expert parts of consecutive layers (:class:`_Gaps`). A
-split that calls the CPU kernel also pays what the sides' times do not explain (:attr:`_Rates.split_overhead`: the host
-waiting for copies and for the kernel while the device's queue runs dry).
+by the rows that place got in the past steps planned so (routing moves: the busiest experts of the past need not be the
+next step's). A resident layer that kept every expert plans ahead too (the host then need not wait for the device to
+reach the layer's routing); any layer's first step, and a resident layer whose last split gave the CPU kernel experts,
+plans from the routing at hand. Any plan is correct: it only decides who computes what. The busiest experts go to the
+accelerator (most rows per byte streamed): a forced ``accelerator_fraction`` of them, or as many as make the layer's
+step shortest by the sides' measured times per step (:class:`_Cost`): the CPU's by experts and rows, the accelerator's
+by a fixed part and rows, the link's by streamed experts. The two sides of a layer are on its critical path, after the
+layer's non-expert part (the next layer waits for their sum), while the link overlaps all of it (a layer is fetched
+while the one before it computes), in each pass: a layer's step costs ``max(rest + max(cpu, accelerator), link)`` for
+its forward plus the same for its backward (the recompute included), each side's time split between the two passes as
+measured, with ``rest`` the layer's non-expert time measured on the device's queue between the expert parts of
+consecutive layers (:class:`_Gaps`). A split that calls the CPU kernel also pays what the sides' times do not explain
+(:attr:`_Rates.split_overhead`: the host waiting for copies and for the kernel while the device's queue runs dry).
 """
 from __future__ import annotations
 
@@ -738,9 +738,9 @@ class AcceleratorTier:
         self.step_plan: TierPlan | None = None  # the plan of the step under way
         self._next_plan: TierPlan | None = None  # the next step's, once asked for (by a fetch ahead)
         self._last_counts: _OnHost | None = None  # rows per expert in the last step's routing
-        self._popularity: torch.Tensor | None = None  # rows per expert averaged over the past steps (streamed)
-        # a streamed layer's planned order (busiest first by popularity), and the rows each place in that order got
-        # in the step it was planned for, averaged over the past steps: the rows its next plan is costed by
+        self._popularity: torch.Tensor | None = None  # rows per expert averaged over the past steps planned ahead
+        # the order of a plan made ahead (busiest first by popularity), and the rows each place in that order got in
+        # the step it was planned for, averaged over the past steps: the rows its next plan is costed by
         self._popular_order: torch.Tensor | None = None
         self._rows_by_place: torch.Tensor | None = None
         self._recorded = None  # a recompute's forward under autograd, for the backward that follows it
@@ -791,7 +791,8 @@ class AcceleratorTier:
         return plan
 
     def upcoming_plan(self) -> TierPlan | None:
-        """A streamed layer's next plan, chosen before its routing is known so that it can be fetched ahead: from how
+        """The layer's next plan, chosen before its routing is known (a streamed layer's so that it is fetched ahead,
+        a resident one's so that the host does not wait for the device to reach the layer): from how
         busy each expert has been (rows per expert averaged over the past steps, each step's weight halving the
         next; the busiest experts of one step need not be the next step's) and the rates measured over this step.
         None before the first step."""

@@ -4,8 +4,8 @@ experts, and every output and gradient equals the CPU-only path.
 Tolerances (relative L2): 1e-5 in fp32, 1e-2 in bf16 (the accelerator's bf16 matmuls beside the kernel's). Inputs are
 fresh random draws (seeded from the test id plus a per-run offset, printed on failure).
 """
+import gc
 import random
-
 import types
 
 import pytest
@@ -511,10 +511,10 @@ def test_the_prefetcher_fetches_two_streamed_layers_ahead_and_keeps_the_rows_at_
 def test_each_model_has_its_own_prefetch_order_on_a_device(monkeypatch):
     """Two patched models on one device (a policy and a reference model): each model's layers are in an order of their
     own (one's layers would otherwise be fetched ahead of the other's next pass), the fetches of both share the
-    device's copy stream (the link serves them in order), and a model's order goes with it."""
+    device's copy stream (the link serves them in order), and a model's order and the rows it holds go with it."""
     import weakref
 
-    import kt_patch.executor as executor
+    from kt_patch import executor
 
     monkeypatch.setattr(executor, "_prefetchers", weakref.WeakKeyDictionary())
     monkeypatch.setattr(executor, "_copy_streams", {})
@@ -526,9 +526,10 @@ def test_each_model_has_its_own_prefetch_order_on_a_device(monkeypatch):
     other = executor._prefetcher(second, device)
     assert other is not prefetcher and other.copy_stream is prefetcher.copy_stream
     assert executor._prefetcher(first, torch.device("cuda", 1)).copy_stream is not prefetcher.copy_stream
+    gone = weakref.ref(prefetcher)  # with the rows it holds ahead
     del first, prefetcher
     gc.collect()
-    assert list(executor._prefetchers) == [second]
+    assert list(executor._prefetchers) == [second] and gone() is None
 
 
 def test_a_layer_that_gives_the_accelerator_nothing_lets_its_rows_ahead_go():
