@@ -42,9 +42,31 @@ class _Loader:
 
 
 def loaded(name, module) -> None:
-    from .integrations import deepspeed as integration
-
     if name == "accelerate.utils.deepspeed":
-        integration.install_config_watch(module)
+        watch_configs(module)
     elif "deepspeed.runtime.engine" in sys.modules:
+        from .integrations import deepspeed as integration
+
         integration.install_engine(sys.modules["deepspeed.runtime.engine"])
+
+
+def watch_configs(accelerate_deepspeed) -> None:
+    """Read the ``"kt_patch"`` block where a DeepSpeed config first becomes live: ``HfDeepSpeedConfig``
+    (``TrainingArguments(deepspeed=...)``, accelerate's DeepSpeed plugin, an explicit ``HfDeepSpeedConfig`` before
+    ``from_pretrained``). The rest of kt_patch (torch, the kernel) is loaded only for a config with that block: every
+    program that imports accelerate (transformers and PEFT do) passes here."""
+    cls = accelerate_deepspeed.HfDeepSpeedConfig
+    if getattr(cls.__init__, "_kt_patch", False):
+        return
+    original = cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        config = getattr(self, "config", None)
+        if isinstance(config, dict) and "kt_patch" in config:
+            from .integrations.deepspeed import configure_from_config
+
+            configure_from_config(config)
+
+    __init__._kt_patch = True
+    cls.__init__ = __init__

@@ -219,6 +219,32 @@ def test_zero_init_adapter_reloads_under_zero3(runs):
     assert "kt_patch: patched" in log  # activated by the block alone: the worker never imports kt_patch
 
 
+CONFIG_WATCH_PROBE = """
+import sys
+import peft  # imports accelerate.utils.deepspeed, where the installed kt_patch.pth starts watching configs
+from accelerate.utils.deepspeed import HfDeepSpeedConfig
+import kt_patch
+heavy = ("kt_patch.integrations", "kt_patch.kernel", "kt_patch.layer")
+loaded = lambda: sorted(m for m in sys.modules if m.startswith(heavy))
+before = loaded()
+HfDeepSpeedConfig({"train_batch_size": 2})
+unblocked = loaded(), kt_patch.current_options()
+HfDeepSpeedConfig({"train_batch_size": 2, "kt_patch": {"threads": 1}})
+print(before, *unblocked, loaded() != [], kt_patch.current_options().threads)
+"""
+
+
+def test_a_program_that_imports_peft_loads_kt_patch_only_for_a_config_with_its_block(tmp_path):
+    """kt_patch installed, not enabled: a program that imports PEFT (and with it accelerate's DeepSpeed utilities)
+    loads the option check only, not kt_patch's hooks, kernel or layers; a live DeepSpeed config without the block
+    loads nothing more; one with it enables kt_patch."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KT_")}
+    run = subprocess.run([sys.executable, "-c", CONFIG_WATCH_PROBE], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split("\n")[-2] == "[] [] None True 1", run.stdout
+
+
 def test_block_errors():
     from kt_patch import options
     from kt_patch.integrations.deepspeed import configure_from_config

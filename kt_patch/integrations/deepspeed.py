@@ -36,6 +36,7 @@ import torch.distributed as dist
 import kt_patch
 
 from .. import options as kt_options
+from .._deepspeed_startup import watch_configs
 from .. import peers
 from ..layer import KtMoeLayer
 from ..patcher import patch_model
@@ -44,7 +45,6 @@ from ..options import OptionError
 logger = logging.getLogger("kt_patch")
 
 _installed_engine = False
-_installed_config = False
 
 
 # -- activation by the config ------------------------------------------------------------------------------------
@@ -65,24 +65,6 @@ def configure_from_config(config) -> None:
     except BaseException:
         kt_options.set_deepspeed_block(previous)
         raise
-
-
-def install_config_watch(accelerate_deepspeed) -> None:
-    """Read the block where a DeepSpeed config first becomes live: ``HfDeepSpeedConfig`` (``TrainingArguments(
-    deepspeed=...)``, accelerate's DeepSpeed plugin, an explicit ``HfDeepSpeedConfig`` before ``from_pretrained``)."""
-    global _installed_config
-    cls = accelerate_deepspeed.HfDeepSpeedConfig
-    if _installed_config or getattr(cls.__init__, "_kt_patch", False):
-        return
-    original = cls.__init__
-
-    def __init__(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        configure_from_config(getattr(self, "config", None))
-
-    __init__._kt_patch = True
-    cls.__init__ = __init__
-    _installed_config = True
 
 
 # -- the engine ---------------------------------------------------------------------------------------------------
@@ -117,7 +99,7 @@ def install(module, patches) -> None:
     if module.__name__ == "deepspeed.runtime.engine":
         install_engine(module)
     else:
-        install_config_watch(module)
+        watch_configs(module)
 
 
 def _bind(wrapper, original):
