@@ -2,13 +2,15 @@
 ``kt_patch.pth`` puts on ``sys.meta_path``; it costs one set lookup per import and loads nothing before then).
 
 Once those modules have run, kt_patch watches their configs: a DeepSpeed config with a top-level ``"kt_patch"``
-block enables and configures kt_patch (:mod:`kt_patch.integrations.deepspeed`), with no import or ``KT_ENABLE`` in
-the script.
+block enables and configures kt_patch (:mod:`kt_patch._deepspeed_config`; the rest of kt_patch is loaded only then,
+or when DeepSpeed's engine is), with no import or ``KT_ENABLE`` in the script.
 """
 from __future__ import annotations
 
 import importlib.util
 import sys
+
+from ._deepspeed_config import watch_configs
 
 
 def find_spec(finder, name):
@@ -49,24 +51,3 @@ def loaded(name, module) -> None:
 
         integration.install_engine(sys.modules["deepspeed.runtime.engine"])
 
-
-def watch_configs(accelerate_deepspeed) -> None:
-    """Read the ``"kt_patch"`` block where a DeepSpeed config first becomes live: ``HfDeepSpeedConfig``
-    (``TrainingArguments(deepspeed=...)``, accelerate's DeepSpeed plugin, an explicit ``HfDeepSpeedConfig`` before
-    ``from_pretrained``). The rest of kt_patch (torch, the kernel) is loaded only for a config with that block: every
-    program that imports accelerate (transformers and PEFT do) passes here."""
-    cls = accelerate_deepspeed.HfDeepSpeedConfig
-    if getattr(cls.__init__, "_kt_patch", False):
-        return
-    original = cls.__init__
-
-    def __init__(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        config = getattr(self, "config", None)
-        if isinstance(config, dict) and "kt_patch" in config:
-            from .integrations.deepspeed import configure_from_config
-
-            configure_from_config(config)
-
-    __init__._kt_patch = True
-    cls.__init__ = __init__

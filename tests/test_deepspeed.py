@@ -247,7 +247,7 @@ def test_a_program_that_imports_peft_loads_kt_patch_only_for_a_config_with_its_b
 
 def test_block_errors():
     from kt_patch import options
-    from kt_patch.integrations.deepspeed import configure_from_config
+    from kt_patch._deepspeed_config import configure_from_config
 
     with pytest.raises(options.OptionError, match="threads.*auto"):
         configure_from_config({"kt_patch": {"threads": "auto"}})
@@ -261,7 +261,7 @@ def test_block_errors():
 def test_block_precedence(monkeypatch):
     import kt_patch
     from kt_patch import options
-    from kt_patch.integrations.deepspeed import configure_from_config
+    from kt_patch._deepspeed_config import configure_from_config
 
     monkeypatch.setenv("KT_CHECKPOINT_POLICY", "retain")
     try:

@@ -33,11 +33,9 @@ import math
 import torch
 import torch.distributed as dist
 
-import kt_patch
-
 from .. import options as kt_options
-from .._deepspeed_startup import watch_configs
 from .. import peers
+from .._deepspeed_config import configure_from_config, watch_configs
 from ..layer import KtMoeLayer
 from ..patcher import patch_model
 from ..options import OptionError
@@ -45,26 +43,6 @@ from ..options import OptionError
 logger = logging.getLogger("kt_patch")
 
 _installed_engine = False
-
-
-# -- activation by the config ------------------------------------------------------------------------------------
-
-
-def configure_from_config(config) -> None:
-    """Apply the ``"kt_patch"`` block of a (live) DeepSpeed config dict: enable kt_patch, or re-resolve its options
-    with the block under ``enable()`` keywords and ``KT_*`` variables. Nothing happens for a config without one."""
-    if not isinstance(config, dict) or "kt_patch" not in config:
-        return
-    block = kt_options.check_deepspeed_block(config["kt_patch"])
-    if kt_options.deepspeed_block() == block and kt_options.current() is not None:
-        return
-    previous = kt_options.deepspeed_block()
-    kt_options.set_deepspeed_block(block)
-    try:
-        kt_patch.enable(**kt_options.requested())
-    except BaseException:
-        kt_options.set_deepspeed_block(previous)
-        raise
 
 
 # -- the engine ---------------------------------------------------------------------------------------------------
