@@ -479,8 +479,7 @@ def test_the_prefetcher_fetches_two_streamed_layers_ahead_and_keeps_the_rows_at_
         def with_current_factors(self, rows):
             return rows
 
-    prefetcher = _Prefetcher.__new__(_Prefetcher)  # without its CUDA stream
-    prefetcher._order, prefetcher._ahead = [], []
+    prefetcher = _Prefetcher(copy_stream=None)  # no GPU here: releases are recorded instead
     prefetcher._release = lambda entries: released.extend(rows for _, rows in entries)
     tiers = [Tier(name, resident=name.startswith("R")) for name in ("S0", "R1", "S2", "R3", "S4", "S5")]
     for tier in tiers:
